@@ -1,0 +1,255 @@
+"""Tests for hyper_trace.py. Run ``pytest test_hyper_trace.py -v`` or
+``python test_hyper_trace.py`` for a readable report with a benchmark."""
+import math
+import time
+
+import pytest
+import torch
+
+from hyper_trace import (
+    hyper_field_trace,
+    hyper_field_trace_vjp,
+    hyper_trace,
+    sample_noise,
+    trace_autograd,
+    trace_hutchinson,
+)
+
+
+def make(n, d, w, dtype=torch.float64, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(w, d, 1, generator=g, dtype=dtype) * scale
+    B = torch.randn(w, 1, 1, generator=g, dtype=dtype) * scale
+    U = torch.randn(w, 1, d, generator=g, dtype=dtype)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    return W, B, U, x
+
+
+def example_field(W, B, U, x):
+    """The field as the original torchdiffeq CNF example writes it: x repeated
+    over the width, then batched matmuls on [w, n, d] tensors. Returns [n, d]."""
+    w = W.shape[0]
+    Z = x.unsqueeze(0).repeat(w, 1, 1)  # [w, n, d]
+    h = torch.tanh(torch.bmm(Z, W) + B)  # [w, n, 1]
+    return torch.bmm(h, U).mean(0)
+
+
+def field(W, B, U, x):
+    """The hypernetwork field itself, written the plain way: [n, d]."""
+    w, d = W.shape[0], x.shape[1]
+    return torch.tanh(x @ W.reshape(w, d).t() + B.reshape(w)) @ U.reshape(w, d) / w
+
+
+def jacobian_trace(W, B, U, x):
+    J = torch.autograd.functional.jacobian(lambda y: field(W, B, U, y), x)  # [n, d, n, d]
+    n, d = x.shape
+    idx = torch.arange(n)
+    return torch.stack([J[idx, k, idx, k] for k in range(d)], 1).sum(1, keepdim=True)
+
+
+def lowp_bound(W, B, U, x, dtype):
+    """Per-sample error bound for hyper_trace in a low precision.
+
+    Rounding W, B, U, x and each operation costs at most u = eps/2 relative.
+    The pre-activation a_j = W_j.x + B_j then errs by <= (d+2) u A_j with
+    A_j = sum_k |W_jk x_k| + |B_j|; tanh' is bounded by 1 and (1-h^2) by 1, so
+    a term (1-h_j^2) c_j errs by <= |c|_j ((d+2) u A_j + 3u) + (d+1) u |c|_j,
+    with |c|_j = sum_k |U_jk W_jk|. The float32 sum adds nothing comparable.
+    We assert err <= 2 * (1/w) sum_j |c|_j ((d+2) u A_j + (d+4) u) (factor 2 for slack).
+    """
+    u = torch.finfo(dtype).eps / 2
+    w, d = W.shape[0], x.shape[1]
+    W2, U2 = W.reshape(w, d), U.reshape(w, d)
+    A = x.abs() @ W2.abs().t() + B.reshape(w).abs()  # [n, w]
+    cabs = (U2 * W2).abs().sum(1)  # [w]
+    return 2 * (cabs * ((d + 2) * u * A + (d + 4) * u)).mean(1, keepdim=True)
+
+
+SIZES = [(7, 2, 16), (3, 1, 8), (5, 5, 32), (4, 3, 1), (1, 2, 64)]
+
+
+@pytest.mark.parametrize("n,d,w", SIZES)
+def test_matches_jacobian_diagonal_float64(n, d, w):
+    W, B, U, x = make(n, d, w)
+    tr = hyper_trace(W, B, U, x, torch.float64)
+    assert tr.shape == (n, 1) and tr.dtype == torch.float64
+    torch.testing.assert_close(tr, jacobian_trace(W, B, U, x), rtol=0, atol=1e-10)
+
+
+def test_float32_relative_error():
+    W, B, U, x = make(256, 2, 128)
+    ref = hyper_trace(W, B, U, x, torch.float64)
+    tr = hyper_trace(W.float(), B.float(), U.float(), x.float(), torch.float32)
+    assert tr.dtype == torch.float32
+    rel = ((tr.double() - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= 1e-5, rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_low_precision_within_bound(dtype, autocast):
+    W, B, U, x = make(256, 2, 128)
+    ref = hyper_trace(W, B, U, x, torch.float64)
+    args = [a.float() for a in (W, B, U, x)]
+    if autocast:
+        with torch.autocast("cpu", dtype=dtype):
+            tr = hyper_trace(*args, dtype)
+    else:
+        tr = hyper_trace(*[a.to(dtype) for a in args], dtype)
+    assert tr.dtype == torch.float32 and torch.isfinite(tr).all()
+    err = (tr.double() - ref).abs()
+    bound = lowp_bound(W, B, U, x, dtype)
+    assert (err <= bound).all(), f"max err/bound {(err / bound).max().item():.3f}"
+    # it really ran in the low precision: the error is well above float32's
+    err32 = (hyper_trace(*args, torch.float32).double() - ref).abs().max()
+    assert err.max() > 10 * err32
+
+
+def test_saturated_tanh_is_finite():
+    W, B, U, x = make(16, 2, 32, scale=1e4)
+    for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        tr = hyper_trace(W.to(dt), B.to(dt), U.to(dt), x.to(dt), dt)
+        assert torch.isfinite(tr).all(), dt
+    # saturated units contribute (1 - tanh^2) ~ 0
+    assert hyper_trace(W, B, U, x, torch.float64).abs().max() < 1e-3
+
+
+def test_wide_float16_does_not_overflow():
+    n, d, w = 8, 2, 4096
+    W = torch.full((w, d, 1), 6.0)
+    U = torch.full((w, 1, d), 6.0)  # c_j = 72 per unit: the width-sum is ~3e5 > float16 max
+    B = torch.zeros(w, 1, 1)
+    x = torch.zeros(n, d)
+    ref = hyper_trace(W.double(), B.double(), U.double(), x.double(), torch.float64)
+    tr = hyper_trace(W.half(), B.half(), U.half(), x.half(), torch.float16)
+    assert torch.isfinite(tr).all()
+    torch.testing.assert_close(tr.double(), ref, rtol=1e-3, atol=0)
+    # the same sum accumulated in float16 would overflow, so the float32 sum matters
+    assert torch.isinf(torch.full((w,), 72.0, dtype=torch.float16).sum(dtype=torch.float16))
+
+
+def test_gradcheck_float64():
+    W, B, U, x = make(4, 2, 5)
+    inputs = [a.clone().requires_grad_() for a in (W, B, U, x)]
+    assert torch.autograd.gradcheck(lambda *a: hyper_trace(*a, torch.float64), inputs)
+
+
+def test_hand_vjp_matches_autograd_float64():
+    n, d, w = 6, 2, 9
+    g = torch.Generator().manual_seed(3)
+    W, Uw = torch.randn(w, d, generator=g, dtype=torch.float64), torch.randn(w, d, generator=g, dtype=torch.float64)
+    B, c = torch.randn(w, generator=g, dtype=torch.float64), torch.randn(w, generator=g, dtype=torch.float64)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    gf, gtr = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)
+    leaves = [a.clone().requires_grad_() for a in (W, B, Uw, c, z)]
+    f, tr, _ = hyper_field_trace(*leaves)
+    ref = torch.autograd.grad((f, tr), leaves, (gf, gtr))
+    _, _, h = hyper_field_trace(W, B, Uw, c, z)
+    gz, gW, gB, gUw, gc = hyper_field_trace_vjp(W, Uw, c, z, h, gf, gtr)
+    for got, want in zip((gW, gB, gUw, gc, gz), ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_edge_cases():
+    W, B, U, x = make(1, 1, 1)
+    torch.testing.assert_close(hyper_trace(W, B, U, x, torch.float64), jacobian_trace(W, B, U, x))
+    empty = hyper_trace(W, B, U, x[:0], torch.float64)
+    assert empty.shape == (0, 1)
+
+
+def test_bad_shapes_raise():
+    W, B, U, x = make(4, 2, 8)
+    with pytest.raises(ValueError, match="shapes"):
+        hyper_trace(W, B, U, torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected W"):
+        hyper_trace(W[:, :, 0], B, U, x)
+
+
+def test_autograd_reference_is_exact():
+    W, B, U, x = make(5, 3, 7)
+    z = x.clone().requires_grad_()
+    tr = trace_autograd(field(W, B, U, z), z)
+    torch.testing.assert_close(tr, hyper_trace(W, B, U, x, torch.float64), rtol=0, atol=1e-12)
+    z = x.clone().requires_grad_()
+    tr = trace_autograd(example_field(W, B, U, z), z)
+    torch.testing.assert_close(tr, hyper_trace(W, B, U, x, torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased(kind):
+    K = 4000  # noise draws per point
+    W, B, U, x = make(3, 2, 16)
+    xr = x.repeat_interleave(K, 0).requires_grad_()  # [3K, d], K copies of each point
+    noise = sample_noise(xr, kind, torch.Generator().manual_seed(1))
+    est = trace_hutchinson(field(W, B, U, xr), xr, noise).reshape(3, K)
+    exact = hyper_trace(W, B, U, x, torch.float64)[:, 0]
+    se = est.std(1) / math.sqrt(K)
+    assert ((est.mean(1) - exact).abs() <= 4 * se).all(), (est.mean(1), exact, se)
+    assert (se > 0).all()
+
+
+def _time(fn, reps):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def benchmark(n=1024, d=2, w=128, reps=20):
+    """Forward + backward of hyper_trace against trace_autograd, same inputs.
+    trace_autograd differentiates the field as the original torchdiffeq example
+    builds it (``example_field``): that is the method hyper_trace replaces."""
+    W, B, U, x = [a.float().requires_grad_() for a in make(n, d, w)]
+
+    def closed_form():
+        torch.autograd.grad(hyper_trace(W, B, U, x).sum(), (W, B, U, x))
+
+    def by_autograd():
+        tr = trace_autograd(example_field(W, B, U, x), x)
+        torch.autograd.grad(tr.sum(), (W, B, U, x))
+
+    return _time(closed_form, reps), _time(by_autograd, reps)
+
+
+def test_performance_closed_form_beats_autograd():
+    t_exact, t_auto = benchmark()
+    print(f"hyper_trace {t_exact * 1e3:.2f} ms, trace_autograd {t_auto * 1e3:.2f} ms, {t_auto / t_exact:.1f}x")
+    assert t_auto >= 3 * t_exact, (t_exact, t_auto)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("hyper_trace test report")
+    print("=" * 60)
+    tests = [(k, v) for k, v in sorted(globals().items()) if k.startswith("test_") and callable(v)]
+    failed = 0
+    for name, fn in tests:
+        marks = getattr(fn, "pytestmark", [])
+        cases = [{}]
+        for m in marks:  # expand parametrize marks into keyword cases
+            if m.name == "parametrize":
+                names = [s.strip() for s in m.args[0].split(",")]
+                vals = [v if len(names) > 1 else (v,) for v in m.args[1]]
+                cases = [{**c, **dict(zip(names, v))} for c in cases for v in vals]
+        for case in cases:
+            label = name + (str(sorted(case.items())) if case else "")
+            try:
+                fn(**case)
+                print(f"PASS  {label}")
+            except Exception as e:  # report and continue
+                failed += 1
+                print(f"FAIL  {label}: {type(e).__name__}: {e}")
+    print()
+    print("Running performance benchmark (n=1024, w=128, d=2, forward+backward)")
+    print("-" * 60)
+    t_exact, t_auto = benchmark()
+    print(f"hyper_trace (closed form): {t_exact * 1e3:8.2f} ms")
+    print(f"trace_autograd (exact, torchdiffeq example's field): {t_auto * 1e3:8.2f} ms")
+    print(f"speedup:                   {t_auto / t_exact:8.1f}x")
+    print()
+    print(f"{len(tests)} test functions, {failed} failed case(s)")
+    sys.exit(1 if failed else 0)
