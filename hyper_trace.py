@@ -11,8 +11,9 @@ estimate. ``trace_autograd`` (exact, one backward pass per dimension) and
 vector fields.
 
 ``hyper_field_trace`` computes the field and its trace from one shared [n, w]
-pre-activation, and ``hyper_field_trace_vjp`` is its hand-derived
-vector-Jacobian product, used by the solver's fast backward pass.
+pre-activation (in the ``fused_params`` layout), and ``hyper_field_trace_vjp``
+is its hand-derived vector-Jacobian product, used by the solver's fast
+backward pass.
 """
 import torch
 
@@ -36,52 +37,83 @@ def _acc_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def hyper_field_trace(W, B, Uw, c, z):
-    """Field and exact trace of the hypernetwork layer from one pre-activation.
+def fused_params(W, B, U):
+    """Per-time parameters in the layout the fused kernels want.
 
-    Args:
-        W: [w, d] input weights.  B: [w] biases.
-        Uw: [w, d] output weights already divided by the width w.
-        c: [w] per-unit coefficients U_j . W_j (not divided by w).
-        z: [n, d] points.
+    Uses tanh(a) = 2*sigmoid(2a) - 1 (sigmoid is several times cheaper than tanh
+    on CPUs) and puts the skinny dimension d first in every matrix product.
 
-    Returns:
-        f: [n, d] field, in the compute dtype (the autocast dtype if active).
-        tr: [n, 1] exact trace; terms in the compute dtype, summed over the
-            width in float32 (float64 for float64 inputs).
-        h: [n, w] tanh activations, for ``hyper_field_trace_vjp``.
+    Args: W [S,w,d], B [S,w], U [S,w,d] (U already gated).
+    Returns (W2T [S,d,w] = 2W^T, B2 [S,w] = 2B, Uw2T [S,d,w] = (2/w) U^T,
+    ub [S,d,1] = -(1/w) sum_j U_j, c4 [S,w] = (4/w) U_j . W_j).
     """
-    h = torch.tanh(torch.addmm(B, z, W.t()))  # [n, w]
-    return torch.mm(h, Uw), _trace_from_activations(h, c), h  # f [n, d]
+    w = W.shape[1]
+    W2T = (2 * W).transpose(1, 2).contiguous()
+    Uw2T = ((2.0 / w) * U).transpose(1, 2).contiguous()
+    ub = -(U.sum(1, keepdim=True) / w).transpose(1, 2)
+    c4 = (4.0 / w) * (U * W).sum(-1)
+    return W2T, 2 * B, Uw2T, ub, c4
 
 
-def _trace_from_activations(h, c):
-    """(1/w) sum_j (1 - h_j^2) c_j: terms in h's dtype, the width-sum in float32."""
-    terms = (1 - h * h) * c.to(h.dtype)  # [n, w]
-    return terms.sum(1, keepdim=True, dtype=_acc_dtype(h.dtype)) / h.shape[1]  # [n, 1]
+def _activations(W2T, B2, z):
+    """s = sigmoid(2a) [n,w] and terms = s(1-s) = (1 - tanh(a)^2) / 4 [n,w]."""
+    s = torch.sigmoid(torch.addmm(B2, z, W2T))
+    return s, torch.addcmul(s, s, s, value=-1)
 
 
-def hyper_field_trace_vjp(W, Uw, c, z, h, gf, gtr):
-    """Hand-derived VJP of ``hyper_field_trace`` for cotangents ``gf`` [n,d] of f and
-    ``gtr`` [n,1] of tr. Runs in the activations' dtype (the low precision under
-    autocast); the width reductions for B and c accumulate in float32.
+def _width_sum(terms, c4):
+    """sum_j terms_j c4_j [n, 1]: terms in their own dtype, accumulated in float32
+    (float64 for float64); a single matrix-vector product when already that wide."""
+    acc = _acc_dtype(terms.dtype)
+    if terms.dtype == acc:
+        return torch.mv(terms, c4.to(acc)).unsqueeze(1)
+    return (terms * c4.to(terms.dtype)).sum(1, keepdim=True, dtype=acc)
 
-    Returns (gz [n,d], gW [w,d], gB [w], gUw [w,d], gc [w]).
+
+def hyper_field(p, z):
+    """The field alone, f [n,d], from ``fused_params`` row ``p``."""
+    W2T, B2, Uw2T, ub, _ = p
+    return torch.addmm(ub, Uw2T, torch.sigmoid(torch.addmm(B2, z, W2T)).t()).t()
+
+
+def hyper_field_trace(p, z):
+    """Field and exact trace from one pre-activation, for one ``fused_params`` row.
+
+    Returns f [n,d] (compute dtype: the autocast dtype if active), tr [n,1]
+    (terms in the compute dtype, summed over the width in float32; float64 for
+    float64), and (s, terms) for ``hyper_field_trace_vjp``.
     """
-    w = W.shape[0]
-    dt = h.dtype
+    W2T, B2, Uw2T, ub, c4 = p
+    s, terms = _activations(W2T, B2, z)  # [n, w] each
+    f = torch.addmm(ub, Uw2T, s.t()).t()  # [n, d]: a [d, n] product, viewed transposed
+    return f, _width_sum(terms, c4), (s, terms)
+
+
+def hyper_field_trace_vjp(p, z, saved, gf, gtr):
+    """Hand-derived VJP of ``hyper_field_trace`` for cotangents gf [n,d] of f and
+    gtr [n,1] of tr. Runs in the activations' dtype (the low precision under
+    autocast); the width reductions for B2 and c4 accumulate in float32.
+
+    Returns (gz [n,d], (gW2T, gB2, gUw2T, gub, gc4)) shaped like ``p``.
+    """
+    W2T, B2, Uw2T, ub, c4 = p
+    s, terms = saved
+    dt = s.dtype
     gf, gtr = gf.to(dt), gtr.to(dt)
-    s = 1 - h * h  # [n, w] tanh'
-    # d tr / d h = -2 h c / w ; d f / d h = Uw^T
-    gh = torch.mm(gf, Uw.t().to(dt)) - (2.0 / w) * (h * gtr) * c.to(dt)  # [n, w]
-    gpre = gh * s  # [n, w]
-    gz = torch.mm(gpre, W.to(dt))  # [n, d]
-    gW = torch.mm(gpre.t(), z.to(dt))  # [w, d]
+    O = gtr * c4.to(dt)  # [n, w]
+    # d/ds: f gives gf Uw2T, tr gives gtr c4 (1 - 2s); both linear parts in one product
+    gs = torch.mm(torch.cat([gf, gtr], 1), torch.cat([Uw2T, c4[None]], 0).to(dt))  # [n, w]
+    ga = torch.addcmul(gs, s, O, value=-2) * terms  # [n, w], sigmoid' = s(1-s)
+    gz = torch.mm(W2T.to(dt), ga.t()).t()  # [n, d]
     acc = _acc_dtype(dt)
-    gB = gpre.sum(0, dtype=acc)  # [w]
-    gUw = torch.mm(h.t(), gf)  # [w, d]
-    gc = (s * gtr).sum(0, dtype=acc) / w  # [w]
-    return gz, gW, gB, gUw, gc
+    grads = (
+        torch.mm(z.to(dt).t(), ga),  # gW2T [d, w]
+        ga.sum(0, dtype=acc),  # gB2 [w]
+        torch.mm(gf.t(), s),  # gUw2T [d, w]
+        gf.sum(0, dtype=acc).unsqueeze(1),  # gub [d, 1]
+        torch.mm(gtr.t(), terms)[0],  # gc4 [w]
+    )
+    return gz, grads
 
 
 def hyper_trace(W, B, U, x, target_dtype=torch.float32):
@@ -99,11 +131,11 @@ def hyper_trace(W, B, U, x, target_dtype=torch.float32):
     _check_shapes(W, B, U, x)
     w, d = W.shape[0], x.shape[1]
     with torch.autocast(x.device.type, enabled=False):
-        W2 = W.reshape(w, d).to(target_dtype)
-        U2 = U.reshape(w, d).to(target_dtype)
-        c = (U2 * W2).sum(1)  # [w], the d-sum is tiny (d = 2 here)
-        h = torch.tanh(torch.addmm(B.reshape(w).to(target_dtype), x.to(target_dtype), W2.t()))  # [n, w]
-        return _trace_from_activations(h, c)
+        W2T, B2, _, _, c4 = fused_params(
+            *(a.to(target_dtype) for a in (W.reshape(1, w, d), B.reshape(1, w), U.reshape(1, w, d)))
+        )
+        _, terms = _activations(W2T[0], B2[0], x.to(target_dtype))
+        return _width_sum(terms, c4[0])
 
 
 def trace_autograd(f, z):
@@ -133,9 +165,9 @@ def trace_hutchinson(f, z, noise):
 
 def sample_noise(like, kind="rademacher", generator=None):
     """Noise for ``trace_hutchinson`` with the shape, dtype and device of ``like``."""
+    dev = generator.device if generator is not None else like.device  # draw where the generator lives
     if kind == "rademacher":
-        r = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
-        return (2 * r - 1).to(like.dtype)
+        return (2 * torch.randint(0, 2, like.shape, generator=generator, device=dev) - 1).to(like)
     if kind == "gaussian":
-        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        return torch.randn(like.shape, generator=generator, device=dev).to(like)
     raise ValueError(f"unknown noise {kind!r}; choose one of: rademacher, gaussian")

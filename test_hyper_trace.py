@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hyper_trace import (
+    fused_params,
     hyper_field_trace,
     hyper_field_trace_vjp,
     hyper_trace,
@@ -134,19 +135,29 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: hyper_trace(*a, torch.float64), inputs)
 
 
+def test_fused_field_and_trace_float64():
+    """The fused kernel (sigmoid form, transposed layout) is the same field and trace."""
+    W, B, U, x = make(9, 2, 13)
+    w, d = 13, 2
+    p = [a[0] for a in fused_params(W.reshape(1, w, d), B.reshape(1, w), U.reshape(1, w, d))]
+    f, tr, _ = hyper_field_trace(p, x)
+    torch.testing.assert_close(f, field(W, B, U, x), rtol=0, atol=1e-13)
+    torch.testing.assert_close(tr, jacobian_trace(W, B, U, x), rtol=0, atol=1e-12)
+
+
 def test_hand_vjp_matches_autograd_float64():
     n, d, w = 6, 2, 9
-    g = torch.Generator().manual_seed(3)
-    W, Uw = torch.randn(w, d, generator=g, dtype=torch.float64), torch.randn(w, d, generator=g, dtype=torch.float64)
-    B, c = torch.randn(w, generator=g, dtype=torch.float64), torch.randn(w, generator=g, dtype=torch.float64)
-    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    W, B, U, z = make(n, d, w, seed=3)
+    g = torch.Generator().manual_seed(4)
     gf, gtr = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)
-    leaves = [a.clone().requires_grad_() for a in (W, B, Uw, c, z)]
-    f, tr, _ = hyper_field_trace(*leaves)
-    ref = torch.autograd.grad((f, tr), leaves, (gf, gtr))
-    _, _, h = hyper_field_trace(W, B, Uw, c, z)
-    gz, gW, gB, gUw, gc = hyper_field_trace_vjp(W, Uw, c, z, h, gf, gtr)
-    for got, want in zip((gW, gB, gUw, gc, gz), ref):
+    p = [a[0].detach().clone().requires_grad_() for a in fused_params(W.reshape(1, w, d), B.reshape(1, w), U.reshape(1, w, d))]
+    zl = z.clone().requires_grad_()
+    f, tr, _ = hyper_field_trace(p, zl)
+    ref = torch.autograd.grad((f, tr), [zl, *p], (gf, gtr))
+    _, _, saved = hyper_field_trace([a.detach() for a in p], z)
+    gz, gp = hyper_field_trace_vjp([a.detach() for a in p], z, saved, gf, gtr)
+    for got, want in zip((gz, *gp), ref):
+        assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 

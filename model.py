@@ -1,0 +1,171 @@
+"""The hypernetwork CNF and the two solves everything else uses.
+
+``flow_to_base`` (data -> noise, t: 1 -> 0) gives log-densities; ``flow_from_base``
+(noise -> data, t: 0 -> 1) gives samples. Training, validation and
+visualization all go through these two functions and ``Integrator``.
+"""
+import math
+
+import torch
+import torchdiffeq
+from torch import nn
+
+import torchmpnode
+from hyper_trace import (
+    fused_params,
+    hyper_field,
+    hyper_field_trace,
+    hyper_field_trace_vjp,
+    sample_noise,
+    trace_autograd,
+    trace_hutchinson,
+)
+
+TRACES = ("exact", "autograd", "hutchinson")
+SOLVERS = ("torchdiffeq", "torchmpnode")
+
+
+class HyperNetwork(nn.Module):
+    """t -> (W, B, U) of the field: Linear(1,h) tanh Linear(h,h) tanh Linear(h, 3wd+w).
+    The output is split as W, U, G (each w*d) and B (w), and U is gated: U * sigmoid(G)."""
+
+    def __init__(self, in_out_dim, hidden_dim, width):
+        super().__init__()
+        self.width, self.dim = width, in_out_dim
+        self.net = nn.Sequential(
+            nn.Linear(1, hidden_dim), nn.Tanh(),
+            nn.Linear(hidden_dim, hidden_dim), nn.Tanh(),
+            nn.Linear(hidden_dim, 3 * width * in_out_dim + width),
+        )
+
+    def forward(self, t):
+        """t [S] -> W [S,w,d], B [S,w], U [S,w,d]."""
+        w, d = self.width, self.dim
+        p = self.net(t.reshape(-1, 1).to(self.net[0].weight.dtype))  # [S, 3wd + w]
+        S = p.shape[0]
+        W = p[:, : w * d].reshape(S, w, d)
+        U = p[:, w * d : 2 * w * d].reshape(S, w, d)
+        G = p[:, 2 * w * d : 3 * w * d].reshape(S, w, d)
+        B = p[:, 3 * w * d :]
+        return W, B, U * torch.sigmoid(G)
+
+
+class CNF(nn.Module):
+    """Field of the state (z, logp): dz/dt = (1/w) sum_j U_j tanh(W_j^T z + B_j),
+    dlogp/dt = -tr(df/dz), with the trace ``exact`` (closed form), ``autograd``
+    (exact, d backward passes) or ``hutchinson`` (stochastic; set the noise with
+    ``set_noise`` before a solve).
+
+    With the exact trace it also implements torchmpnode's grid protocol: the
+    hypernetwork depends only on t, so ``grid_params`` evaluates it for every
+    stage time of a grid at once, ``grid_eval`` computes field and trace from
+    one pre-activation, and ``grid_vjp`` is their hand-derived VJP.
+    """
+
+    def __init__(self, in_out_dim=2, hidden_dim=32, width=128, trace="exact"):
+        super().__init__()
+        if trace not in TRACES:
+            raise ValueError(f"unknown trace {trace!r}; choose one of: {', '.join(TRACES)}")
+        self.width, self.trace = width, trace
+        self.hyper_net = HyperNetwork(in_out_dim, hidden_dim, width)
+        self.grid_enabled = trace == "exact"
+        self.noise = None
+
+    def set_noise(self, like, generator=None, kind="rademacher"):
+        """Fix the Hutchinson noise for the next solve (one draw per solve, as in FFJORD)."""
+        self.noise = sample_noise(like, kind, generator)
+
+    # --- torchmpnode grid protocol -------------------------------------------------
+    def grid_params(self, ts):
+        """Time-only parameters at every t in ts [S], in ``fused_params`` layout."""
+        return fused_params(*self.hyper_net(ts))
+
+    def grid_eval(self, p, y):
+        f, tr, saved = hyper_field_trace(p, y[0])
+        return (f, -tr), saved
+
+    def grid_vjp(self, p, y, saved, cot):
+        gz, gp = hyper_field_trace_vjp(p, y[0], saved, cot[0], -cot[1])
+        return (gz, None), gp
+
+    # --- plain field: func(t, (z, logp)) for torchdiffeq and general solvers ---------
+    def forward(self, t, states):
+        z = states[0]
+        p = tuple(x[0] for x in self.grid_params(t.reshape(1)))
+        if self.trace == "exact":
+            return self.grid_eval(p, states)[0]
+        with torch.enable_grad():
+            if not z.requires_grad:
+                z = z.detach().requires_grad_()
+            f = hyper_field(p, z)
+            if self.trace == "autograd":
+                tr = trace_autograd(f, z)
+            else:
+                if self.noise is None or self.noise.shape != z.shape:
+                    raise RuntimeError("hutchinson trace: call set_noise(z) before the solve")
+                tr = trace_hutchinson(f, z, self.noise)
+        return f, -tr
+
+
+class Integrator:
+    """Which solver and grid every solve of a run uses.
+
+    ``odeint``: 'torchmpnode' or 'torchdiffeq'; ``method``: 'rk4' or 'euler';
+    ``num_timesteps``: grid points from t=0 to t=1; ``loss_scaler``: for
+    torchmpnode (None auto, False off, or a DynamicScaler); ``adjoint``:
+    torchdiffeq's adjoint method.
+    """
+
+    def __init__(self, odeint="torchmpnode", method="rk4", num_timesteps=128, loss_scaler=None, adjoint=False):
+        if odeint not in SOLVERS:
+            raise ValueError(f"unknown odeint {odeint!r}; choose one of: {', '.join(SOLVERS)}")
+        if adjoint and odeint != "torchdiffeq":
+            raise ValueError("--adjoint is torchdiffeq's adjoint method; it does not apply to torchmpnode")
+        self.odeint, self.method, self.num_timesteps = odeint, method, num_timesteps
+        self.loss_scaler, self.adjoint = loss_scaler, adjoint
+
+    def grid(self, device, reverse=False, num_points=None):
+        t = torch.linspace(0.0, 1.0, num_points or self.num_timesteps, device=device)
+        return t.flip(0) if reverse else t
+
+    def solve(self, func, y0, t):
+        if self.odeint == "torchmpnode":
+            return torchmpnode.odeint(func, y0, t, method=self.method, loss_scaler=self.loss_scaler)
+        solve = torchdiffeq.odeint_adjoint if self.adjoint else torchdiffeq.odeint
+        return solve(func, y0, t, method=self.method)
+
+
+def standard_normal_logprob(z):
+    """log N(z; 0, I) summed over dimensions: [n, d] -> [n], in float32 or wider."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return -0.5 * (z.shape[1] * math.log(2 * math.pi) + (z * z).sum(1))
+
+
+def flow_to_base(cnf, x, integ, num_points=None, generator=None):
+    """Solve data x [n,d] from t=1 to t=0. Returns (z_t [T,n,d], dlogp_t [T,n,1]);
+    index -1 is t=0. dlogp_t is the integral of -tr from 1 to t."""
+    if cnf.trace == "hutchinson":
+        cnf.set_noise(x, generator)
+    logp = torch.zeros(x.shape[0], 1, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    return integ.solve(cnf, (x, logp), integ.grid(x.device, reverse=True, num_points=num_points))
+
+
+def log_prob(cnf, x, integ, generator=None):
+    """log p(x) [n] in float32 (float64 for float64 x): log N(z(0)) - dlogp(0)."""
+    z_t, dlogp_t = flow_to_base(cnf, x, integ, generator=generator)
+    return standard_normal_logprob(z_t[-1]) - dlogp_t[-1, :, 0].to(torch.promote_types(x.dtype, torch.float32))
+
+
+def flow_from_base(cnf, z, integ, num_points=None, generator=None):
+    """Push base samples z [n,d] from t=0 to t=1. Returns (x_t [T,n,d], dlogp_t [T,n,1])."""
+    if cnf.trace == "hutchinson":
+        cnf.set_noise(z, generator)
+    logp = torch.zeros(z.shape[0], 1, dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
+    return integ.solve(cnf, (z, logp), integ.grid(z.device, num_points=num_points))
+
+
+def sample(cnf, n, integ, device, generator=None, dim=2):
+    """n samples of the model, [n, dim] float32."""
+    dev = generator.device if generator is not None else device  # draw where the generator lives
+    z = torch.randn(n, dim, generator=generator, device=dev).to(device)
+    return flow_from_base(cnf, z, integ, generator=generator)[0][-1].float()

@@ -1,0 +1,231 @@
+"""The autograd Function behind ``torchmpnode.odeint``.
+
+Forward: a fixed-grid solve with no autograd graph; only the states are kept.
+Backward (discretize-then-optimize): walk the grid backwards, recompute each
+step at its saved state under the same autocast, and take the step's
+vector-Jacobian product, optionally on a dynamically scaled adjoint.
+"""
+import math
+
+import torch
+
+from .methods import axpy, rk_increment
+
+
+class Problem:
+    """Everything about one solve that is not a tensor input of the Function."""
+
+    def __init__(self, func, tab, t, tuple_input, params, scaler, device_type, low_dtype, autocast):
+        self.func, self.tab, self.tuple_input = func, tab, tuple_input
+        self.params, self.scaler = params, scaler
+        self.device_type, self.low_dtype, self.autocast = device_type, low_dtype, autocast
+        self.N = t.shape[0] - 1
+        self.h = [b - a for a, b in zip(t.tolist()[:-1], t.tolist()[1:])]  # one host sync per solve
+        self.t_list = t.tolist()
+        # Stage times of every step, laid out as [t_0, interior stages of step 0, t_1, ...,
+        # t_N]; rk4 has 2N+1 distinct ones. stage_row[k](i) indexes stage k of step i.
+        cs = sorted({c for c in tab.c if c not in (0.0, 1.0)})
+        m = 1 + len(cs)
+        d = t[1:] - t[:-1]
+        cols = [t[:-1]] + [t[:-1] + c * d for c in cs]
+        self.stage_times = torch.cat([torch.stack(cols, 1).reshape(-1), t[-1:]])  # [N*m + 1]
+        self.rows = [
+            [(i + 1) * m if c == 1.0 else i * m + (0 if c == 0.0 else 1 + cs.index(c)) for c in tab.c]
+            for i in range(self.N)
+        ]
+        self.grid = callable(getattr(func, "grid_params", None)) and getattr(func, "grid_enabled", False)
+
+    def autocast_ctx(self):
+        return torch.autocast(self.device_type, dtype=self.low_dtype, enabled=self.autocast)
+
+    def call(self, t, y):
+        out = self.func(t, y if self.tuple_input else y[0])
+        return tuple(out) if self.tuple_input else (out,)
+
+
+def solve_forward(pb, y0):
+    """The states at every grid time, with no graph. Returns a tuple of [N+1, ...]."""
+    sol = tuple(torch.empty((pb.N + 1, *y.shape), dtype=y.dtype, device=y.device) for y in y0)
+    for s, y in zip(sol, y0):
+        s[0].copy_(y)
+    y = tuple(s[0] for s in sol)
+    with pb.autocast_ctx():
+        if pb.grid:
+            rows = _unbind_rows(pb.func.grid_params(pb.stage_times))
+            field = lambda i: lambda k, Y: pb.func.grid_eval(rows[pb.rows[i][k]], Y)  # noqa: E731
+        else:
+            times = pb.stage_times.unbind(0)
+            field = lambda i: lambda k, Y: (pb.call(times[pb.rows[i][k]], Y), None)  # noqa: E731
+        for i in range(pb.N):
+            inc = rk_increment(pb.tab, field(i), pb.h[i], y)
+            y = tuple(torch.add(yj, dj, out=s[i + 1]) for yj, dj, s in zip(y, inc, sol))
+    return sol
+
+
+def _unbind_rows(P):
+    """[S, ...] tensors -> list over S of tuples of per-row views."""
+    return list(zip(*[p.unbind(0) for p in P]))
+
+
+def _numel_per_sample(y):
+    return sum(x[0].numel() if x.dim() > 0 and x.shape[0] > 0 else x.numel() for x in y)
+
+
+def solve_backward(pb, t, sol, grads, need_t):
+    """Adjoint sweep. ``grads``: incoming gradients per output, [N+1, ...] each.
+
+    Returns (grad of each y0 component, grads of the params, grad of t or None).
+    """
+    a = tuple(g[pb.N].clone() for g in grads)  # the adjoint, in the state dtype
+    gparams = [torch.zeros_like(p) for p in pb.params]
+    gt = torch.zeros_like(t) if need_t else None
+    scaler, per_sample = pb.scaler, _numel_per_sample(a)
+    if scaler is not None:
+        amax = max(float(x.abs().max()) if x.numel() else 0.0 for x in a)
+        if amax == 0.0:
+            amax = max(float(g.abs().max()) if g.numel() else 0.0 for g in grads)
+        scaler.anchor(amax, per_sample)
+    use_grid = pb.grid and not need_t
+    if use_grid:
+        with torch.enable_grad(), pb.autocast_ctx():
+            P = pb.func.grid_params(pb.stage_times)  # graph to the params, built once per sweep
+        dP = [torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device) for p in P]
+        dP_rows = _unbind_rows(dP)
+        P_rows = _unbind_rows([p.detach() for p in P])
+    for i in range(pb.N - 1, -1, -1):
+        y_i = tuple(s[i] for s in sol)
+        if scaler is not None:
+            scaler.start_step()
+        while True:
+            S = 1.0 if scaler is None else scaler.scale
+            cot = a if S == 1.0 else tuple(x * S for x in a)
+            if use_grid:
+                gy, gp = _step_vjp_grid(pb, i, y_i, cot, P_rows)
+            else:
+                gy, gp, g01 = _step_vjp_autograd(pb, i, t, y_i, cot, need_t)
+            inv = 1.0 / S
+            a_new = tuple(ai.add(gyi.to(ai.dtype), alpha=inv) if gyi is not None else ai for ai, gyi in zip(a, gy))
+            a_new = tuple(x + g[i] for x, g in zip(a_new, grads))
+            if scaler is None:
+                break
+            # one host sync per step: is everything this step produced finite, and how big is a?
+            finite, amax = _finite_and_amax(a_new, gp if not use_grid else [g for st in gp for g in st],
+                                            g01 if not use_grid else None)
+            if finite:
+                scaler.maybe_grow(amax, per_sample)
+                break
+            scaler.on_overflow(i, pb.t_list[i])
+        a = a_new
+        if use_grid:
+            for k, row in enumerate(pb.rows[i]):
+                for acc, g in zip(dP_rows[row], gp[k]):
+                    acc.add_(g, alpha=inv)
+        else:
+            for acc, g in zip(gparams, gp):
+                if g is not None:
+                    acc.add_(g, alpha=inv)
+            if need_t:
+                gt[i] += g01[0] * inv
+                gt[i + 1] += g01[1] * inv
+    if use_grid and pb.params:
+        gparams = _grid_params_backward(pb, P, dP)
+    return a, gparams, gt
+
+
+def _finite_and_amax(a, gp, gt):
+    """(all of gp, gt and a finite?, max |a|) with a single device-to-host copy."""
+    extra = [g.sum(dtype=torch.float32) for g in gp if g is not None]
+    extra += [g.sum(dtype=torch.float32) for g in (gt or ()) if g is not None]
+    amax = [x.abs().amax().float() for x in a if x.numel()]
+    ref = a[0]
+    total = torch.stack(extra).sum() if extra else ref.new_zeros((), dtype=torch.float32)
+    top = torch.stack(amax).amax() if amax else ref.new_zeros((), dtype=torch.float32)
+    total, top = torch.stack([total, top]).tolist()
+    return math.isfinite(total) and math.isfinite(top), top
+
+
+def _grid_params_backward(pb, P, dP):
+    """One backward pass through the time-only part of the field (the hypernetwork),
+    for all stage times at once. Where P is in a low precision and a scaler is in
+    use, the float32 cotangents dP are scaled into range first (and unscaled after)."""
+    low = any(p.dtype in (torch.float16, torch.bfloat16) for p in P)
+    S = 1.0
+    if low and pb.scaler is not None:
+        amax = max(float(d.abs().max()) for d in dP)
+        S = 2.0 ** math.floor(math.log2(pb.scaler.target(max(p[0].numel() for p in P)) / amax)) if amax > 0 else 1.0
+    for _ in range(pb.scaler.max_attempts if pb.scaler is not None else 1):
+        g = torch.autograd.grad(P, pb.params, [(d * S).to(p.dtype) for d, p in zip(dP, P)],
+                                allow_unused=True, retain_graph=True)
+        g = [torch.zeros_like(p) if gi is None else gi / S for gi, p in zip(g, pb.params)]
+        if pb.scaler is None or all(bool(torch.isfinite(gi).all()) for gi in g):
+            return g
+        pb.scaler.overflow_steps += 1
+        S /= 2.0
+    raise RuntimeError("DynamicScaler: the gradient through the time-only part of the field is not finite")
+
+
+def _step_vjp_autograd(pb, i, t, y_i, cot, need_t):
+    """VJP of step i's increment by autograd through the recomputed step."""
+    with torch.enable_grad(), pb.autocast_ctx():
+        y = tuple(x.detach().requires_grad_() for x in y_i)
+        if need_t:
+            t0, t1 = t[i].detach().requires_grad_(), t[i + 1].detach().requires_grad_()
+            h = t1 - t0
+            field = lambda k, Y: (pb.call(t0 + pb.tab.c[k] * h, Y), None)  # noqa: E731
+            inputs = (*y, *pb.params, t0, t1)
+        else:
+            h = pb.h[i]
+            times = pb.stage_times
+            field = lambda k, Y: (pb.call(times[pb.rows[i][k]], Y), None)  # noqa: E731
+            inputs = (*y, *pb.params)
+        inc = rk_increment(pb.tab, field, h, y)
+        g = torch.autograd.grad(inc, inputs, cot, allow_unused=True)
+    n = len(y)
+    gp = g[n : n + len(pb.params)]
+    return g[:n], gp, (g[-2:] if need_t else None)
+
+
+def _step_vjp_grid(pb, i, y_i, cot, P_rows):
+    """VJP of step i's increment through the tableau, with the field's own VJP.
+
+    Stage k: Y_k = y + h sum_j a_kj K_j, K_k = f_k(Y_k), inc = h sum_k b_k K_k.
+    Reverse: Kbar_k = h b_k cot + h sum_{m>k} a_mk Ybar_m, Ybar_k = f_k'^T Kbar_k,
+    ybar = sum_k Ybar_k. Returns (ybar, [param cotangents per stage]).
+    """
+    tab, h, rows, func = pb.tab, pb.h[i], pb.rows[i], pb.func
+    with pb.autocast_ctx():
+        _, Ys, extras = rk_increment(tab, lambda k, Y: func.grid_eval(P_rows[rows[k]], Y), h, y_i, keep=True)
+        s = len(tab.c)
+        Kbar = [tuple((h * tab.b[k]) * c for c in cot) for k in range(s)]
+        ybar = None
+        gp = [None] * s
+        for k in range(s - 1, -1, -1):
+            Ybar, gp[k] = func.grid_vjp(P_rows[rows[k]], Ys[k], extras[k], Kbar[k])
+            Ybar = tuple(torch.zeros_like(y) if g is None else g for g, y in zip(Ybar, y_i))
+            for j, akj in enumerate(tab.a[k]):
+                if akj != 0.0:
+                    Kbar[j] = axpy(Kbar[j], h * akj, Ybar)
+            ybar = Ybar if ybar is None else tuple(u + v.to(u.dtype) for u, v in zip(ybar, Ybar))
+    return ybar, gp
+
+
+class ODEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pb, t, n_y, *tensors):
+        y0, params = tensors[:n_y], tensors[n_y:]
+        sol = solve_forward(pb, y0)
+        ctx.pb, ctx.n_y = pb, n_y
+        ctx.save_for_backward(t, *sol)
+        return sol
+
+    @staticmethod
+    def backward(ctx, *grads):
+        pb, n_y = ctx.pb, ctx.n_y
+        t, *sol = ctx.saved_tensors
+        grads = tuple(torch.zeros_like(s) if g is None else g for g, s in zip(grads, sol))
+        need_t = ctx.needs_input_grad[1]
+        gy0, gparams, gt = solve_backward(pb, t, sol, grads, need_t)
+        need_p = ctx.needs_input_grad[3 + n_y :]
+        gparams = [g if need else None for g, need in zip(gparams, need_p)]
+        gy0 = [g if need else None for g, need in zip(gy0, ctx.needs_input_grad[3 : 3 + n_y])]
+        return (None, gt, None, *gy0, *gparams)
