@@ -80,7 +80,7 @@ def _check_inputs(ys, t):
     if t.shape[0] < 2:
         raise ValueError(f"t needs at least 2 points, got {t.shape[0]}")
     if t.device != ys[0].device:
-        raise ValueError(f"t is on {t.device} but y0 is on {ys[0].device}")
+        raise ValueError(f"t and y0 must be on the same device: t is on {t.device}, y0 on {ys[0].device}")
     d = t[1:] - t[:-1]
     if not (bool((d > 0).all()) or bool((d < 0).all())):
         raise ValueError("t must be strictly increasing or strictly decreasing")

@@ -1,0 +1,220 @@
+"""Speed and memory of one training iteration (forward, backward, optimizer step).
+
+    python bench.py [--device cpu|cuda] [--iters N] [--quick] [--paths ...] [--json FILE]
+
+Each path runs in a fresh subprocess: warm-up, then the median over --iters
+iterations. Peak memory is that process's: peak RSS on CPU (also shown as the
+growth over the RSS before the first iteration), the CUDA allocator peak on GPU.
+Prints a markdown table with the speedup over ``original`` from the same run and
+writes it to a JSON file.
+
+Paths:
+- original: the torchdiffeq CNF example's field (x repeated over the width,
+  batched matmuls) with the trace by autograd, solved by torchdiffeq rk4;
+- seed: the well-known mixed-precision successor of that script: the same
+  repeated field with a closed-form trace by batched matmuls, torchdiffeq rk4;
+- torchdiffeq / torchmpnode: what ``cnf.py --odeint ...`` runs;
+- torchmpnode-bf16 / -fp16: the torchmpnode path under autocast.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+STANDARD = dict(batch=1024, width=128, hidden=32, num_timesteps=128)
+QUICK = dict(batch=64, width=16, hidden=8, num_timesteps=8)
+PATHS = ("original", "seed", "torchdiffeq", "torchmpnode", "torchmpnode-bf16", "torchmpnode-fp16")
+CUDA_PATHS = ("torchmpnode-tf32", "torchdiffeq-fp16")
+
+
+# --- reference fields, written as the two predecessor scripts build them -----------
+class _RepeatedHyperNet(nn.Module):
+    def __init__(self, hidden, width, d=2):
+        super().__init__()
+        self.width, self.d = width, d
+        self.fc1, self.fc2 = nn.Linear(1, hidden), nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, 3 * width * d + width)
+
+    def forward(self, t):
+        p = self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(t.reshape(1, 1)))))).reshape(-1)
+        w, d, n = self.width, self.d, self.width * self.d
+        W = p[:n].reshape(w, d, 1)
+        U = p[n : 2 * n].reshape(w, 1, d) * torch.sigmoid(p[2 * n : 3 * n].reshape(w, 1, d))
+        B = p[3 * n :].reshape(w, 1, 1)
+        return W, B, U
+
+
+class _RepeatedCNF(nn.Module):
+    """z repeated over the width into [w, n, d] and batched matmuls; the trace
+    by autograd (original) or in closed form on the repeated tensors (seed)."""
+
+    def __init__(self, hidden, width, closed_form):
+        super().__init__()
+        self.hyper_net, self.closed_form = _RepeatedHyperNet(hidden, width), closed_form
+
+    def forward(self, t, states):
+        z = states[0]
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.requires_grad_()
+            W, B, U = self.hyper_net(t)
+            Z = z.unsqueeze(0).repeat(W.shape[0], 1, 1)  # [w, n, d]
+            h = torch.tanh(torch.bmm(Z, W) + B)  # [w, n, 1]
+            dz = torch.bmm(h, U).mean(0)  # [n, d]
+            if self.closed_form:
+                tr = ((1 - h * h) * torch.bmm(U, W)).mean(0)  # [n, 1]
+            else:
+                tr = sum(torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(z.shape[1]))
+                tr = tr.reshape(-1, 1)
+        return dz, -tr
+
+
+# --- one path, in a worker process ------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def run_worker(path, device, cfg, iters):
+    import numpy as np
+    import torchdiffeq
+
+    import runtime
+    import toy_data
+    from model import CNF, Integrator, log_prob, standard_normal_logprob
+    from precision import Precision, Scalers
+
+    runtime.configure()
+    device = torch.device(device)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    solver, _, prec_tag = path.partition("-")
+    precision = {"": "float32", "bf16": "bfloat16", "fp16": "float16", "tf32": "tfloat32"}[prec_tag]
+    prec = Precision(precision, device)
+    if solver in ("original", "seed"):
+        model = _RepeatedCNF(cfg["hidden"], cfg["width"], closed_form=solver == "seed").to(device)
+        t = torch.linspace(1.0, 0.0, cfg["num_timesteps"], device=device)
+
+        def nll(x):
+            z, dl = torchdiffeq.odeint(model, (x, torch.zeros(x.shape[0], 1, device=device)), t, method="rk4")
+            return -(standard_normal_logprob(z[-1]) - dl[-1, :, 0]).mean()
+
+        scalers = Scalers("torchdiffeq", prec, device)
+    else:
+        model = CNF(2, cfg["hidden"], cfg["width"]).to(device)
+        scalers = Scalers(solver, prec, device)
+        integ = Integrator(solver, "rk4", cfg["num_timesteps"], loss_scaler=scalers.solver_scaler)
+
+        def nll(x):
+            return -log_prob(model, x, integ).mean()
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
+    times = []
+    for it in range(iters + 2):  # two warm-up iterations
+        x = torch.from_numpy(toy_data.inf_train_gen("8gaussians", cfg["batch"], rng)).to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        with prec.autocast():
+            loss = nll(x)
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        scalers.grad.scale(loss).backward()
+        scalers.grad.step(opt)
+        scalers.grad.update()
+        _sync(device)
+        t2 = time.perf_counter()
+        if it >= 2:
+            times.append((t1 - t0, t2 - t1))
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = _peak_rss_mb()
+    fwd, bwd = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
+    return dict(path=path, precision=precision, ms_iter=1e3 * statistics.median(a + b for a, b in times),
+                ms_fwd=1e3 * fwd, ms_bwd=1e3 * bwd, peak_mb=peak, growth_mb=peak - base_mb,
+                loss=float(loss.detach()))
+
+
+# --- driver ----------------------------------------------------------------------
+def table(rows, device):
+    orig = next((r["ms_iter"] for r in rows if r["path"] == "original" and "ms_iter" in r), None)
+    mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
+    lines = [f"| path | precision | ms/iter | fwd ms | bwd ms | speedup vs original | {mem} | growth MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['path']} | | failed: {r['error']} | | | | | |")
+            continue
+        sp = f"{orig / r['ms_iter']:.1f}x" if orig else "n/a"
+        lines.append(f"| {r['path']} | {r['precision']} | {r['ms_iter']:.0f} | {r['ms_fwd']:.0f} | {r['ms_bwd']:.0f} "
+                     f"| {sp} | {r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per path (after 2 warm-ups)")
+    p.add_argument("--quick", action="store_true", help="tiny problem, for a smoke test")
+    p.add_argument("--paths", nargs="+", default=None, help=f"subset of {PATHS + CUDA_PATHS}")
+    p.add_argument("--json", default=None, help="output file (default results/bench_<device>_<time>.json)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = QUICK if args.quick else STANDARD
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, args.device, cfg, args.iters)))
+        return 0
+    paths = args.paths or (PATHS + (CUDA_PATHS if args.device.startswith("cuda") else ()))
+    rows = []
+    for path in paths:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--device", args.device,
+               "--iters", str(args.iters)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        if proc.returncode == 0:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+            rows.append(dict(path=path, error=err[:120]))
+        print(f"{path}: {rows[-1].get('ms_iter', rows[-1].get('error'))}", file=sys.stderr)
+    md = table(rows, args.device.split(":")[0])
+    print(f"device={args.device} config={cfg} iters={args.iters} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(md)
+    out = args.json or os.path.join("results", f"bench_{args.device.replace(':', '')}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(device=args.device, config=cfg, iters=args.iters, torch=torch.__version__, rows=rows), f, indent=1)
+    print(f"wrote {out}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
