@@ -150,10 +150,12 @@ def flow_to_base(cnf, x, integ, num_points=None, generator=None):
     return integ.solve(cnf, (x, logp), integ.grid(x.device, reverse=True, num_points=num_points))
 
 
-def log_prob(cnf, x, integ, generator=None):
-    """log p(x) [n] in float32 (float64 for float64 x): log N(z(0)) - dlogp(0)."""
+def log_prob(cnf, x, integ, generator=None, return_z=False):
+    """log p(x) [n] in float32 (float64 for float64 x): log N(z(0)) - dlogp(0).
+    With ``return_z`` also the pulled-back points z(0) [n, d]."""
     z_t, dlogp_t = flow_to_base(cnf, x, integ, generator=generator)
-    return standard_normal_logprob(z_t[-1]) - dlogp_t[-1, :, 0].to(torch.promote_types(x.dtype, torch.float32))
+    logp = standard_normal_logprob(z_t[-1]) - dlogp_t[-1, :, 0].to(torch.promote_types(x.dtype, torch.float32))
+    return (logp, z_t[-1]) if return_z else logp
 
 
 def flow_from_base(cnf, z, integ, num_points=None, generator=None):
@@ -169,3 +171,26 @@ def sample(cnf, n, integ, device, generator=None, dim=2):
     dev = generator.device if generator is not None else device  # draw where the generator lives
     z = torch.randn(n, dim, generator=generator, device=dev).to(device)
     return flow_from_base(cnf, z, integ, generator=generator)[0][-1].float()
+
+
+@torch.no_grad()
+def flow_snapshots(cnf, integ, num_samples, num_points, device, generator, grid_size=100, limit=4.5):
+    """Arrays for the flow animation, at ``num_points`` times from t=0 (noise) to 1 (data).
+
+    samples [T, n, 2]: base samples pushed forward. density_xy [T, g, 2] and
+    density_logp [T, g]: a regular grid at t=1 pulled back; at time t_k its
+    points sit at z(t_k), where the model density of that time is
+    log p_{t_k}(z(t_k)) = log N(z(0)) - (dlogp(0) - dlogp(t_k)).
+    """
+    z = torch.randn(num_samples, 2, generator=generator).to(device)
+    xs, _ = flow_from_base(cnf, z, integ, num_points=num_points, generator=generator)  # t: 0 -> 1
+    side = torch.linspace(-limit, limit, grid_size)
+    grid = torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2).to(device)
+    zs, dl = flow_to_base(cnf, grid, integ, num_points=num_points, generator=generator)  # t: 1 -> 0
+    logp = standard_normal_logprob(zs[-1]) - (dl[-1] - dl)[..., 0]  # [T, g], t descending
+    return {
+        "times": torch.linspace(0.0, 1.0, num_points).numpy(),
+        "samples": xs.float().cpu().numpy(),
+        "density_xy": zs.flip(0).float().cpu().numpy(),
+        "density_logp": logp.flip(0).float().cpu().numpy(),
+    }

@@ -1,0 +1,353 @@
+"""Train a hypernetwork CNF on a 2D toy density by maximum likelihood.
+
+    python cnf.py --data 8gaussians --odeint torchmpnode --precision float16
+
+Writes a self-contained run folder (see README). Exit codes: 0 completed,
+2 bad input, 3 diverged, 4 interrupted (SIGTERM/SIGINT/SIGUSR1; resumable).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import experiment as ex
+import metrics
+import plots
+import runtime
+import toy_data
+from model import CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob
+from precision import PRECISIONS, Precision, Scalers
+from torchmpnode import METHODS
+
+# Flags that may change when resuming; every other explicit flag must match the checkpoint.
+RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
+                    "gpu", "results_dir", "resume", "run_dir")
+
+
+# Where the run happens is the command line's business, never the checkpoint's.
+NEVER_FROM_CHECKPOINT = ("device", "gpu", "results_dir", "resume", "run_dir")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(ex.EXIT_BAD_INPUT)
+
+
+def build_parser():
+    p = OneLineParser(prog="cnf.py", description="Train a hypernetwork CNF on a 2D toy density.")
+    a = p.add_argument
+    a("--data", default="8gaussians", choices=toy_data.DATASETS, help="toy dataset")
+    a("--odeint", default="torchmpnode", choices=SOLVERS, help="ODE solver")
+    a("--method", default="rk4", choices=tuple(METHODS), help="fixed-grid scheme (rk4 is classical RK4 in torchmpnode)")
+    a("--num_timesteps", type=int, default=128, help="grid points from t=0 to t=1 (>= 2)")
+    a("--precision", default="float32", choices=tuple(PRECISIONS), help="training precision (autocast dtype)")
+    a("--no_grad_scaler", action="store_true", help="disable GradScaler (torchdiffeq, float16)")
+    a("--no_dynamic_scaler", action="store_true", help="disable DynamicScaler (torchmpnode, float16)")
+    a("--grad_scaler", action="store_true", help="force GradScaler on for float16 (e.g. torchmpnode without DynamicScaler)")
+    a("--adjoint", action="store_true", help="torchdiffeq's adjoint method (torchdiffeq only)")
+    a("--hidden_dim", type=int, default=32, help="hypernetwork hidden size")
+    a("--width", type=int, default=128, help="width w of the field")
+    a("--trace", default="exact", choices=TRACES, help="divergence: closed form, autograd, or Hutchinson")
+    a("--niters", type=int, default=2000, help="training iterations")
+    a("--lr", type=float, default=1e-2, help="Adam learning rate (x0.1 every 1000 iterations)")
+    a("--num_samples", type=int, default=1024, help="training batch size")
+    a("--num_samples_val", type=int, default=1024, help="validation set size (fixed, drawn once from the seed)")
+    a("--test_freq", type=int, default=20, help="validate and write a CSV row every N iterations")
+    a("--ckpt_freq", type=int, default=100, help="checkpoint every N iterations")
+    a("--results_dir", default="./results", help="parent of the run folder")
+    a("--run_dir", default=None, help="use exactly this run folder (resumed if it holds a checkpoint); for sweeps")
+    a("--seed", type=int, default=0, help="random seed (model init, data, validation set)")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--gpu", type=int, default=None, help="alias for --device cuda:N")
+    a("--viz", action=argparse.BooleanOptionalAction, default=True, help="flow frames and GIF at the end")
+    a("--viz_samples", type=int, default=30000, help="samples in the flow frames")
+    a("--viz_timesteps", type=int, default=41, help="frames (time points) in the flow animation")
+    a("--resume", default=None, help="a run folder or its ckpt.pth: continue that run in its folder")
+    return p
+
+
+def explicit_flags(parser, argv):
+    """The dests given on the command line (not defaulted)."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def validate(args):
+    """Raise ValueError with a one-line message for bad values."""
+    positive = ("num_timesteps", "hidden_dim", "width", "niters", "num_samples", "num_samples_val",
+                "test_freq", "ckpt_freq", "viz_samples", "viz_timesteps")
+    for k in positive:
+        if getattr(args, k) < 1:
+            raise ValueError(f"--{k} must be positive, got {getattr(args, k)}")
+    if args.num_timesteps < 2 or args.viz_timesteps < 2:
+        raise ValueError("--num_timesteps and --viz_timesteps need at least 2 grid points")
+    if args.num_samples_val < 2:
+        raise ValueError("--num_samples_val must be >= 2 (MMD needs two samples)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.adjoint and args.odeint != "torchdiffeq":
+        raise ValueError("--adjoint is torchdiffeq's adjoint method; it does not apply to --odeint torchmpnode")
+    if args.gpu is not None:
+        args.device = f"cuda:{args.gpu}"
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: choose auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if args.resume is None and args.run_dir is None:
+        _check_writable_dir(args.results_dir, "--results_dir")
+
+
+def _check_writable_dir(path, flag):
+    """The folder, or its nearest existing ancestor, must be a writable folder."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag} {path!r}: {probe!r} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path!r} is not writable")
+
+
+def resolve_run(args, explicit):
+    """(run folder or None for a new one, checkpoint state or None). Raises ValueError."""
+    if args.resume is not None:
+        if not os.path.exists(args.resume):
+            raise ValueError(f"--resume {args.resume!r} does not exist")
+        folder = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
+        ckpt = os.path.join(folder, "ckpt.pth") if os.path.isdir(args.resume) else args.resume
+        if not os.path.isfile(ckpt):
+            raise ValueError(f"--resume {args.resume!r}: no ckpt.pth in that folder")
+        return ex.RunDir(folder), ex.load_checkpoint(ckpt)
+    if args.run_dir is not None:
+        if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+            raise ValueError(f"--run_dir {args.run_dir!r} exists and is not a folder")
+        run = ex.RunDir(args.run_dir)
+        if os.path.isfile(run.ckpt):
+            return run, ex.load_checkpoint(run.ckpt)
+        if os.path.isdir(run.path) and os.listdir(run.path):
+            raise ValueError(f"--run_dir {args.run_dir!r} holds files but no checkpoint; refusing to overwrite it")
+        _check_writable_dir(os.path.dirname(run.path) or ".", "--run_dir")
+        return run, None
+    return None, None
+
+
+def merge_resumed_config(args, explicit, state):
+    """Take the run's config from the checkpoint; explicit flags must agree with it."""
+    saved = state["config"]
+    keys = sorted(k for k in explicit if k not in RESUME_OVERRIDES and k in saved)
+    diffs = ex.config_differences(saved, vars(args), keys)
+    if diffs:
+        raise ValueError("checkpoint does not match the command line: " + "; ".join(diffs))
+    for k, v in saved.items():
+        if k in RESUME_OVERRIDES and (k in explicit or k in NEVER_FROM_CHECKPOINT):
+            continue
+        setattr(args, k, v)
+    validate(args)
+
+
+def run_base_name(a):
+    return f"{a.data}_{a.precision}_{a.odeint}_{a.method}_nt_{a.num_timesteps}_{a.seed}"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate(args)
+        explicit = explicit_flags(parser, argv)
+        run, state = resolve_run(args, explicit)
+        if state is not None:
+            merge_resumed_config(args, explicit, state)
+    except (ValueError, ex.CheckpointError) as e:
+        parser.error(str(e))
+    if run is None:
+        run = ex.RunDir.create_unique(args.results_dir, run_base_name(args))
+    else:
+        os.makedirs(run.path, exist_ok=True)
+    return train(args, run, state)
+
+
+def train(args, run, state):
+    device = torch.device(args.device)
+    log = ex.RunLog(run.log)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume",)}
+    prec = Precision(args.precision, device)
+    scalers = Scalers(args.odeint, prec, device, args.no_grad_scaler, args.no_dynamic_scaler, args.grad_scaler)
+    integ = Integrator(args.odeint, args.method, args.num_timesteps, scalers.solver_scaler, args.adjoint)
+    tuned = runtime.configure()
+
+    torch.manual_seed(args.seed)
+    cnf = CNF(2, args.hidden_dim, args.width, args.trace).to(device)
+    opt = torch.optim.Adam(cnf.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.1)
+    data_seq, val_seq = np.random.SeedSequence(args.seed).spawn(2)
+    data_rng = np.random.default_rng(data_seq)
+    x_val = torch.from_numpy(toy_data.inf_train_gen(args.data, args.num_samples_val, np.random.default_rng(val_seq))).to(device)
+    noise_gen = torch.Generator().manual_seed(args.seed + 1)  # Hutchinson noise
+    rows, start, running, sums = [], 0, None, [0.0, 0.0]
+
+    if state is None:
+        log.print(f"# run {run.name}")
+        ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device)})
+        shutil.copy2(os.path.abspath(__file__), run.file("cnf.py"))
+    else:
+        cnf.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scalers.grad.load_state_dict(state["grad_scaler"]) if state["grad_scaler"] else None
+        if scalers.dynamic is not None and state["dynamic_scaler"]:
+            scalers.dynamic.load_state_dict(state["dynamic_scaler"])
+        data_rng.bit_generator.state = json.loads(state["rng"]["numpy"])
+        noise_gen.set_state(state["rng"]["noise"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start, running, sums = state["iter"], state["running_loss"], list(state["time_sums"])
+        rows = [r for r in ex.read_csv(run.csv) if r["iter"] <= start] if os.path.exists(run.csv) else []
+        log.print(f"# resumed {run.name} at iteration {start} (to {args.niters})")
+    log.print("config: " + " ".join(f"--{k} {v}" for k, v in sorted(config.items())))
+    log.print(f"device {_device_name(device)}, torch {torch.__version__}, runtime: {tuned}"
+              + (f"; {prec.note}" if prec.note else ""))
+    log.print(f"scalers: {scalers.label}; solver {args.odeint} {args.method}, {args.num_timesteps} grid points")
+    log.print(f"model:\n{cnf}\nparameters: {sum(p.numel() for p in cnf.parameters())}")
+
+    def checkpoint(iteration):
+        ex.save_checkpoint(run.ckpt, {
+            "model": cnf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "grad_scaler": scalers.grad.state_dict() if scalers.grad.is_enabled() else {},
+            "dynamic_scaler": scalers.dynamic.state_dict() if scalers.dynamic is not None else {},
+            "rng": {"numpy": json.dumps(data_rng.bit_generator.state), "noise": noise_gen.get_state(),
+                    "torch": torch.get_rng_state()},
+            "iter": iteration, "running_loss": running, "time_sums": tuple(sums), "config": config,
+        })
+
+    def finish(status, reason, iteration, code):
+        ex.write_csv(run.csv, rows)
+        if rows:
+            plots.plot_optimization(run.csv, run.file("optimization_stats.png"), toy_data.ENTROPY[args.data], run.name)
+            plots.plot_mmd(run.csv, run.file("mmd_plot.png"))
+        final = {k: v for k, v in rows[-1].items() if k not in ex.TIMING_COLUMNS} if rows else {}
+        ex.write_status(run, status, reason, iteration, final)
+        log.print(f"{status}: {reason}")
+        log.close()
+        return code
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    window = [0.0, 0.0, 0]
+    itr = start
+    with ex.StopSignals() as stop:
+        bar = tqdm(range(start + 1, args.niters + 1), initial=start, total=args.niters, desc=run.name[:40],
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+        for itr in bar:
+            x = torch.from_numpy(toy_data.inf_train_gen(args.data, args.num_samples, data_rng)).to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            with prec.autocast():
+                loss = -log_prob(cnf, x, integ, generator=noise_gen).mean()
+            _sync(device)
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            scale_before, overflow_before = scalers.loss_scale(), scalers.overflow_steps()
+            try:
+                scalers.grad.scale(loss).backward()
+            except RuntimeError as e:  # DynamicScaler gave up: the gradient is not finite
+                checkpoint(itr - 1)
+                return finish("diverged", f"iteration {itr}: {e}", itr, ex.EXIT_DIVERGED)
+            scalers.grad.unscale_(opt)
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in cnf.parameters() if p.grad is not None])
+            loss_ok, grad_ok = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(gnorm)]).tolist()
+            if not loss_ok or (not grad_ok and not scalers.grad.is_enabled()):
+                checkpoint(itr - 1)  # parameters are still those of the last good iteration
+                what = "loss" if not loss_ok else "gradient"
+                return finish("diverged", f"non-finite {what} at iteration {itr} (lr {sched.get_last_lr()[0]:g})",
+                              itr, ex.EXIT_DIVERGED)
+            scalers.grad.step(opt)  # GradScaler skips the step itself on inf/NaN gradients
+            scalers.grad.update()
+            sched.step()
+            _sync(device)
+            t2 = time.perf_counter()
+            lv = float(loss.detach())
+            running = lv if running is None else 0.9 * running + 0.1 * lv
+            window[0] += t1 - t0
+            window[1] += t2 - t1
+            window[2] += 1
+            sums[0] += t1 - t0
+            sums[1] += t2 - t1
+            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+            if scalers.grad.is_enabled() and scalers.loss_scale() != scale_before:
+                log.print(f"iter {itr}: GradScaler scale {scale_before:g} -> {scalers.loss_scale():g}"
+                          + ("" if grad_ok else " (step skipped: inf/NaN gradient)"))
+            if scalers.overflow_steps() != overflow_before:
+                log.print(f"iter {itr}: DynamicScaler retried {scalers.overflow_steps() - overflow_before} "
+                          f"overflowing step(s); scale now {scalers.dynamic.scale:g}")
+            if itr % args.test_freq == 0 or itr == args.niters:
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + itr)
+                m = metrics.evaluate(cnf, integ, x_val, args.data, prec, gen)
+                row = {"iter": itr, "lr": sched.get_last_lr()[0], "running_loss": running, **m,
+                       "time_fwd": window[0] / window[2], "time_bwd": window[1] / window[2],
+                       "time_fwd_sum": sums[0], "time_bwd_sum": sums[1],
+                       "max_memory_mb": ex.peak_memory_mb(device), "loss_scale": scalers.loss_scale(),
+                       "overflow_steps": scalers.overflow_steps()}
+                rows.append(row)
+                window = [0.0, 0.0, 0]
+                ex.write_csv(run.csv, rows)
+                log.print(f"iter {itr:5d} | loss {running:.4f} | val NLL {m['val_loss']:.4f} (lowp {m['val_loss_lowp']:.4f},"
+                          f" gap {m['nll_gap']:+.4f}) | MMD {m['val_mmd']:.2e} | {1e3 * row['time_fwd']:.0f}+"
+                          f"{1e3 * row['time_bwd']:.0f} ms/iter | {row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}")
+            if itr % args.ckpt_freq == 0 or itr == args.niters:
+                checkpoint(itr)
+            if stop.received:
+                checkpoint(itr)
+                bar.close()
+                return finish("interrupted", f"{stop.received} after iteration {itr}; resume with --resume {run.path}",
+                              itr, ex.EXIT_INTERRUPTED)
+        bar.close()
+    if start >= args.niters:
+        log.print(f"nothing to train: the checkpoint is at iteration {start} and --niters is {args.niters}")
+    checkpoint(max(itr, start))
+    if args.viz:
+        _visualize(cnf, integ, args, run, device, log)
+    return finish("completed", f"trained {args.niters} iterations", max(itr, start), ex.EXIT_OK)
+
+
+def _visualize(cnf, integ, args, run, device, log):
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    snaps = flow_snapshots(cnf, integ, args.viz_samples, args.viz_timesteps, device, gen)
+    target = toy_data.inf_train_gen(args.data, args.viz_samples, np.random.default_rng(args.seed + 3))
+    frames = plots.save_flow_frames(run.path, target, snaps)
+    log.print(f"wrote {len(frames)} frames and cnf-viz.gif")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

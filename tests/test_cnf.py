@@ -1,0 +1,181 @@
+"""Smoke, learning, resume, divergence and bad-input tests of the real cnf.py, at tiny sizes."""
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import pandas as pd
+import pytest
+import torch
+
+import cnf
+import experiment as ex
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_timesteps", "4", "--width", "8",
+        "--hidden_dim", "8", "--niters", "4", "--test_freq", "2", "--viz_samples", "200", "--viz_timesteps", "3"]
+
+
+def run_dirs(results):
+    return sorted(d for d in glob.glob(os.path.join(results, "*")) if os.path.isdir(d))
+
+
+def run_inprocess(results, *args):
+    code = cnf.main([*TINY, "--results_dir", str(results), *args])
+    dirs = run_dirs(results)
+    return code, dirs[-1] if dirs else None
+
+
+def run_subprocess(*args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "cnf.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, **kw)
+
+
+def check_complete(folder, frames=3, rows=(2, 4)):
+    run = ex.RunDir(folder)
+    for f in (run.log, run.csv, run.ckpt, run.status, run.file("args.csv"), run.file("cnf.py"),
+              run.file("optimization_stats.png"), run.file("mmd_plot.png"), run.file("cnf-viz.gif")):
+        assert os.path.isfile(f) and os.path.getsize(f) > 0, f
+    assert len(glob.glob(run.file("cnf-viz-*.jpg"))) == frames
+    assert len(imageio.mimread(run.file("cnf-viz.gif"))) == frames
+    df = pd.read_csv(run.csv)
+    assert tuple(df.columns) == ex.CSV_COLUMNS
+    assert tuple(df["iter"]) == rows
+    assert df.notna().all().all() and all(map(math.isfinite, df.to_numpy().ravel()))
+    import json
+
+    status = json.load(open(run.status))
+    assert status["status"] == "completed" and status["iter"] == rows[-1]
+    args = ex.read_args(run.file("args.csv"))
+    assert {"torch_version", "device_name", "data", "width"} <= set(args)
+    return df
+
+
+@pytest.mark.parametrize("odeint", ["torchdiffeq", "torchmpnode"])
+@pytest.mark.parametrize("precision", ["float32", "tfloat32", "bfloat16", "float16"])
+def test_smoke_every_solver_and_precision(tmp_path, odeint, precision):
+    code, folder = run_inprocess(tmp_path, "--odeint", odeint, "--precision", precision)
+    assert code == 0
+    assert os.path.basename(folder).startswith(f"8gaussians_{precision}_{odeint}_rk4_nt_4_0_")
+    df = check_complete(folder)
+    low = precision in ("bfloat16", "float16")
+    # the low-precision runs really ran in that precision on the CPU
+    assert (df["val_loss_lowp"] != df["val_loss"]).any() == low
+    scaled = precision == "float16"
+    assert (df["loss_scale"] != 1.0).all() == scaled
+
+
+@pytest.mark.parametrize("extra", [["--method", "euler"], ["--method", "euler", "--odeint", "torchdiffeq"],
+                                   ["--trace", "autograd"], ["--trace", "hutchinson", "--odeint", "torchdiffeq"],
+                                   ["--adjoint", "--odeint", "torchdiffeq"],
+                                   ["--precision", "float16", "--no_dynamic_scaler", "--grad_scaler"]])
+def test_smoke_methods_traces_and_scalers(tmp_path, extra):
+    code, folder = run_inprocess(tmp_path, *extra, "--data", "moons")
+    assert code == 0
+    check_complete(folder)
+
+
+def test_two_runs_in_the_same_second_do_not_collide(tmp_path):
+    a = ex.RunDir.create_unique(tmp_path, "x")
+    b = ex.RunDir.create_unique(tmp_path, "x")
+    assert a.path != b.path and os.path.isdir(a.path) and os.path.isdir(b.path)
+
+
+def test_learning_lowers_validation_nll(tmp_path):
+    code, folder = run_inprocess(tmp_path, "--niters", "80", "--test_freq", "10", "--num_samples", "256",
+                                 "--num_samples_val", "256", "--width", "32", "--hidden_dim", "16",
+                                 "--num_timesteps", "8", "--no-viz")
+    assert code == 0
+    df = pd.read_csv(ex.RunDir(folder).csv)
+    first, last = df["val_loss"].iloc[0], df["val_loss"].iloc[-1]
+    print(f"val NLL {first:.3f} -> {last:.3f} (entropy floor 2.832)")
+    assert last < first - 0.5
+
+
+def _params(folder):
+    return ex.load_checkpoint(ex.RunDir(folder).ckpt)["model"]
+
+
+def _rows(folder):
+    return pd.read_csv(ex.RunDir(folder).csv).drop(columns=list(ex.TIMING_COLUMNS))
+
+
+@pytest.mark.parametrize("extra", [["--precision", "float16"],
+                                   ["--precision", "float16", "--odeint", "torchdiffeq", "--trace", "hutchinson"]])
+def test_resume_continues_bitwise(tmp_path, extra):
+    common = ["--niters", "6", "--ckpt_freq", "2", "--no-viz", *extra]
+    code, full = run_inprocess(tmp_path / "a", *common)
+    assert code == 0
+    code, part = run_inprocess(tmp_path / "b", *common[:-len(extra) - 3], "--niters", "4", "--ckpt_freq", "2",
+                               "--no-viz", *extra)
+    assert code == 0
+    code = cnf.main(["--resume", part, "--niters", "6"])
+    assert code == 0
+    assert run_dirs(tmp_path / "b") == [part]  # same folder, no new one
+    pa, pb = _params(full), _params(part)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    pd.testing.assert_frame_equal(_rows(full), _rows(part))
+
+
+def test_resume_refuses_a_mismatched_command_line(tmp_path):
+    code, folder = run_inprocess(tmp_path, "--no-viz")
+    proc = run_subprocess("--resume", folder, "--width", "16", "--niters", "8")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--width 8 in the checkpoint vs 16" in proc.stderr
+
+
+def test_divergence_is_a_result(tmp_path):
+    proc = run_subprocess(*TINY, "--results_dir", str(tmp_path), "--lr", "1e30", "--niters", "40",
+                          "--test_freq", "1", "--data", "checkerboard")
+    assert proc.returncode == ex.EXIT_DIVERGED, proc.stderr[-500:]
+    (folder,) = run_dirs(tmp_path)
+    run = ex.RunDir(folder)
+    import json
+
+    status = json.load(open(run.status))
+    assert status["status"] == "diverged" and "non-finite" in status["exit_reason"]
+    ckpt = ex.load_checkpoint(run.ckpt)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())  # the last good parameters
+    assert os.path.isfile(run.csv) and os.path.isfile(run.file("optimization_stats.png"))
+    assert "diverged" in open(run.log).read()
+
+
+BAD = [
+    ["--data", "nope"], ["--odeint", "scipy"], ["--precision", "float8"], ["--method", "dopri5"],
+    ["--trace", "exactish"], ["--niters", "0"], ["--num_samples", "0"], ["--width", "-1"], ["--hidden_dim", "0"],
+    ["--num_timesteps", "1"], ["--test_freq", "0"], ["--ckpt_freq", "0"], ["--lr", "-1"], ["--lr", "nan"],
+    ["--niters", "abc"], ["--lr", "fast"], ["--adjoint"], ["--resume", "/no/such/run"], ["--device", "tpu"],
+    ["--num_samples_val", "1"],
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=lambda b: " ".join(b))
+def test_bad_input_one_line_exit_2_no_folder(tmp_path, bad):
+    proc = run_subprocess(*TINY, "--results_dir", str(tmp_path / "res"), *bad)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("cnf.py: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "res") or not os.listdir(tmp_path / "res")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_bad_input(tmp_path):
+    for flags in (["--device", "cuda"], ["--gpu", "0"]):
+        proc = run_subprocess(*TINY, "--results_dir", str(tmp_path / "res"), *flags)
+        assert proc.returncode == 2 and "CUDA is not available" in proc.stderr
+    assert not os.path.exists(tmp_path / "res")
+
+
+def test_results_dir_that_is_a_file_or_unwritable(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for target in (str(f), str(f / "sub")):
+        proc = run_subprocess(*TINY, "--results_dir", target)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "folder" in proc.stderr
+    ro = next((p for p in ("/proc/sys/kernel", "/sys/kernel") if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
+    if ro is None:
+        pytest.skip("no read-only folder to test an unwritable --results_dir (running as root)")
+    proc = run_subprocess(*TINY, "--results_dir", os.path.join(ro, "cnfkit"))
+    assert proc.returncode == 2 and "not writable" in proc.stderr
