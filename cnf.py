@@ -144,11 +144,20 @@ def resolve_run(args, explicit):
         run = ex.RunDir(args.run_dir)
         if os.path.isfile(run.ckpt):
             return run, ex.load_checkpoint(run.ckpt)
-        if os.path.isdir(run.path) and os.listdir(run.path):
-            raise ValueError(f"--run_dir {args.run_dir!r} holds files but no checkpoint; refusing to overwrite it")
+        if os.path.isdir(run.path) and os.listdir(run.path) and not _same_run_started(run, args):
+            raise ValueError(f"--run_dir {args.run_dir!r} holds files but no checkpoint of this run; refusing to overwrite it")
         _check_writable_dir(os.path.dirname(run.path) or ".", "--run_dir")
         return run, None
     return None, None
+
+
+def _same_run_started(run, args):
+    """A run killed before its first checkpoint left args.csv with this very config."""
+    try:
+        saved = ex.read_args(run.file("args.csv"))
+    except OSError:
+        return False
+    return all(saved.get(k) == str(v) for k, v in vars(args).items() if k not in NEVER_FROM_CHECKPOINT)
 
 
 def merge_resumed_config(args, explicit, state):
@@ -207,10 +216,21 @@ def train(args, run, state):
     noise_gen = torch.Generator().manual_seed(args.seed + 1)  # Hutchinson noise
     rows, start, running, sums = [], 0, None, [0.0, 0.0]
 
+    def checkpoint(iteration):
+        ex.save_checkpoint(run.ckpt, {
+            "model": cnf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "grad_scaler": scalers.grad.state_dict() if scalers.grad.is_enabled() else {},
+            "dynamic_scaler": scalers.dynamic.state_dict() if scalers.dynamic is not None else {},
+            "rng": {"numpy": json.dumps(data_rng.bit_generator.state), "noise": noise_gen.get_state(),
+                    "torch": torch.get_rng_state()},
+            "iter": iteration, "running_loss": running, "time_sums": tuple(sums), "config": config,
+        })
+
     if state is None:
         log.print(f"# run {run.name}")
         ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device)})
         shutil.copy2(os.path.abspath(__file__), run.file("cnf.py"))
+        checkpoint(0)  # from now on the folder can always be resumed
     else:
         cnf.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -229,16 +249,6 @@ def train(args, run, state):
               + (f"; {prec.note}" if prec.note else ""))
     log.print(f"scalers: {scalers.label}; solver {args.odeint} {args.method}, {args.num_timesteps} grid points")
     log.print(f"model:\n{cnf}\nparameters: {sum(p.numel() for p in cnf.parameters())}")
-
-    def checkpoint(iteration):
-        ex.save_checkpoint(run.ckpt, {
-            "model": cnf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "grad_scaler": scalers.grad.state_dict() if scalers.grad.is_enabled() else {},
-            "dynamic_scaler": scalers.dynamic.state_dict() if scalers.dynamic is not None else {},
-            "rng": {"numpy": json.dumps(data_rng.bit_generator.state), "noise": noise_gen.get_state(),
-                    "torch": torch.get_rng_state()},
-            "iter": iteration, "running_loss": running, "time_sums": tuple(sums), "config": config,
-        })
 
     def finish(status, reason, iteration, code):
         ex.write_csv(run.csv, rows)

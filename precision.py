@@ -36,6 +36,20 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.low)
 
 
+def scaler_flags(odeint, precision, no_grad_scaler=False, no_dynamic_scaler=False, grad_scaler=False):
+    """(GradScaler on?, DynamicScaler on?) for a run's flags: the one place this is decided."""
+    fp16 = PRECISIONS[precision] == torch.float16
+    use_grad = fp16 and ((odeint == "torchdiffeq" and not no_grad_scaler) or grad_scaler)
+    use_dynamic = fp16 and odeint == "torchmpnode" and not no_dynamic_scaler
+    return use_grad, use_dynamic
+
+
+def scaler_label(*args, **kw):
+    """'none', 'grad', 'dynamic' or 'grad+dynamic'."""
+    use_grad, use_dynamic = scaler_flags(*args, **kw)
+    return "+".join(n for n, on in (("grad", use_grad), ("dynamic", use_dynamic)) if on) or "none"
+
+
 class Scalers:
     """The loss scalers of a run.
 
@@ -47,11 +61,11 @@ class Scalers:
     """
 
     def __init__(self, odeint, precision, device, no_grad_scaler=False, no_dynamic_scaler=False, grad_scaler=False):
-        fp16 = precision.low == torch.float16
-        use_grad = fp16 and ((odeint == "torchdiffeq" and not no_grad_scaler) or grad_scaler)
+        flags = (odeint, precision.name, no_grad_scaler, no_dynamic_scaler, grad_scaler)
+        use_grad, use_dynamic = scaler_flags(*flags)
         self.grad = torch.amp.GradScaler(torch.device(device).type, enabled=use_grad)
-        self.dynamic = torchmpnode.DynamicScaler(torch.float16) if fp16 and odeint == "torchmpnode" and not no_dynamic_scaler else None
-        self.label = "+".join(n for n, on in (("grad", use_grad), ("dynamic", self.dynamic is not None)) if on) or "none"
+        self.dynamic = torchmpnode.DynamicScaler(torch.float16) if use_dynamic else None
+        self.label = scaler_label(*flags)
 
     @property
     def solver_scaler(self):
