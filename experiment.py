@@ -95,9 +95,12 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        culprit = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
+        if culprit is None:  # the bytes are not a pickle the safe loader can even parse
+            raise CheckpointError(f"{path}: truncated or corrupted checkpoint (not a valid torch file)") from None
+        culprit = culprit.split("Unsupported global:")[-1].split(" was not")[0].strip()
         raise CheckpointError(
-            f"{path}: refused: it holds arbitrary pickled objects, which the safe loader does not run ({first[:150]})"
+            f"{path}: refused: it holds arbitrary pickled objects ({culprit}), which the safe loader does not run"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

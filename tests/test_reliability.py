@@ -1,0 +1,158 @@
+"""Preemption, atomic checkpoints, safe checkpoint loading."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import experiment as ex
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_timesteps", "4", "--width", "8",
+        "--hidden_dim", "8", "--test_freq", "5", "--ckpt_freq", "1000", "--no-viz"]
+
+
+def cnf(*args, **kw):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "cnf.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def only_run(results):
+    (d,) = [os.path.join(results, x) for x in os.listdir(results)]
+    return ex.RunDir(d)
+
+
+def wait_for_rows(run_parent, n, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.communicate()
+        dirs = os.listdir(run_parent) if os.path.isdir(run_parent) else []
+        if dirs:
+            run = ex.RunDir(os.path.join(run_parent, dirs[0]))
+            if os.path.isfile(run.csv) and len(open(run.csv).read().splitlines()) > n:
+                return run
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_signal_checkpoints_and_resume_is_bitwise(tmp_path, sig):
+    full = cnf(*TINY, "--niters", "60", "--results_dir", str(tmp_path / "full"))
+    part = cnf(*TINY, "--niters", "60", "--results_dir", str(tmp_path / "part"))
+    run = wait_for_rows(tmp_path / "part", 2, part)
+    part.send_signal(sig)
+    _, err = part.communicate(timeout=120)
+    assert part.returncode == ex.EXIT_INTERRUPTED, err[-2000:]
+    status = json.load(open(run.status))
+    assert status["status"] == "interrupted" and signal.Signals(sig).name in status["exit_reason"]
+    stopped_at = ex.load_checkpoint(run.ckpt)["iter"]
+    assert 10 <= stopped_at < 60 and status["iter"] == stopped_at
+    assert "interrupted" in open(run.log).read()
+    resumed = cnf("--resume", run.path, "--niters", "60")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-2000:]
+    a, b = only_run(tmp_path / "full"), only_run(tmp_path / "part")
+    assert b.path == run.path  # continued in the same folder
+    pa, pb = ex.load_checkpoint(a.ckpt)["model"], ex.load_checkpoint(b.ckpt)["model"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    ra = pd.read_csv(a.csv).drop(columns=list(ex.TIMING_COLUMNS))
+    rb = pd.read_csv(b.csv).drop(columns=list(ex.TIMING_COLUMNS))
+    pd.testing.assert_frame_equal(ra, rb)
+    assert json.load(open(b.status))["status"] == "completed"
+
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        import experiment as ex
+        ex.save_checkpoint({str(path)!r}, {{"config": {{"width": 8}}, "w": torch.ones(3), "iter": 1}})
+        real = os.replace
+        def die(src, dst):  # the new file is written and fsynced; die before the rename
+            os.kill(os.getpid(), signal.SIGKILL)
+        ex.os.replace = die
+        ex.save_checkpoint({str(path)!r}, {{"config": {{"width": 8}}, "w": torch.zeros(3), "iter": 2}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    state = ex.load_checkpoint(path)
+    assert state["iter"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_kill_mid_write_never_truncates(tmp_path):
+    """A writer killed at random moments while rewriting the file: every read sees a whole file."""
+    path = tmp_path / "status.json"
+    ex.write_json(path, {"n": -1, "pad": "x" * 100000})
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        import experiment as ex
+        for n in range(10**9):
+            ex.write_json({str(path)!r}, {{"n": n, "pad": "x" * 100000}})
+    """)
+    for delay in (0.05, 0.13, 0.21, 0.34):
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        time.sleep(delay + 0.3)
+        proc.kill()
+        proc.wait()
+        data = json.load(open(path))  # never a partial file
+        assert len(data["pad"]) == 100000
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling this creates the marker file
+
+
+def test_unsafe_pickle_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "run"
+    bad.mkdir()
+    torch.save({"format": ex.CKPT_FORMAT, "config": {}, "payload": _Evil(str(marker))}, bad / "ckpt.pth")
+    with pytest.raises(ex.CheckpointError, match="refused"):
+        ex.load_checkpoint(bad / "ckpt.pth")
+    proc = cnf("--resume", str(bad))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "refused" in err
+    assert not marker.exists()
+
+
+def test_corrupted_and_foreign_checkpoints_are_refused(tmp_path):
+    good = tmp_path / "good.pth"
+    ex.save_checkpoint(good, {"config": {"width": 8}, "w": torch.randn(100, 100)})
+    raw = good.read_bytes()
+    cases = {"truncated.pth": raw[: len(raw) // 2], "garbage.pth": os.urandom(4096), "empty.pth": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ex.CheckpointError, match="truncated or corrupted"):
+            ex.load_checkpoint(tmp_path / name)
+    torch.save({"model": {}}, tmp_path / "foreign.pth")
+    with pytest.raises(ex.CheckpointError, match="not a checkpoint of this kit"):
+        ex.load_checkpoint(tmp_path / "foreign.pth")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pth").write_bytes(raw[: len(raw) // 3])
+    proc = cnf("--resume", str(run))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "truncated or corrupted" in err
+
+
+def test_periodic_checkpoints(tmp_path):
+    proc = cnf(*TINY, "--niters", "7", "--ckpt_freq", "3", "--results_dir", str(tmp_path))
+    proc.communicate(timeout=120)
+    run = only_run(tmp_path)
+    assert ex.load_checkpoint(run.ckpt)["iter"] == 7
+    log = open(run.log).read()
+    assert "completed" in log
