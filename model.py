@@ -135,6 +135,10 @@ class Integrator:
         return solve(func, y0, t, method=self.method)
 
 
+def _dtype(cnf):
+    return next(cnf.parameters()).dtype
+
+
 def standard_normal_logprob(z):
     """log N(z; 0, I) summed over dimensions: [n, d] -> [n], in float32 or wider."""
     z = z.to(torch.promote_types(z.dtype, torch.float32))
@@ -169,7 +173,7 @@ def flow_from_base(cnf, z, integ, num_points=None, generator=None):
 def sample(cnf, n, integ, device, generator=None, dim=2):
     """n samples of the model, [n, dim] float32."""
     dev = generator.device if generator is not None else device  # draw where the generator lives
-    z = torch.randn(n, dim, generator=generator, device=dev).to(device)
+    z = torch.randn(n, dim, generator=generator, device=dev).to(device, _dtype(cnf))
     return flow_from_base(cnf, z, integ, generator=generator)[0][-1].float()
 
 
@@ -182,10 +186,10 @@ def flow_snapshots(cnf, integ, num_samples, num_points, device, generator, grid_
     points sit at z(t_k), where the model density of that time is
     log p_{t_k}(z(t_k)) = log N(z(0)) - (dlogp(0) - dlogp(t_k)).
     """
-    z = torch.randn(num_samples, 2, generator=generator).to(device)
+    z = torch.randn(num_samples, 2, generator=generator).to(device, _dtype(cnf))
     xs, _ = flow_from_base(cnf, z, integ, num_points=num_points, generator=generator)  # t: 0 -> 1
     side = torch.linspace(-limit, limit, grid_size)
-    grid = torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2).to(device)
+    grid = torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2).to(device, _dtype(cnf))
     zs, dl = flow_to_base(cnf, grid, integ, num_points=num_points, generator=generator)  # t: 1 -> 0
     logp = standard_normal_logprob(zs[-1]) - (dl[-1] - dl)[..., 0]  # [T, g], t descending
     return {

@@ -1,0 +1,25 @@
+"""bench.py runs end to end (quick mode) and writes its table; timings live in BENCHMARKS.md."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_quick(tmp_path):
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--iters", "1", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    paths = [r["path"] for r in data["rows"]]
+    assert paths == ["original", "seed", "torchdiffeq", "torchmpnode", "torchmpnode-bf16", "torchmpnode-fp16"]
+    for r in data["rows"]:
+        assert r["ms_iter"] > 0 and r["peak_mb"] > 0 and r["loss"] == r["loss"]
+    assert "| torchmpnode | float32 |" in proc.stdout and "speedup vs original" in proc.stdout
+
+
+def test_bench_rejects_bad_input():
+    proc = subprocess.run([sys.executable, "bench.py", "--iters", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
