@@ -146,3 +146,42 @@ def test_real_slurm_failing_task_fails_the_array(tmp_path):
     assert proc.returncode == 3, proc.stdout + proc.stderr  # the diverged task's exit code reaches sbatch --wait
     d = sweep_dir(tmp_path)
     assert statuses(d) == {"moons_float32_torchmpnode_none": "diverged"}
+
+
+def test_job_script_forwards_warning_signal_requeues_and_resumes(tmp_path):
+    """SLURM's --signal=B:USR1 reaches the batch shell; it must pass it on to cnf.py
+    (which checkpoints and exits 4), requeue its own array task, and the requeued
+    task must continue in the same run folder."""
+    import signal
+    import time
+
+    sw = tmp_path / "sweep"
+    (sw / "runs").mkdir(parents=True)
+    args = " ".join(TINY[:-4] + ["--no-viz", "--niters", "400", "--test_freq", "5", "--ckpt_freq", "1000"])
+    (sw / "cells.tsv").write_text(f"0\tmoons_cell\t--data moons {args}\n")
+    (sw / "env_setup.sh").write_text("")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.calls\n")
+    (bindir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "0",
+           "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "KIT_DIR": ROOT}
+    job = subprocess.Popen(["bash", os.path.join(ROOT, "job_cnf.sbatch"), str(sw)], env=env, cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    csv = sw / "runs" / "moons_cell" / "moons_cell.csv"
+    t0 = time.time()
+    while not (csv.exists() and len(csv.read_text().splitlines()) > 2):
+        assert job.poll() is None and time.time() - t0 < 120, job.communicate()[0][-2000:]
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode == 4, out[-2000:]
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "70_0"]
+    status = json.load(open(sw / "runs" / "moons_cell" / "status.json"))
+    assert status["status"] == "interrupted" and "SIGUSR1" in status["exit_reason"]
+    again = subprocess.run(["bash", os.path.join(ROOT, "job_cnf.sbatch"), str(sw)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "resumed moons_cell at iteration" in again.stdout
+    assert json.load(open(sw / "runs" / "moons_cell" / "status.json"))["status"] == "completed"
+    assert os.listdir(sw / "runs") == ["moons_cell"]
