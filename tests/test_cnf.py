@@ -179,3 +179,16 @@ def test_results_dir_that_is_a_file_or_unwritable(tmp_path):
         pytest.skip("no read-only folder to test an unwritable --results_dir (running as root)")
     proc = run_subprocess(*TINY, "--results_dir", os.path.join(ro, "cnfkit"))
     assert proc.returncode == 2 and "not writable" in proc.stderr
+
+
+def test_replot_from_the_folder_alone(tmp_path):
+    code, folder = run_inprocess(tmp_path, "--no-viz")
+    assert code == 0
+    run = ex.RunDir(folder)
+    for f in ("optimization_stats.png", "mmd_plot.png"):
+        os.remove(run.file(f))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plots.py"), folder], capture_output=True, text=True,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    for f in ("optimization_stats.png", "mmd_plot.png"):
+        assert os.path.getsize(run.file(f)) > 10000

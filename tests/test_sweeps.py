@@ -46,6 +46,10 @@ def test_dry_run_lists_the_published_grid():
     # per dataset: torchdiffeq 3 + fp16 {none, grad}; torchmpnode 3 + fp16 {none, grad, dynamic}
     assert proc.stdout.strip().endswith("88 cells (slurm)") or proc.stdout.strip().endswith("88 cells (local)")
     assert "--no_dynamic_scaler --grad_scaler" in proc.stdout
+    # without sbatch on the PATH the launcher falls back to local mode by itself
+    nosb = subprocess.run(["/bin/bash", os.path.join(ROOT, "run_cnf.sh"), "--dry-run"], capture_output=True,
+                          text=True, env={"PATH": "/nonexistent"})
+    assert nosb.returncode == 0 and nosb.stdout.strip().endswith("88 cells (local)")
     narrow = sweep("--dry-run", "--datasets", "moons", "--precisions", "float16", "--", "--niters", "5")
     cells = [l for l in narrow.stdout.splitlines() if "--data moons" in l]
     assert len(cells) == 5 and all(l.rstrip().endswith("--niters 5") for l in cells)
