@@ -235,7 +235,8 @@ def train(args, run, state):
         cnf.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        scalers.grad.load_state_dict(state["grad_scaler"]) if state["grad_scaler"] else None
+        if state["grad_scaler"]:
+            scalers.grad.load_state_dict(state["grad_scaler"])
         if scalers.dynamic is not None and state["dynamic_scaler"]:
             scalers.dynamic.load_state_dict(state["dynamic_scaler"])
         data_rng.bit_generator.state = json.loads(state["rng"]["numpy"])

@@ -101,18 +101,18 @@ def to_markdown(table):
 def plot(table, curves, out_png):
     datasets = sorted(table["data"].unique())
     n = len(datasets)
-    fig, axes = plt.subplots(1, n + 2, figsize=(4.2 * (n + 2), 4), squeeze=False)
+    fig, axes = plt.subplots(1, n + 2, figsize=(4.6 * (n + 2), 4 + 0.12 * len(table)), squeeze=False)
     axes = axes[0]
     for a, data in zip(axes, datasets):
         for _, r in table[table["data"] == data].iterrows():
             df = curves[r.run]
             if len(df):
-                a.plot(df["iter"], df["val_loss"], label=f"{r.solver} {r.precision} {r.scaler}"
+                a.plot(df["iter"], df["val_loss"], "o-", ms=3, label=f"{r.solver} {r.precision} {r.scaler}"
                        + ("" if r.status == "completed" else f" ({r.status.split()[0]})"))
         a.axhline(toy_data.ENTROPY[data], color="k", ls=":", lw=1)
         a.set(title=f"{data}: val NLL", xlabel="iteration", ylabel="nats")
         a.legend(fontsize=6)
-    labels = [f"{r.data}\n{r.solver[5:]} {r.precision} {r.scaler}" for _, r in table.iterrows()]
+    labels = [f"{r.data} {r.solver}\n{r.precision} {r.scaler}" for _, r in table.iterrows()]
     y = range(len(table))
     axes[n].barh(y, table["ms_fwd"], label="forward")
     axes[n].barh(y, table["ms_bwd"], left=table["ms_fwd"], label="backward")
