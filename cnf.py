@@ -197,148 +197,178 @@ def main(argv=None):
     return train(args, run, state)
 
 
+class Trainer:
+    """Everything a run builds and mutates. ``state_dict`` is the one checkpoint
+    content: restoring it continues the run bitwise."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.prec = Precision(args.precision, device)
+        self.scalers = Scalers(args.odeint, self.prec, device, args.no_grad_scaler, args.no_dynamic_scaler,
+                               args.grad_scaler)
+        self.integ = Integrator(args.odeint, args.method, args.num_timesteps, self.scalers.solver_scaler, args.adjoint)
+        torch.manual_seed(args.seed)
+        self.cnf = CNF(2, args.hidden_dim, args.width, args.trace).to(device)
+        self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1000, gamma=0.1)
+        data_seq, val_seq = np.random.SeedSequence(args.seed).spawn(2)
+        self.data_rng = np.random.default_rng(data_seq)
+        x_val = toy_data.inf_train_gen(args.data, args.num_samples_val, np.random.default_rng(val_seq))
+        self.x_val = torch.from_numpy(x_val).to(device)  # fixed validation set
+        self.noise_gen = torch.Generator().manual_seed(args.seed + 1)  # Hutchinson noise
+        self.iter, self.running, self.sums = 0, None, [0.0, 0.0]  # sums: forward, backward seconds
+
+    def state_dict(self, config):
+        s = self.scalers
+        return {
+            "model": self.cnf.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "grad_scaler": s.grad.state_dict() if s.grad.is_enabled() else {},
+            "dynamic_scaler": s.dynamic.state_dict() if s.dynamic is not None else {},
+            "rng": {"numpy": json.dumps(self.data_rng.bit_generator.state), "noise": self.noise_gen.get_state(),
+                    "torch": torch.get_rng_state()},
+            "iter": self.iter, "running_loss": self.running, "time_sums": tuple(self.sums), "config": config,
+        }
+
+    def load_state_dict(self, state):
+        self.cnf.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state["grad_scaler"]:
+            self.scalers.grad.load_state_dict(state["grad_scaler"])
+        if self.scalers.dynamic is not None and state["dynamic_scaler"]:
+            self.scalers.dynamic.load_state_dict(state["dynamic_scaler"])
+        self.data_rng.bit_generator.state = json.loads(state["rng"]["numpy"])
+        self.noise_gen.set_state(state["rng"]["noise"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.iter, self.running, self.sums = state["iter"], state["running_loss"], list(state["time_sums"])
+
+    def step(self):
+        """One iteration. Returns (forward s, backward s, scaler events, failure or None).
+        On failure (a non-finite loss, or gradient no scaler handled) nothing is
+        updated, so the parameters stay those of the last good iteration."""
+        a, s, dev = self.args, self.scalers, self.device
+        x = torch.from_numpy(toy_data.inf_train_gen(a.data, a.num_samples, self.data_rng)).to(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        with self.prec.autocast():
+            loss = -log_prob(self.cnf, x, self.integ, generator=self.noise_gen).mean()
+        _sync(dev)
+        t1 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        scale_before, overflow_before = s.loss_scale(), s.overflow_steps()
+        try:
+            s.grad.scale(loss).backward()
+        except RuntimeError as e:  # DynamicScaler gave up: the gradient itself is not finite
+            return t1 - t0, 0.0, [], str(e)
+        s.grad.unscale_(self.opt)
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.cnf.parameters() if p.grad is not None])
+        loss_ok, grad_ok = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(gnorm)]).tolist()
+        if not loss_ok or (not grad_ok and not s.grad.is_enabled()):
+            what = "loss" if not loss_ok else "gradient"
+            return t1 - t0, 0.0, [], f"non-finite {what} (lr {self.sched.get_last_lr()[0]:g})"
+        s.grad.step(self.opt)  # GradScaler skips the step itself on inf/NaN gradients
+        s.grad.update()
+        self.sched.step()
+        _sync(dev)
+        t2 = time.perf_counter()
+        self.iter += 1
+        lv = float(loss.detach())
+        self.running = lv if self.running is None else 0.9 * self.running + 0.1 * lv
+        self.sums[0] += t1 - t0
+        self.sums[1] += t2 - t1
+        events = []
+        if s.grad.is_enabled() and s.loss_scale() != scale_before:
+            events.append(f"GradScaler scale {scale_before:g} -> {s.loss_scale():g}"
+                          + ("" if grad_ok else " (step skipped: inf/NaN gradient)"))
+        if s.overflow_steps() != overflow_before:
+            events.append(f"DynamicScaler retried {s.overflow_steps() - overflow_before} overflowing step(s); "
+                          f"scale now {s.dynamic.scale:g}")
+        return t1 - t0, t2 - t1, events, None
+
+    def evaluate(self, window):
+        """One CSV row; ``window`` holds (forward s, backward s, iterations) since the last row."""
+        gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.iter)  # same on resume
+        m = metrics.evaluate(self.cnf, self.integ, self.x_val, self.args.data, self.prec, gen)
+        return {"iter": self.iter, "lr": self.sched.get_last_lr()[0], "running_loss": self.running, **m,
+                "time_fwd": window[0] / window[2], "time_bwd": window[1] / window[2],
+                "time_fwd_sum": self.sums[0], "time_bwd_sum": self.sums[1],
+                "max_memory_mb": ex.peak_memory_mb(self.device), "loss_scale": self.scalers.loss_scale(),
+                "overflow_steps": self.scalers.overflow_steps()}
+
+
 def train(args, run, state):
     device = torch.device(args.device)
     log = ex.RunLog(run.log)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume",)}
-    prec = Precision(args.precision, device)
-    scalers = Scalers(args.odeint, prec, device, args.no_grad_scaler, args.no_dynamic_scaler, args.grad_scaler)
-    integ = Integrator(args.odeint, args.method, args.num_timesteps, scalers.solver_scaler, args.adjoint)
+    config = {k: v for k, v in vars(args).items() if k != "resume"}
     tuned = runtime.configure()
-
-    torch.manual_seed(args.seed)
-    cnf = CNF(2, args.hidden_dim, args.width, args.trace).to(device)
-    opt = torch.optim.Adam(cnf.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.1)
-    data_seq, val_seq = np.random.SeedSequence(args.seed).spawn(2)
-    data_rng = np.random.default_rng(data_seq)
-    x_val = torch.from_numpy(toy_data.inf_train_gen(args.data, args.num_samples_val, np.random.default_rng(val_seq))).to(device)
-    noise_gen = torch.Generator().manual_seed(args.seed + 1)  # Hutchinson noise
-    rows, start, running, sums = [], 0, None, [0.0, 0.0]
-
-    def checkpoint(iteration):
-        ex.save_checkpoint(run.ckpt, {
-            "model": cnf.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "grad_scaler": scalers.grad.state_dict() if scalers.grad.is_enabled() else {},
-            "dynamic_scaler": scalers.dynamic.state_dict() if scalers.dynamic is not None else {},
-            "rng": {"numpy": json.dumps(data_rng.bit_generator.state), "noise": noise_gen.get_state(),
-                    "torch": torch.get_rng_state()},
-            "iter": iteration, "running_loss": running, "time_sums": tuple(sums), "config": config,
-        })
-
+    tr = Trainer(args, device)
+    rows = []
+    checkpoint = lambda: ex.save_checkpoint(run.ckpt, tr.state_dict(config))  # noqa: E731
     if state is None:
         log.print(f"# run {run.name}")
         ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device)})
         shutil.copy2(os.path.abspath(__file__), run.file("cnf.py"))
-        checkpoint(0)  # from now on the folder can always be resumed
+        checkpoint()  # from now on the folder can always be resumed
     else:
-        cnf.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state["grad_scaler"]:
-            scalers.grad.load_state_dict(state["grad_scaler"])
-        if scalers.dynamic is not None and state["dynamic_scaler"]:
-            scalers.dynamic.load_state_dict(state["dynamic_scaler"])
-        data_rng.bit_generator.state = json.loads(state["rng"]["numpy"])
-        noise_gen.set_state(state["rng"]["noise"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start, running, sums = state["iter"], state["running_loss"], list(state["time_sums"])
-        rows = [r for r in ex.read_csv(run.csv) if r["iter"] <= start] if os.path.exists(run.csv) else []
-        log.print(f"# resumed {run.name} at iteration {start} (to {args.niters})")
+        tr.load_state_dict(state)
+        rows = [r for r in ex.read_csv(run.csv) if r["iter"] <= tr.iter] if os.path.exists(run.csv) else []
+        log.print(f"# resumed {run.name} at iteration {tr.iter} (to {args.niters})")
     log.print("config: " + " ".join(f"--{k} {v}" for k, v in sorted(config.items())))
     log.print(f"device {_device_name(device)}, torch {torch.__version__}, runtime: {tuned}"
-              + (f"; {prec.note}" if prec.note else ""))
-    log.print(f"scalers: {scalers.label}; solver {args.odeint} {args.method}, {args.num_timesteps} grid points")
-    log.print(f"model:\n{cnf}\nparameters: {sum(p.numel() for p in cnf.parameters())}")
+              + (f"; {tr.prec.note}" if tr.prec.note else ""))
+    log.print(f"scalers: {tr.scalers.label}; solver {args.odeint} {args.method}, {args.num_timesteps} grid points")
+    log.print(f"model:\n{tr.cnf}\nparameters: {sum(p.numel() for p in tr.cnf.parameters())}")
 
-    def finish(status, reason, iteration, code):
+    def finish(status, reason, code):
         ex.write_csv(run.csv, rows)
         if rows:
             plots.plot_optimization(run.csv, run.file("optimization_stats.png"), toy_data.ENTROPY[args.data], run.name)
             plots.plot_mmd(run.csv, run.file("mmd_plot.png"))
         final = {k: v for k, v in rows[-1].items() if k not in ex.TIMING_COLUMNS} if rows else {}
-        ex.write_status(run, status, reason, iteration, final)
+        ex.write_status(run, status, reason, tr.iter, final)
         log.print(f"{status}: {reason}")
         log.close()
         return code
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if tr.iter >= args.niters:
+        log.print(f"nothing to train: the checkpoint is at iteration {tr.iter} and --niters is {args.niters}")
     window = [0.0, 0.0, 0]
-    itr = start
     with ex.StopSignals() as stop:
-        bar = tqdm(range(start + 1, args.niters + 1), initial=start, total=args.niters, desc=run.name[:40],
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-        for itr in bar:
-            x = torch.from_numpy(toy_data.inf_train_gen(args.data, args.num_samples, data_rng)).to(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            with prec.autocast():
-                loss = -log_prob(cnf, x, integ, generator=noise_gen).mean()
-            _sync(device)
-            t1 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            scale_before, overflow_before = scalers.loss_scale(), scalers.overflow_steps()
-            try:
-                scalers.grad.scale(loss).backward()
-            except RuntimeError as e:  # DynamicScaler gave up: the gradient is not finite
-                checkpoint(itr - 1)
-                return finish("diverged", f"iteration {itr}: {e}", itr, ex.EXIT_DIVERGED)
-            scalers.grad.unscale_(opt)
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in cnf.parameters() if p.grad is not None])
-            loss_ok, grad_ok = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(gnorm)]).tolist()
-            if not loss_ok or (not grad_ok and not scalers.grad.is_enabled()):
-                checkpoint(itr - 1)  # parameters are still those of the last good iteration
-                what = "loss" if not loss_ok else "gradient"
-                return finish("diverged", f"non-finite {what} at iteration {itr} (lr {sched.get_last_lr()[0]:g})",
-                              itr, ex.EXIT_DIVERGED)
-            scalers.grad.step(opt)  # GradScaler skips the step itself on inf/NaN gradients
-            scalers.grad.update()
-            sched.step()
-            _sync(device)
-            t2 = time.perf_counter()
-            lv = float(loss.detach())
-            running = lv if running is None else 0.9 * running + 0.1 * lv
-            window[0] += t1 - t0
-            window[1] += t2 - t1
-            window[2] += 1
-            sums[0] += t1 - t0
-            sums[1] += t2 - t1
-            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
-            if scalers.grad.is_enabled() and scalers.loss_scale() != scale_before:
-                log.print(f"iter {itr}: GradScaler scale {scale_before:g} -> {scalers.loss_scale():g}"
-                          + ("" if grad_ok else " (step skipped: inf/NaN gradient)"))
-            if scalers.overflow_steps() != overflow_before:
-                log.print(f"iter {itr}: DynamicScaler retried {scalers.overflow_steps() - overflow_before} "
-                          f"overflowing step(s); scale now {scalers.dynamic.scale:g}")
-            if itr % args.test_freq == 0 or itr == args.niters:
-                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + itr)
-                m = metrics.evaluate(cnf, integ, x_val, args.data, prec, gen)
-                row = {"iter": itr, "lr": sched.get_last_lr()[0], "running_loss": running, **m,
-                       "time_fwd": window[0] / window[2], "time_bwd": window[1] / window[2],
-                       "time_fwd_sum": sums[0], "time_bwd_sum": sums[1],
-                       "max_memory_mb": ex.peak_memory_mb(device), "loss_scale": scalers.loss_scale(),
-                       "overflow_steps": scalers.overflow_steps()}
+        bar = tqdm(total=args.niters, initial=tr.iter, desc=run.name[:40], dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        while tr.iter < args.niters:
+            t_fwd, t_bwd, events, failure = tr.step()
+            if failure:
+                bar.close()
+                checkpoint()  # the last good iteration
+                return finish("diverged", f"iteration {tr.iter + 1}: {failure}", ex.EXIT_DIVERGED)
+            window = [window[0] + t_fwd, window[1] + t_bwd, window[2] + 1]
+            bar.update(1)
+            bar.set_postfix(loss=f"{tr.running:.3f}", refresh=False)
+            for e in events:
+                log.print(f"iter {tr.iter}: {e}")
+            if tr.iter % args.test_freq == 0 or tr.iter == args.niters:
+                row = tr.evaluate(window)
                 rows.append(row)
                 window = [0.0, 0.0, 0]
                 ex.write_csv(run.csv, rows)
-                log.print(f"iter {itr:5d} | loss {running:.4f} | val NLL {m['val_loss']:.4f} (lowp {m['val_loss_lowp']:.4f},"
-                          f" gap {m['nll_gap']:+.4f}) | MMD {m['val_mmd']:.2e} | {1e3 * row['time_fwd']:.0f}+"
-                          f"{1e3 * row['time_bwd']:.0f} ms/iter | {row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}")
-            if itr % args.ckpt_freq == 0 or itr == args.niters:
-                checkpoint(itr)
+                log.print(f"iter {row['iter']:5d} | loss {row['running_loss']:.4f} | val NLL {row['val_loss']:.4f} "
+                          f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}) | MMD {row['val_mmd']:.2e} | "
+                          f"{1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter | "
+                          f"{row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}")
+            if tr.iter % args.ckpt_freq == 0 or stop.received:
+                checkpoint()
             if stop.received:
-                checkpoint(itr)
                 bar.close()
-                return finish("interrupted", f"{stop.received} after iteration {itr}; resume with --resume {run.path}",
-                              itr, ex.EXIT_INTERRUPTED)
+                return finish("interrupted", f"{stop.received} after iteration {tr.iter}; resume with --resume "
+                              f"{run.path}", ex.EXIT_INTERRUPTED)
         bar.close()
-    if start >= args.niters:
-        log.print(f"nothing to train: the checkpoint is at iteration {start} and --niters is {args.niters}")
-    checkpoint(max(itr, start))
+    checkpoint()
     if args.viz:
-        _visualize(cnf, integ, args, run, device, log)
-    return finish("completed", f"trained {args.niters} iterations", max(itr, start), ex.EXIT_OK)
+        _visualize(tr.cnf, tr.integ, args, run, device, log)
+    return finish("completed", f"trained {args.niters} iterations", ex.EXIT_OK)
 
 
 def _visualize(cnf, integ, args, run, device, log):

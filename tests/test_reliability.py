@@ -133,7 +133,10 @@ def test_corrupted_and_foreign_checkpoints_are_refused(tmp_path):
     good = tmp_path / "good.pth"
     ex.save_checkpoint(good, {"config": {"width": 8}, "w": torch.randn(100, 100)})
     raw = good.read_bytes()
-    cases = {"truncated.pth": raw[: len(raw) // 2], "garbage.pth": os.urandom(4096), "empty.pth": b""}
+    import random
+
+    cases = {"truncated.pth": raw[: len(raw) // 2], "empty.pth": b"", "tail.pth": raw[100:]}
+    cases.update({f"garbage{k}.pth": random.Random(k).randbytes(4096) for k in range(30)})
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ex.CheckpointError, match="truncated or corrupted"):
