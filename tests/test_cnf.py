@@ -192,3 +192,21 @@ def test_replot_from_the_folder_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for f in ("optimization_stats.png", "mmd_plot.png"):
         assert os.path.getsize(run.file(f)) > 10000
+
+
+@pytest.mark.parametrize("odeint,event", [("torchdiffeq", "GradScaler scale 65536 -> 32768 (step skipped"),
+                                          ("torchmpnode", "DynamicScaler retried")])
+def test_scaler_events_are_logged(tmp_path, odeint, event):
+    """A large learning rate makes float16 overflow: GradScaler halves its scale and skips
+    the step, DynamicScaler retries solver steps; both say so in the log and the CSV."""
+    code, folder = run_inprocess(tmp_path, "--odeint", odeint, "--precision", "float16", "--lr", "1",
+                                 "--niters", "12", "--test_freq", "4", "--num_samples", "64", "--width", "16",
+                                 "--num_timesteps", "8", "--no-viz")
+    assert code == 0
+    run = ex.RunDir(folder)
+    assert event in open(run.log).read()
+    df = pd.read_csv(run.csv)
+    if odeint == "torchdiffeq":
+        assert df["loss_scale"].iloc[-1] < 65536
+    else:
+        assert df["overflow_steps"].iloc[-1] > 0
