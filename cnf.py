@@ -74,7 +74,7 @@ def build_parser():
     return p
 
 
-def explicit_flags(parser, argv):
+def explicit_flags(argv):
     """The dests given on the command line (not defaulted)."""
     quiet = build_parser()
     for action in quiet._actions:
@@ -184,7 +184,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         validate(args)
-        explicit = explicit_flags(parser, argv)
+        explicit = explicit_flags(argv)
         run, state = resolve_run(args, explicit)
         if state is not None:
             merge_resumed_config(args, explicit, state)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .methods import axpy, rk_increment
+from .methods import rk_increment
 
 
 class Problem:
@@ -20,8 +20,8 @@ class Problem:
         self.params, self.scaler = params, scaler
         self.device_type, self.low_dtype, self.autocast = device_type, low_dtype, autocast
         self.N = t.shape[0] - 1
-        self.h = [b - a for a, b in zip(t.tolist()[:-1], t.tolist()[1:])]  # one host sync per solve
-        self.t_list = t.tolist()
+        self.t_list = t.tolist()  # one host sync per solve
+        self.h = [b - a for a, b in zip(self.t_list[:-1], self.t_list[1:])]
         # Stage times of every step, laid out as [t_0, interior stages of step 0, t_1, ...,
         # t_N]; rk4 has 2N+1 distinct ones. stage_row[k](i) indexes stage k of step i.
         cs = sorted({c for c in tab.c if c not in (0.0, 1.0)})
@@ -109,8 +109,8 @@ def solve_backward(pb, t, sol, grads, need_t):
             if scaler is None:
                 break
             # one host sync per step: is everything this step produced finite, and how big is a?
-            finite, amax = _finite_and_amax(a_new, gp if not use_grid else [g for st in gp for g in st],
-                                            g01 if not use_grid else None)
+            produced = [g for stage in gp for g in stage] if use_grid else [*gp, *(g01 or ())]
+            finite, amax = _finite_and_amax(a_new, produced)
             if finite:
                 scaler.maybe_grow(amax, per_sample)
                 break
@@ -132,10 +132,9 @@ def solve_backward(pb, t, sol, grads, need_t):
     return a, gparams, gt
 
 
-def _finite_and_amax(a, gp, gt):
-    """(all of gp, gt and a finite?, max |a|) with a single device-to-host copy."""
-    extra = [g.sum(dtype=torch.float32) for g in gp if g is not None]
-    extra += [g.sum(dtype=torch.float32) for g in (gt or ()) if g is not None]
+def _finite_and_amax(a, produced):
+    """(are a and every tensor in ``produced`` finite?, max |a|) with one device-to-host copy."""
+    extra = [g.sum(dtype=torch.float32) for g in produced if g is not None]
     amax = [x.abs().amax().float() for x in a if x.numel()]
     ref = a[0]
     total = torch.stack(extra).sum() if extra else ref.new_zeros((), dtype=torch.float32)
@@ -190,7 +189,8 @@ def _step_vjp_grid(pb, i, y_i, cot, P_rows):
 
     Stage k: Y_k = y + h sum_j a_kj K_j, K_k = f_k(Y_k), inc = h sum_k b_k K_k.
     Reverse: Kbar_k = h b_k cot + h sum_{m>k} a_mk Ybar_m, Ybar_k = f_k'^T Kbar_k,
-    ybar = sum_k Ybar_k. Returns (ybar, [param cotangents per stage]).
+    ybar = sum_k Ybar_k. A None cotangent component means zero (e.g. logp, which
+    the field does not read). Returns (ybar, [param cotangents per stage]).
     """
     tab, h, rows, func = pb.tab, pb.h[i], pb.rows[i], pb.func
     with pb.autocast_ctx():
@@ -201,12 +201,18 @@ def _step_vjp_grid(pb, i, y_i, cot, P_rows):
         gp = [None] * s
         for k in range(s - 1, -1, -1):
             Ybar, gp[k] = func.grid_vjp(P_rows[rows[k]], Ys[k], extras[k], Kbar[k])
-            Ybar = tuple(torch.zeros_like(y) if g is None else g for g, y in zip(Ybar, y_i))
             for j, akj in enumerate(tab.a[k]):
                 if akj != 0.0:
-                    Kbar[j] = axpy(Kbar[j], h * akj, Ybar)
-            ybar = Ybar if ybar is None else tuple(u + v.to(u.dtype) for u, v in zip(ybar, Ybar))
+                    Kbar[j] = tuple(kb if yb is None else kb.add(yb, alpha=h * akj) for kb, yb in zip(Kbar[j], Ybar))
+            ybar = Ybar if ybar is None else tuple(_add(u, v) for u, v in zip(ybar, Ybar))
     return ybar, gp
+
+
+def _add(u, v):
+    """u + v where None stands for zero."""
+    if u is None or v is None:
+        return v if u is None else u
+    return u + v.to(u.dtype)
 
 
 class ODEFunction(torch.autograd.Function):
