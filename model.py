@@ -23,6 +23,7 @@ from hyper_trace import (
 
 TRACES = ("exact", "autograd", "hutchinson")
 SOLVERS = ("torchdiffeq", "torchmpnode")
+BACKENDS = ("torch", "triton")  # who runs the grid solve of the exact-trace field
 
 
 class HyperNetwork(nn.Module):
@@ -60,13 +61,21 @@ class CNF(nn.Module):
     hypernetwork depends only on t, so ``grid_params`` evaluates it for every
     stage time of a grid at once, ``grid_eval`` computes field and trace from
     one pre-activation, and ``grid_vjp`` is their hand-derived VJP.
+
+    ``backend='triton'`` (exact trace only) hands whole solves to the fused
+    kernels of ``cnf_kernels`` through torchmpnode's ``grid_solve`` hooks;
+    ``'torch'`` runs the grid protocol above, step by step.
     """
 
-    def __init__(self, in_out_dim=2, hidden_dim=32, width=128, trace="exact"):
+    def __init__(self, in_out_dim=2, hidden_dim=32, width=128, trace="exact", backend="torch"):
         super().__init__()
         if trace not in TRACES:
             raise ValueError(f"unknown trace {trace!r}; choose one of: {', '.join(TRACES)}")
-        self.width, self.trace = width, trace
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if backend == "triton" and trace != "exact":
+            raise ValueError(f"the triton backend fuses the exact trace; it does not run --trace {trace}")
+        self.width, self.trace, self.backend = width, trace, backend
         self.hyper_net = HyperNetwork(in_out_dim, hidden_dim, width)
         self.grid_enabled = trace == "exact"
         self.noise = None
@@ -88,6 +97,21 @@ class CNF(nn.Module):
         gz, gp = hyper_field_trace_vjp(p, y[0], saved, cot[0], -cot[1])
         return (gz, None), gp
 
+    @property
+    def grid_solve_enabled(self):
+        return self.grid_enabled and self.backend == "triton"
+
+    def grid_solve(self, P, y, spec):
+        import cnf_kernels  # triton is optional: imported only by the triton backend
+
+        return cnf_kernels.solve_forward(P, y[0], y[1], spec)
+
+    def grid_solve_vjp(self, P, sol, grads, spec, scaler):
+        import cnf_kernels
+
+        az, al, dP = cnf_kernels.solve_backward(P, sol[0], grads[0], grads[1], spec, scaler)
+        return (az, al), dP
+
     # --- plain field: func(t, (z, logp)) for torchdiffeq and general solvers ---------
     def forward(self, t, states):
         z = states[0]
@@ -105,6 +129,39 @@ class CNF(nn.Module):
                     raise RuntimeError("hutchinson trace: call set_noise(z) before the solve")
                 tr = trace_hutchinson(f, z, self.noise)
         return f, -tr
+
+
+def resolve_backend(name, device, odeint="torchmpnode", trace="exact"):
+    """The backend a run uses, and a note for its log.
+
+    'auto' is 'triton' on CUDA when the fused kernels can run there (triton
+    imports, the GPU is recent enough, torchmpnode with the exact trace), else
+    'torch'. An explicit 'triton' that cannot run raises a one-line ValueError.
+    """
+    device = torch.device(device)
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    if name == "torch":
+        return "torch", ""
+    misfit = None
+    if odeint != "torchmpnode":
+        misfit = f"it runs torchmpnode's solve, not --odeint {odeint}"
+    elif trace != "exact":
+        misfit = f"it fuses the exact trace, not --trace {trace}"
+    if name == "auto" and device.type != "cuda":
+        return "torch", ""
+    if misfit:
+        if name == "triton":
+            raise ValueError(f"--backend triton: {misfit}")
+        return "torch", f"backend auto -> torch: the triton backend does not apply ({misfit})"
+    import cnf_kernels  # imports triton, which only the triton backend needs
+
+    reason = cnf_kernels.unavailable_reason(device)
+    if reason:
+        if name == "triton":
+            raise ValueError(f"--backend triton: {reason}")
+        return "torch", f"backend auto -> torch: {reason}"
+    return "triton", ""
 
 
 class Integrator:

@@ -6,16 +6,30 @@ step at its saved state under the same autocast, and take the step's
 vector-Jacobian product, optionally on a dynamically scaled adjoint.
 """
 import math
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .methods import rk_increment
+from .methods import Tableau, rk_increment
+
+
+class GridSpec(NamedTuple):
+    """What a field's whole-solve hook (``grid_solve`` / ``grid_solve_vjp``) is told
+    about the grid. ``rows[i][k]`` is the row of ``grid_params`` that stage k of
+    step i reads; ``low_dtype`` is the autocast dtype, or None without autocast."""
+
+    method: str
+    tab: Tableau
+    h: Tuple[float, ...]  # step sizes, in double
+    rows: Tuple[Tuple[int, ...], ...]
+    low_dtype: Optional[torch.dtype]
+    t_list: Tuple[float, ...]  # the grid times
 
 
 class Problem:
     """Everything about one solve that is not a tensor input of the Function."""
 
-    def __init__(self, func, tab, t, tuple_input, params, scaler, device_type, low_dtype, autocast):
+    def __init__(self, func, method, tab, t, tuple_input, params, scaler, device_type, low_dtype, autocast):
         self.func, self.tab, self.tuple_input = func, tab, tuple_input
         self.params, self.scaler = params, scaler
         self.device_type, self.low_dtype, self.autocast = device_type, low_dtype, autocast
@@ -34,6 +48,12 @@ class Problem:
             for i in range(self.N)
         ]
         self.grid = callable(getattr(func, "grid_params", None)) and getattr(func, "grid_enabled", False)
+        # a field that solves the whole grid itself (e.g. a fused GPU kernel) says so by
+        # grid_solve_enabled; then the forward and the grid backward go through its hooks
+        self.fused = self.grid and callable(getattr(func, "grid_solve", None)) and getattr(func, "grid_solve_enabled", False)
+        if self.fused:
+            self.spec = GridSpec(method, tab, tuple(self.h), tuple(tuple(r) for r in self.rows),
+                                 low_dtype if autocast else None, tuple(self.t_list))
 
     def autocast_ctx(self):
         return torch.autocast(self.device_type, dtype=self.low_dtype, enabled=self.autocast)
@@ -45,6 +65,10 @@ class Problem:
 
 def solve_forward(pb, y0):
     """The states at every grid time, with no graph. Returns a tuple of [N+1, ...]."""
+    if pb.fused:
+        with pb.autocast_ctx():
+            P = pb.func.grid_params(pb.stage_times)
+        return tuple(pb.func.grid_solve(P, y0, pb.spec))
     sol = tuple(torch.empty((pb.N + 1, *y.shape), dtype=y.dtype, device=y.device) for y in y0)
     for s, y in zip(sol, y0):
         s[0].copy_(y)
@@ -76,6 +100,8 @@ def solve_backward(pb, t, sol, grads, need_t):
 
     Returns (grad of each y0 component, grads of the params, grad of t or None).
     """
+    if pb.fused and not need_t:
+        return _solve_backward_fused(pb, sol, grads)
     a = tuple(g[pb.N].clone() for g in grads)  # the adjoint, in the state dtype
     gparams = [torch.zeros_like(p) for p in pb.params]
     gt = torch.zeros_like(t) if need_t else None
@@ -130,6 +156,16 @@ def solve_backward(pb, t, sol, grads, need_t):
     if use_grid and pb.params:
         gparams = _grid_params_backward(pb, P, dP)
     return a, gparams, gt
+
+
+def _solve_backward_fused(pb, sol, grads):
+    """The adjoint sweep by the field's own hook: it returns the adjoint at t_0 and the
+    float32 cotangents of the ``grid_params`` rows (and handles the scaler itself)."""
+    with torch.enable_grad(), pb.autocast_ctx():
+        P = pb.func.grid_params(pb.stage_times)  # graph to the params, built once per sweep
+    a, dP = pb.func.grid_solve_vjp(tuple(p.detach() for p in P), tuple(sol), tuple(grads), pb.spec, pb.scaler)
+    gparams = _grid_params_backward(pb, P, dP) if pb.params else []
+    return tuple(a), gparams, None
 
 
 def _finite_and_amax(a, produced):

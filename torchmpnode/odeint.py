@@ -40,6 +40,12 @@ def odeint(func, y0, t, *, method="rk4", loss_scaler=None, atol=None, rtol=None)
     one step's activations. Fields that implement ``grid_params`` /
     ``grid_eval`` / ``grid_vjp`` (and set ``grid_enabled``) take a fast path
     that evaluates their time-only part once per grid; see ``model.CNF``.
+    Such a field may also solve the whole grid itself: with ``grid_solve_enabled``
+    true, ``grid_solve(P, y0, spec)`` returns the states and
+    ``grid_solve_vjp(P, sol, grads, spec, scaler)`` returns (adjoint at t_0,
+    float32 cotangents of P), where P = ``grid_params`` of every stage time and
+    ``spec`` is a ``GridSpec``; the backward through ``grid_params`` stays here.
+    Gradients to ``t`` always take the generic path.
     """
     tab = get_method(method)
     if atol is not None or rtol is not None:
@@ -52,7 +58,7 @@ def odeint(func, y0, t, *, method="rk4", loss_scaler=None, atol=None, rtol=None)
     low = torch.get_autocast_dtype(device_type) if autocast else ys[0].dtype
     scaler = _resolve_scaler(loss_scaler, low)
     params = tuple(p for p in func.parameters() if p.requires_grad) if isinstance(func, nn.Module) else ()
-    pb = Problem(func, tab, t.detach(), tuple_input, params, scaler, device_type, low, autocast)
+    pb = Problem(func, method, tab, t.detach(), tuple_input, params, scaler, device_type, low, autocast)
     sol = ODEFunction.apply(pb, t, len(ys), *ys, *params)
     return tuple(sol) if tuple_input else sol[0]
 

@@ -1,0 +1,548 @@
+"""Fused Triton solve of the hypernetwork CNF with the exact trace.
+
+One launch runs the whole forward solve, one the whole backward sweep. Each
+program owns a block of samples and keeps its state (z, logp) and, in the
+backward sweep, its adjoint in registers across all steps. The time-only part
+(the hypernetwork) stays in torch: ``CNF.grid_params`` evaluates it once per
+grid, and its table is read here row by row (rows in torchmpnode's stage-time
+layout: rk4 step i reads rows 2i, 2i+1, 2i+1, 2i+2; euler step i reads row i).
+
+The plain-torch twin is the torch fast path: ``hyper_trace.hyper_field_trace``
+/ ``hyper_field_trace_vjp`` driven by torchmpnode's grid solver. Tests compare
+the two (``tests/test_cnf_kernels.py``).
+
+Field (one stage, per sample; ``fused_params`` layout, d = state dimension):
+    a = z W2T + B2  [w],  s = sigmoid(a),  terms = s - s^2,
+    f = s Uw2T^T + ub  [d],  tr = sum_j terms_j c4_j,  dlogp/dt = -tr.
+
+Precision. States, logp, adjoints and every reduction over samples are
+float32. With a low precision L (the autocast dtype: bfloat16 or float16) the
+kernels reproduce the rounding points of the torch path under autocast; the
+sums inside each point accumulate in float32, as the torch matmuls do.
+Forward, per stage:
+    1. the state z is rounded to L (autocast casts the matmul operand);
+    2. a = z W2T + B2 (sum over d in float32), rounded to L;
+    3. s = sigmoid(a) in float32, rounded to L;
+    4. terms = s - s*s in float32, rounded to L;
+    5. f = s Uw2T^T + ub (sum over the width in float32), rounded to L;
+    6. tr = sum_j round_L(terms_j * c4_j), the width sum in float32;
+    7. the RK stage combinations and the state update run in float32.
+Backward, per stage (cotangents Kz of f and Kl of dlogp, float32):
+    8. gf = round_L(Kz), gtr = round_L(-Kl);
+    9. gs = gf Uw2T + gtr c4 (sum over d+1 in float32), rounded to L;
+   10. O = round_L(gtr c4); ga = round_L(round_L(gs - 2 s O) * terms);
+   11. gz = ga W2T^T (sum over the width in float32), rounded to L;
+   12. the step's state cotangent sums its stages' gz in L (3+2, +1, +0),
+       then is added to the float32 adjoint, divided by the scale;
+   13. the parameter cotangents z_L ga, ga, gf s, gf, gtr terms are summed
+       over the samples in float32.
+The one rounding point not reproduced: the torch path rounds each stage's
+batch-summed cotangents of W2T, Uw2T and c4 (matmul outputs) to L before
+adding them to its float32 accumulator; here those sums stay float32, because
+no single program sees the whole batch. It only removes error.
+Parameters arrive already rounded to L (the hypernetwork runs under autocast).
+float32 (and tfloat32: there is no matmul here) runs every step in float32.
+
+Loss scaling (float16 with a DynamicScaler): a per-block scale. Each program
+anchors a power-of-2 scale on its own block's adjoint at the start of the
+sweep (max |S a| near ``scaler.target``), takes every step's VJP on S a, and
+divides the results by S in float32 (exact). A step whose block results are
+not finite is retried in the kernel with S halved, up to
+``scaler.max_attempts`` times, after which the solve raises naming the step.
+After a good step S doubles while max |S a| stays below target / 2. The
+scaler then reports the smallest final block scale and the total number of
+block-step retries.
+
+Determinism: each program writes its parameter-cotangent partials for each
+stage-time row once (stage 3 of step i and stage 0 of step i+1 are summed in
+registers first), into its own slice of a [programs, rows, R] buffer, which
+torch then sums over programs. No atomics: identical runs give identical bits.
+Saved for backward: the states only, as in the torch path.
+"""
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend still works; see unavailable_reason()
+    triton = None
+
+METHOD_CODES = {"euler": 0, "rk4": 1}
+LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Samples per program (forward, backward), by device type. On a GPU: 4 in the forward
+# (the fastest of 4/8/16/32 in the issue's H200 forward-only measurement; ptxas for sm_90:
+# 80 registers, no spills); 8 in the backward (ptxas for sm_90, float32: 181 registers,
+# no spills; 16 spills ~1.2 KB). The backward block also sets the partial buffer,
+# n/8 x rows x R float32 (100 MB at batch 1024, width 128, 128 points). Not yet timed on
+# a GPU. The CPU interpreter's cost is per program, so it takes large blocks.
+BLOCKS = {"cuda": (4, 8), "cpu": (64, 32)}
+NUM_WARPS = 4
+
+
+class KernelError(RuntimeError):
+    """A fused kernel failed to compile or launch (one line, with the cause)."""
+
+
+def _launch(name, kernel, grid, *args, **kw):
+    try:
+        kernel[grid](*args, **kw)
+    except Exception as e:  # compile errors, out of resources, launch failures
+        msg = str(e).strip().splitlines()
+        raise KernelError(f"the fused {name} kernel failed: {type(e).__name__}: {msg[-1] if msg else ''}") from e
+
+
+def unavailable_reason(device):
+    """None when the fused kernels can run on ``device``, else a one-line reason."""
+    device = torch.device(device)
+    if triton is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the GPU's compute capability {major}.{minor} is below 8.0, which Triton needs"
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "the Triton kernels need a CUDA GPU (TRITON_INTERPRET=1 runs them interpreted on the CPU, slowly)"
+    return f"the Triton kernels do not run on {device.type}"
+
+
+def _next_pow2(x):
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def pack_params(P):
+    """``fused_params`` rows (W2T [S,d,w], B2 [S,w], Uw2T [S,d,w], ub [S,d,1], c4 [S,w])
+    -> one float32 table [S, R], R = 2dw + 2w + d: [W2T | B2 | Uw2T | c4 | ub]."""
+    W2T, B2, Uw2T, ub, c4 = P
+    S = W2T.shape[0]
+    return torch.cat([W2T.reshape(S, -1), B2, Uw2T.reshape(S, -1), c4, ub.reshape(S, -1)], 1).float().contiguous()
+
+
+def unpack_params(T, d, w):
+    """Inverse of ``pack_params`` (float32, for the cotangent table)."""
+    S = T.shape[0]
+    W2T, B2, Uw2T, c4, ub = torch.split(T, [d * w, w, d * w, w, d], 1)
+    return W2T.reshape(S, d, w), B2, Uw2T.reshape(S, d, w), ub.reshape(S, d, 1), c4
+
+
+def _coefficients(spec, device):
+    """Per-step float32 coefficients [N, 8], computed in double as the torch path does:
+    rk4 [h/2, h/2, h, h/6, h/3, h/3, h/6, h]; euler [0, 0, 0, h, 0, 0, 0, h]."""
+    tab = spec.tab
+    rows = []
+    for h in spec.h:
+        if spec.method == "rk4":
+            rows.append([h * tab.a[1][0], h * tab.a[2][1], h * tab.a[3][2], *(h * b for b in tab.b), h])
+        else:
+            rows.append([0.0, 0.0, 0.0, h * tab.b[0], 0.0, 0.0, 0.0, h])
+    return torch.tensor(rows, dtype=torch.float64).to(device, torch.float32)
+
+
+def check_spec(spec, z, logp, P):
+    """Refuse what the kernels do not implement, with one-line reasons."""
+    if triton is None:
+        raise RuntimeError(unavailable_reason(z.device))
+    if spec.method not in METHOD_CODES:
+        raise ValueError(f"the fused solve implements {', '.join(METHOD_CODES)}; got method {spec.method!r}")
+    expected = {"euler": ((0.0,), ((),), (1.0,)),
+                "rk4": ((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6))}
+    if tuple(spec.tab) != expected[spec.method]:
+        raise ValueError(f"the fused solve implements the classical {spec.method} tableau only")
+    N = len(spec.h)
+    layout = [[2 * i, 2 * i + 1, 2 * i + 1, 2 * i + 2] for i in range(N)] if spec.method == "rk4" else [[i] for i in range(N)]
+    if [list(r) for r in spec.rows] != layout or P[1].shape[0] != layout[-1][-1] + 1 + (spec.method == "euler"):
+        raise ValueError("the fused solve expects torchmpnode's stage-time row layout")
+    if z.dtype != torch.float32 or logp.dtype != torch.float32:
+        raise ValueError(f"the fused solve runs float32 states; got z {z.dtype}, logp {logp.dtype}")
+    if z.dim() != 2 or logp.shape != (z.shape[0], 1):
+        raise ValueError(f"expected z [n, d] and logp [n, 1]; got {tuple(z.shape)} and {tuple(logp.shape)}")
+    low = spec.low_dtype if spec.low_dtype is not None else torch.float32
+    if low not in LOW_CODES:
+        raise ValueError(f"the fused solve runs float32, bfloat16 or float16; got {low}")
+    if P[0].device != z.device:
+        raise ValueError(f"parameters on {P[0].device}, state on {z.device}")
+    reason = unavailable_reason(z.device)
+    if reason:
+        raise RuntimeError(reason)
+    return LOW_CODES[low]
+
+
+def solve_forward(P, z0, logp0, spec):
+    """All states of the solve: (z_t [N+1, n, d], logp_t [N+1, n, 1]), float32."""
+    low = check_spec(spec, z0, logp0, P)
+    n, d = z0.shape
+    w = P[1].shape[1]
+    N = len(spec.h)
+    table = pack_params(P)
+    zs = torch.empty(N + 1, n, d, dtype=torch.float32, device=z0.device)
+    ls = torch.empty(N + 1, n, 1, dtype=torch.float32, device=z0.device)
+    zs[0].copy_(z0)
+    ls[0].copy_(logp0)
+    if n == 0:
+        zs[1:] = z0
+        ls[1:] = logp0
+        return zs, ls
+    block = BLOCKS[z0.device.type][0]
+    grid = (triton.cdiv(n, block),)
+    _launch(
+        "forward", _forward_kernel, grid, zs, ls, table, _coefficients(spec, z0.device), n, N, table.shape[1], w,
+        D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
+        METHOD=METHOD_CODES[spec.method], LOW=low, num_warps=NUM_WARPS,
+    )
+    return zs, ls
+
+
+def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
+    """The adjoint sweep over the whole grid.
+
+    ``zs`` [N+1, n, d]: the saved states; ``grads_z`` [N+1, n, d], ``grads_l``
+    [N+1, n, 1]: incoming gradients of the outputs. Returns (adjoint of z0 [n, d],
+    adjoint of logp0 [n, 1], dP) with dP the float32 cotangents of the parameter
+    rows, shaped like ``P``. A ``scaler`` (DynamicScaler) switches on per-block
+    loss scaling and is updated (``scale``, ``overflow_steps``).
+    """
+    low = check_spec(spec, zs[0], grads_l[0], P)
+    N1, n, d = zs.shape
+    N = N1 - 1
+    w = P[1].shape[1]
+    S_rows = P[1].shape[0]
+    table = pack_params(P)
+    R = table.shape[1]
+    block = BLOCKS[zs.device.type][1]
+    programs = triton.cdiv(n, block) if n else 0
+    az = torch.empty(n, d, dtype=torch.float32, device=zs.device)
+    al = torch.empty(n, 1, dtype=torch.float32, device=zs.device)
+    part = torch.empty(programs, S_rows, R, dtype=torch.float32, device=zs.device)
+    stats = torch.empty(programs, 3, dtype=torch.float32, device=zs.device)  # final scale, retries, failed step
+    if programs:
+        target = scaler.target(d + 1) if scaler is not None else 1.0
+        max_attempts = scaler.max_attempts if scaler is not None else 1
+        _launch(
+            "backward", _backward_kernel, (programs,), zs, grads_z.contiguous(), grads_l.contiguous(), table, _coefficients(spec, zs.device), az, al, part, stats,
+            n, N, R, w, S_rows, float(target), int(max_attempts),
+            D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
+            METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, num_warps=NUM_WARPS,
+        )
+    if scaler is not None and programs:
+        st = stats.cpu()  # one host sync per sweep
+        failed = st[:, 2]
+        if bool((failed >= 0).any()):
+            step = int(failed[failed >= 0].max())
+            t = spec.t_list[step] if spec.t_list is not None else float("nan")
+            raise RuntimeError(
+                f"DynamicScaler: the VJP of step {step} (t={t:.6g}) stayed non-finite after "
+                f"{scaler.max_attempts} halvings of the scale in the fused backward; the gradient itself is not finite"
+            )
+        scaler.scale = float(st[:, 0].min())
+        scaler.overflow_steps += int(st[:, 1].sum())
+    dP = unpack_params(part.sum(0) if programs else table.new_zeros(S_rows, R), d, w)
+    return az, al, dP
+
+
+if triton is not None:
+    MAX_SCALE = tl.constexpr(2.0**126)  # the per-block scale stays a finite float32 power of 2
+
+    @triton.jit
+    def _round(x, LOW: tl.constexpr):
+        """Round float32 x to the low precision (and back): 1 bfloat16, 2 float16.
+        bfloat16 rounds to nearest even by its bits, as torch does (the Triton
+        interpreter's cast truncates)."""
+        if LOW == 1:
+            b = x.to(tl.uint32, bitcast=True)
+            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            y = b.to(tl.float32, bitcast=True)
+        elif LOW == 2:
+            y = x.to(tl.float16).to(tl.float32)
+        else:
+            y = x
+        return y
+
+    @triton.jit
+    def _pow2_floor(x):
+        """The largest power of 2 <= x, for positive normal float32 x (exact, by its bits)."""
+        b = x.to(tl.uint32, bitcast=True)
+        return ((b >> 23) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _load_row(T, row, R, WIDTH, D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr):
+        """One parameter row: W2T [DP, WP], B2 [WP], Uw2T [DP, WP], c4 [WP], ub [DP] (zero padded)."""
+        cd = tl.arange(0, DP)
+        cw = tl.arange(0, WP)
+        mw = cw < WIDTH
+        m2 = (cd[:, None] < D) & mw[None, :]
+        base = T + row * R
+        W2T = tl.load(base + cd[:, None] * WIDTH + cw[None, :], mask=m2, other=0.0)
+        B2 = tl.load(base + D * WIDTH + cw, mask=mw, other=0.0)
+        U = tl.load(base + (D + 1) * WIDTH + cd[:, None] * WIDTH + cw[None, :], mask=m2, other=0.0)
+        c4 = tl.load(base + (2 * D + 1) * WIDTH + cw, mask=mw, other=0.0)
+        ub = tl.load(base + (2 * D + 2) * WIDTH + cd, mask=cd < D, other=0.0)
+        return W2T, B2, U, c4, ub
+
+    @triton.jit
+    def _field(W2T, B2, U, c4, ub, z, LOW: tl.constexpr):
+        """Field and trace of a block: z [B, DP] -> f [B, DP], tr [B], and (zl, s, terms)."""
+        zl = _round(z, LOW)
+        a = _round(tl.sum(zl[:, :, None] * W2T[None, :, :], axis=1) + B2[None, :], LOW)  # [B, WP]
+        s = _round(tl.sigmoid(a), LOW)
+        terms = _round(s - s * s, LOW)
+        f = _round(tl.sum(s[:, None, :] * U[None, :, :], axis=2) + ub[None, :], LOW)  # [B, DP]
+        tr = tl.sum(_round(terms * c4[None, :], LOW), axis=1)  # [B]
+        return f, tr, zl, s, terms
+
+    @triton.jit
+    def _field_vjp(W2T, B2, U, c4, ub, z, Kz, Kl, LOW: tl.constexpr):
+        """VJP of one stage for cotangents Kz [B, DP] of f and Kl [B] of dlogp = -tr.
+        Returns gz [B, DP] and the block's parameter cotangents (float32 sums over samples):
+        gW2T [DP, WP], gB2 [WP], gU [DP, WP], gc4 [WP], gub [DP]."""
+        f, tr, zl, s, terms = _field(W2T, B2, U, c4, ub, z, LOW)
+        gf = _round(Kz, LOW)
+        gtr = _round(-Kl, LOW)
+        gs = _round(tl.sum(gf[:, :, None] * U[None, :, :], axis=1) + gtr[:, None] * c4[None, :], LOW)
+        O = _round(gtr[:, None] * c4[None, :], LOW)
+        ga = _round(_round(gs - 2.0 * s * O, LOW) * terms, LOW)  # [B, WP]
+        gz = _round(tl.sum(ga[:, None, :] * W2T[None, :, :], axis=2), LOW)  # [B, DP]
+        gW = tl.sum(zl[:, :, None] * ga[:, None, :], axis=0)
+        gB = tl.sum(ga, axis=0)
+        gU = tl.sum(gf[:, :, None] * s[:, None, :], axis=0)
+        gc = tl.sum(gtr[:, None] * terms, axis=0)
+        gub = tl.sum(gf, axis=0)
+        return gz, gW, gB, gU, gc, gub
+
+    @triton.jit
+    def _store_row(part, row, R, WIDTH, gW, gB, gU, gc, gub, D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr):
+        cd = tl.arange(0, DP)
+        cw = tl.arange(0, WP)
+        mw = cw < WIDTH
+        m2 = (cd[:, None] < D) & mw[None, :]
+        base = part + row * R
+        tl.store(base + cd[:, None] * WIDTH + cw[None, :], gW, mask=m2)
+        tl.store(base + D * WIDTH + cw, gB, mask=mw)
+        tl.store(base + (D + 1) * WIDTH + cd[:, None] * WIDTH + cw[None, :], gU, mask=m2)
+        tl.store(base + (2 * D + 1) * WIDTH + cw, gc, mask=mw)
+        tl.store(base + (2 * D + 2) * WIDTH + cd, gub, mask=cd < D)
+
+    @triton.jit
+    def _forward_kernel(zs, ls, T, coef, n, N, R, WIDTH,
+                        D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
+                        METHOD: tl.constexpr, LOW: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        cd = tl.arange(0, DP)
+        mrow = rows < n
+        mz = mrow[:, None] & (cd[None, :] < D)
+        offz = rows[:, None] * D + cd[None, :]
+        z = tl.load(zs + offz, mask=mz, other=0.0)  # [B, DP], state in registers
+        lp = tl.load(ls + rows, mask=mrow, other=0.0)  # [B]
+        for i in range(N):
+            c = coef + i * 8
+            if METHOD == 1:
+                W2T, B2, U, c4, ub = _load_row(T, 2 * i, R, WIDTH, D, DP, WP)
+                k0, t0, _, _, _ = _field(W2T, B2, U, c4, ub, z, LOW)
+                W2T, B2, U, c4, ub = _load_row(T, 2 * i + 1, R, WIDTH, D, DP, WP)
+                k1, t1, _, _, _ = _field(W2T, B2, U, c4, ub, z + tl.load(c) * k0, LOW)
+                k2, t2, _, _, _ = _field(W2T, B2, U, c4, ub, z + tl.load(c + 1) * k1, LOW)
+                W2T, B2, U, c4, ub = _load_row(T, 2 * i + 2, R, WIDTH, D, DP, WP)
+                k3, t3, _, _, _ = _field(W2T, B2, U, c4, ub, z + tl.load(c + 2) * k2, LOW)
+                b0 = tl.load(c + 3)
+                b1 = tl.load(c + 4)
+                b2 = tl.load(c + 5)
+                b3 = tl.load(c + 6)
+                z = z + (((b0 * k0 + b1 * k1) + b2 * k2) + b3 * k3)
+                lp = lp + (((b0 * -t0 + b1 * -t1) + b2 * -t2) + b3 * -t3)
+            else:
+                W2T, B2, U, c4, ub = _load_row(T, i, R, WIDTH, D, DP, WP)
+                k0, t0, _, _, _ = _field(W2T, B2, U, c4, ub, z, LOW)
+                h = tl.load(c + 3)
+                z = z + h * k0
+                lp = lp + h * -t0
+            tl.store(zs + (i + 1) * n * D + offz, z, mask=mz)
+            tl.store(ls + (i + 1) * n + rows, lp, mask=mrow)
+
+    @triton.jit
+    def _backward_kernel(zs, gzs, gls, T, coef, az, al, part, stats,
+                         n, N, R, WIDTH, S_rows, target, max_attempts,
+                         D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
+                         METHOD: tl.constexpr, LOW: tl.constexpr, SCALED: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        cd = tl.arange(0, DP)
+        cw = tl.arange(0, WP)
+        mrow = rows < n
+        mz = mrow[:, None] & (cd[None, :] < D)
+        offz = rows[:, None] * D + cd[None, :]
+        a_z = tl.load(gzs + N * n * D + offz, mask=mz, other=0.0)  # the adjoint, float32
+        a_l = tl.load(gls + N * n + rows, mask=mrow, other=0.0)
+        part = part + pid * S_rows * R
+        scale = target * 0.0 + 1.0  # a float32 scalar tensor (a literal would be a constexpr)
+        if SCALED:
+            amax = tl.maximum(tl.max(tl.max(tl.abs(a_z), axis=1), axis=0), tl.max(tl.abs(a_l), axis=0))
+            if amax == 0.0:  # no gradient at the end: anchor on the largest incoming one (as the torch path)
+                for j in range(N):
+                    gz_j = tl.load(gzs + j * n * D + offz, mask=mz, other=0.0)
+                    gl_j = tl.load(gls + j * n + rows, mask=mrow, other=0.0)
+                    amax = tl.maximum(amax, tl.maximum(tl.max(tl.max(tl.abs(gz_j), axis=1), axis=0),
+                                                       tl.max(tl.abs(gl_j), axis=0)))
+            if (amax > 0.0) & (amax < float("inf")):
+                scale = _pow2_floor(tl.minimum(target / amax, MAX_SCALE))
+        retries = target * 0.0  # block-step retries
+        failed = target * 0.0 - 1.0  # the step where the scale ran out of halvings, or -1
+        # cotangents of the row shared by stage 3 of step i and stage 0 of step i+1 (rk4),
+        # carried in registers so each row is written once
+        cW = tl.zeros([DP, WP], tl.float32)
+        cB = tl.zeros([WP], tl.float32)
+        cU = tl.zeros([DP, WP], tl.float32)
+        cc = tl.zeros([WP], tl.float32)
+        cub = tl.zeros([DP], tl.float32)
+        for ii in range(N):
+            i = N - 1 - ii
+            c = coef + i * 8
+            z_i = tl.load(zs + i * n * D + offz, mask=mz, other=0.0)
+            g_z = tl.load(gzs + i * n * D + offz, mask=mz, other=0.0)
+            g_l = tl.load(gls + i * n + rows, mask=mrow, other=0.0)
+            if METHOD == 1:  # the stage inputs, recomputed once per step (they do not depend on the scale)
+                ha1 = tl.load(c)
+                ha2 = tl.load(c + 1)
+                ha3 = tl.load(c + 2)
+                W0, B0, U0, C0, u0 = _load_row(T, 2 * i, R, WIDTH, D, DP, WP)
+                Wm, Bm, Um, Cm, um = _load_row(T, 2 * i + 1, R, WIDTH, D, DP, WP)
+                W1, B1, U1, C1, u1 = _load_row(T, 2 * i + 2, R, WIDTH, D, DP, WP)
+                k0, _, _, _, _ = _field(W0, B0, U0, C0, u0, z_i, LOW)
+                Y1 = z_i + ha1 * k0
+                k1, _, _, _, _ = _field(Wm, Bm, Um, Cm, um, Y1, LOW)
+                Y2 = z_i + ha2 * k1
+                k2, _, _, _, _ = _field(Wm, Bm, Um, Cm, um, Y2, LOW)
+                Y3 = z_i + ha3 * k2
+            else:
+                W0, B0, U0, C0, u0 = _load_row(T, i, R, WIDTH, D, DP, WP)
+            done = 0
+            attempts = 0
+            while done == 0:  # one pass, or more when a scaled step overflows
+                inv = 1.0 / scale
+                cz = a_z * scale
+                cl = a_l * scale
+                if METHOD == 1:
+                    # reverse through the tableau: Kbar_k = h b_k cot + h a_{k+1,k} Ybar_{k+1}
+                    g3, gW3, gB3, gU3, gc3, gu3 = _field_vjp(W1, B1, U1, C1, u1, Y3, tl.load(c + 6) * cz,
+                                                             tl.load(c + 6) * cl, LOW)
+                    g2, gW2, gB2, gU2, gc2, gu2 = _field_vjp(Wm, Bm, Um, Cm, um, Y2, tl.load(c + 5) * cz + ha3 * g3,
+                                                             tl.load(c + 5) * cl, LOW)
+                    g1, gW1, gB1, gU1, gc1, gu1 = _field_vjp(Wm, Bm, Um, Cm, um, Y1, tl.load(c + 4) * cz + ha2 * g2,
+                                                             tl.load(c + 4) * cl, LOW)
+                    g0, gW0, gB0, gU0, gc0, gu0 = _field_vjp(W0, B0, U0, C0, u0, z_i, tl.load(c + 3) * cz + ha1 * g1,
+                                                             tl.load(c + 3) * cl, LOW)
+                    ybar = _round(_round(_round(g3 + g2, LOW) + g1, LOW) + g0, LOW)
+                    # this step's cotangents for its three rows
+                    mW = gW2 + gW1
+                    mB = gB2 + gB1
+                    mU = gU2 + gU1
+                    mc = gc2 + gc1
+                    mu = gu2 + gu1
+                else:
+                    h = tl.load(c + 3)
+                    ybar, gW0, gB0, gU0, gc0, gu0 = _field_vjp(W0, B0, U0, C0, u0, z_i, h * cz, h * cl, LOW)
+                    gW3 = gW0 * 0.0
+                    gB3 = gB0 * 0.0
+                    gU3 = gU0 * 0.0
+                    gc3 = gc0 * 0.0
+                    gu3 = gu0 * 0.0
+                    mW = gW3
+                    mB = gB3
+                    mU = gU3
+                    mc = gc3
+                    mu = gu3
+                new_z = a_z + ybar * inv + g_z
+                new_l = a_l + g_l
+                ok = True
+                if SCALED:
+                    # x * 0 is 0 for finite x and NaN otherwise: one sum checks everything this step made
+                    chk = tl.sum(tl.sum(new_z * 0.0, axis=1), axis=0) + tl.sum(new_l * 0.0, axis=0)
+                    chk += tl.sum(tl.sum((gW0 + gW3 + mW) * 0.0, axis=1), axis=0)
+                    chk += tl.sum(tl.sum((gU0 + gU3 + mU) * 0.0, axis=1), axis=0)
+                    chk += tl.sum((gB0 + gB3 + mB + gc0 + gc3 + mc) * 0.0, axis=0)
+                    chk += tl.sum((gu0 + gu3 + mu) * 0.0, axis=0)
+                    ok = (chk == 0.0) | (failed >= 0.0)  # after a failure, stop retrying
+                if ok:
+                    done = 1
+                    a_z = new_z
+                    a_l = new_l
+                    if METHOD == 1:
+                        # row 2i+2: stage 0 of step i+1 (carried) + stage 3 of step i
+                        _store_row(part, 2 * i + 2, R, WIDTH, cW + gW3 * inv, cB + gB3 * inv, cU + gU3 * inv,
+                                   cc + gc3 * inv, cub + gu3 * inv, D, DP, WP)
+                        _store_row(part, 2 * i + 1, R, WIDTH, mW * inv, mB * inv, mU * inv, mc * inv, mu * inv,
+                                   D, DP, WP)
+                    else:
+                        _store_row(part, i, R, WIDTH, gW0 * inv, gB0 * inv, gU0 * inv, gc0 * inv, gu0 * inv, D, DP, WP)
+                    cW = gW0 * inv
+                    cB = gB0 * inv
+                    cU = gU0 * inv
+                    cc = gc0 * inv
+                    cub = gu0 * inv
+                    if SCALED:
+                        amax = tl.maximum(tl.max(tl.max(tl.abs(a_z), axis=1), axis=0), tl.max(tl.abs(a_l), axis=0))
+                        if amax > 0.0:
+                            grown = _pow2_floor(tl.minimum(target / amax, MAX_SCALE))
+                            if grown > scale:
+                                scale = grown
+                else:
+                    scale = scale * 0.5
+                    retries += 1.0
+                    attempts += 1
+                    if attempts >= max_attempts:  # give up: report the step, finish the sweep without retries
+                        failed = tl.maximum(failed, i * 1.0)
+                        done = 1
+                        a_z = new_z
+                        a_l = new_l
+        if METHOD == 1:
+            _store_row(part, 0, R, WIDTH, cW, cB, cU, cc, cub, D, DP, WP)
+        else:  # euler never reads the last row
+            _store_row(part, N, R, WIDTH, cW * 0.0, cB * 0.0, cU * 0.0, cc * 0.0, cub * 0.0, D, DP, WP)
+        tl.store(az + offz, a_z, mask=mz)
+        tl.store(al + rows, a_l, mask=mrow)
+        tl.store(stats + pid * 3, scale)
+        tl.store(stats + pid * 3 + 1, retries)
+        tl.store(stats + pid * 3 + 2, failed)
+
+
+def compile_check(capability=90, out=print):
+    """Compile every kernel variant (method x precision, and scaled or not for the backward)
+    for an NVIDIA GPU of the given compute capability, without one: catches what the
+    interpreter lets through (types, loop-carried values)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = "*fp32"
+    fwd = {k: ptr for k in ("zs", "ls", "T", "coef")} | {k: "i32" for k in ("n", "N", "R", "WIDTH")}
+    bwd = ({k: ptr for k in ("zs", "gzs", "gls", "T", "coef", "az", "al", "part", "stats")}
+           | {k: "i32" for k in ("n", "N", "R", "WIDTH", "S_rows")} | {"target": "fp32", "max_attempts": "i32"})
+    fb, bb = BLOCKS["cuda"]
+    variants = []
+    for method in METHOD_CODES.values():
+        for low in LOW_CODES.values():
+            c = dict(D=2, DP=2, WP=128, METHOD=method, LOW=low)
+            variants.append((_forward_kernel, fwd, c | dict(BLOCK=fb)))
+            variants.append((_backward_kernel, bwd, c | dict(BLOCK=bb, SCALED=low == 2)))
+    for fn, sig, consts in variants:
+        src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in consts}, constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
+        out(f"{fn.__name__} {consts}: {len(k.asm['cubin'])} bytes of cubin")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Compile-check the fused kernels for a GPU architecture (no GPU needed).")
+    p.add_argument("--compile", type=int, default=90, metavar="SM", help="compute capability, e.g. 90 for H100/H200")
+    a = p.parse_args()
+    if triton is None:
+        p.error("triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    compile_check(a.compile)

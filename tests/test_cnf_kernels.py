@@ -1,0 +1,333 @@
+"""The fused Triton solve against its plain-torch twin (the torch grid path).
+
+Without CUDA these run in Triton's interpreter on CPU tensors at tiny sizes
+(conftest.py sets TRITON_INTERPRET=1). With CUDA, ``pytest -m cuda`` runs the
+same checks compiled on the GPU at the standard size (batch 1024, width 128,
+128 grid points). REQUIRE_TRITON=1 turns a missing triton into a failure.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchmpnode
+from model import CNF, Integrator, flow_to_base, resolve_backend
+from torchmpnode import DynamicScaler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# width 6 is not a power of 2, so the kernels' width masks are exercised; n=40 spans two
+# backward programs on the CPU (32 samples each), so the cross-program sum is too
+SIZES = {"cpu": dict(n=40, hidden=8, width=6, points=5), "cuda": dict(n=1024, hidden=32, width=128, points=128)}
+EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def need_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if os.environ.get("REQUIRE_TRITON") == "1":
+            pytest.fail("REQUIRE_TRITON=1 but triton does not import")
+        pytest.skip("triton is not installed")
+
+
+@pytest.fixture(params=[pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    need_triton()
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET is off (CUDA present): these checks run on the GPU under -m cuda")
+    return torch.device(request.param)
+
+
+def make(device, seed=0, dtype=torch.float32):
+    sz = SIZES[device.type]
+    torch.manual_seed(seed)
+    cnf = CNF(2, sz["hidden"], sz["width"]).to(device, dtype)
+    x = (torch.randn(sz["n"], 2, generator=torch.Generator().manual_seed(seed + 100)) * 1.5).to(device, dtype)
+    return cnf, x, sz["points"]
+
+
+def solve(cnf, x, points, method="rk4", backend="torch", low=None, scaler=False):
+    """States and logp at every grid point, and the gradients (x, every parameter) of a
+    loss that reads every grid point, so incoming gradients reach every step."""
+    cnf.backend = backend
+    integ = Integrator("torchmpnode", method, points, loss_scaler=scaler)
+    xl = x.detach().clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=low or torch.float32, enabled=low is not None):
+        zs, ls = flow_to_base(cnf, xl, integ)
+    g = torch.Generator().manual_seed(7)
+    wz = torch.randn(zs.shape, generator=g, dtype=torch.float64).to(zs)
+    wl = torch.randn(ls.shape, generator=g, dtype=torch.float64).to(ls)
+    loss = (zs * wz).sum() / zs.shape[1] + (ls * wl).sum()
+    grads = torch.autograd.grad(loss, (xl, *cnf.parameters()))
+    return [zs.detach(), ls.detach(), *grads]
+
+
+def rel(a, b):
+    """max |a - b| / max |b|, in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("method", ["rk4", "euler"])
+def test_float32_parity_with_torch_fast_path(device, method):
+    cnf, x, points = make(device)
+    fused = solve(cnf, x, points, method, "triton")
+    torch32 = solve(cnf, x, points, method, "torch")
+    ref = solve(cnf.double(), x.double(), points, method, "torch")
+    cnf.float()
+    for name, f, t, r in zip(["z_t", "logp_t", "dx"] + ["param"] * (len(fused) - 3), fused, torch32, ref):
+        assert f.dtype == torch.float32
+        assert rel(f, t) < 2e-5, (name, rel(f, t))  # float32 roundoff of the same arithmetic
+        assert rel(f, r) <= 2 * rel(t, r) + 1e-6, (name, rel(f, r), rel(t, r))  # as close to float64
+
+
+def nrel(a, b):
+    """||a - b|| / ||b|| over a list of tensors, in float64."""
+    a = torch.cat([t.double().reshape(-1) for t in a])
+    b = torch.cat([t.double().reshape(-1) for t in b])
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_rounding_points_match_torch_autocast(device, low):
+    """Near-bitwise agreement with the autocast torch path, and over several seeds no larger
+    error against float64 than the torch path's (within 2x)."""
+    eps = EPS[low]
+    groups = ("z_t", "logp_t", "dx", "params")
+    err = {(g, who): 0.0 for g in groups for who in ("fused", "torch")}
+    seeds = range(3)
+    for seed in seeds:
+        cnf, x, points = make(device, seed)
+        fused = solve(cnf, x, points, "rk4", "triton", low)
+        torch_lp = solve(cnf, x, points, "rk4", "torch", low)
+        ref = solve(cnf.double(), x.double(), points, "rk4", "torch")
+        cnf.float()
+        z_f, l_f, dx_f, *p_f = fused
+        z_t, l_t, dx_t, *p_t = torch_lp
+        # the forward and the state cotangent reproduce every rounding point: differences are
+        # float32-sum-order ones, far below one step of the low precision
+        assert rel(z_f, z_t) < 1e-5 and rel(l_f, l_t) < 1e-5, (rel(z_f, z_t), rel(l_f, l_t))
+        assert rel(dx_f, dx_t) < eps / 4, rel(dx_f, dx_t)
+        # parameter cotangents: the torch path rounds each stage's batch sum to the low
+        # precision, the kernels keep it float32 (documented): within a rounding step
+        for a, b in zip(p_f, p_t):
+            assert rel(a, b) < 2 * eps, rel(a, b)
+        parts = lambda s: ([s[0]], [s[1]], [s[2]], s[3:])  # noqa: E731
+        for g, f, t, r in zip(groups, parts(fused), parts(torch_lp), parts(ref)):
+            err[g, "fused"] += nrel(f, r) / len(seeds)
+            err[g, "torch"] += nrel(t, r) / len(seeds)
+    print("\nmean error vs float64 (fused / torch): " + ", ".join(
+        f"{g} {err[g, 'fused']:.2e} / {err[g, 'torch']:.2e}" for g in groups))
+    for g in groups:
+        assert err[g, "torch"] > 1e-6, g  # it really ran in low precision
+        assert err[g, "fused"] <= 2 * err[g, "torch"], (g, err[g, "fused"], err[g, "torch"])
+
+
+def test_euler_low_precision_is_bitwise_equal(device):
+    """With one stage per row even the parameter cotangents match the torch path bit for bit
+    (both round them to bfloat16 before the hypernetwork's backward)."""
+    cnf, x, points = make(device, 3)
+    fused = solve(cnf, x, points, "euler", "triton", torch.bfloat16)
+    torch_lp = solve(cnf, x, points, "euler", "torch", torch.bfloat16)
+    for a, b in zip(fused[1:], torch_lp[1:]):  # logp and every gradient
+        assert rel(a, b) < 1e-6, rel(a, b)
+
+
+# --- DynamicScaler in the fused backward ---------------------------------------------------------------
+def contracting_cnf(k=30.0, eps=0.125, c=(1.0, 1.5), dtype=torch.float32, device="cpu"):
+    """A CNF whose field is f_j(z) = -(k/eps) tanh(eps (z_j - c_j)) ~ -k (z_j - c_j): the state
+    settles at c while the adjoint shrinks by e^-k over the backward sweep. The hypernetwork's
+    output is held constant (zero last weights) at values exact in float16."""
+    cnf = CNF(2, 4, 2).to(device, dtype)
+    lin = cnf.hyper_net.net[-1]
+    with torch.no_grad():
+        lin.weight.zero_()
+        eye = torch.eye(2, dtype=dtype)
+        W, U, G = eps * eye, -(k / eps) * 2 * eye, torch.full((2, 2), 30.0, dtype=dtype)  # gate sigmoid(30) = 1
+        B = -eps * torch.tensor(c, dtype=dtype)
+        lin.bias.copy_(torch.cat([W.reshape(-1), U.reshape(-1), G.reshape(-1), B]).to(device))
+    return cnf
+
+
+def _grad_z0(cnf, z0, t, backend, low=None, scaler=False):
+    cnf.backend = backend
+    z = z0.detach().clone().requires_grad_()
+    logp = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
+    with torch.autocast(z.device.type, dtype=low or torch.float32, enabled=low is not None):
+        zs, _ = torchmpnode.odeint(cnf, (z, logp), t, loss_scaler=scaler)
+    return torch.autograd.grad(1e-3 * (zs[-1] ** 2).sum() / 2, z)[0]
+
+
+def test_dynamic_scaler_over_adjoint_range_e_minus_30(device):
+    z0 = torch.randn(64 if device.type == "cuda" else 16, 2, generator=torch.Generator().manual_seed(0),
+                     dtype=torch.float64).to(device)
+    t = torch.linspace(0.0, 1.0, 33, dtype=torch.float64, device=device)
+    ref = _grad_z0(contracting_cnf(dtype=torch.float64, device=device), z0, t, "torch")
+    err = lambda g: ((g.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    z32, t32 = z0.float(), t.float()
+    scaler = DynamicScaler()
+    fused = _grad_z0(contracting_cnf(device=device), z32, t32, "triton", torch.float16, scaler)
+    torch_sc = DynamicScaler()
+    twin = _grad_z0(contracting_cnf(device=device), z32, t32, "torch", torch.float16, torch_sc)
+    unscaled = _grad_z0(contracting_cnf(device=device), z32, t32, "triton", torch.float16, False)
+    print(f"\n|dL/dz0| ~ {ref.abs().max().item():.1e}; float16 error vs float64: fused+DynamicScaler "
+          f"{err(fused):.2e} (scale {scaler.scale:.3g}), torch+DynamicScaler {err(twin):.2e}, fused unscaled "
+          f"{err(unscaled):.2e}")
+    assert err(unscaled) > 1e3  # without scaling the adjoint underflows and the gradient is lost
+    # the scaler recovers it to float16's rounding floor of this field: the torch path's own
+    # error (the rounding points are the same), ~3e-3 here; see the README for the 1e-3 target
+    assert err(fused) < 5e-3
+    assert err(fused) <= 1.05 * err(twin)
+    assert scaler.scale > 2.0**60  # the scale followed the adjoint down from ~1e-3 by e^-30
+
+
+def test_overflowing_step_is_retried_at_half_scale(device):
+    """A steep field makes the anchored scale overflow float16 inside the VJP: the kernel
+    retries that step with the scale halved, and the gradient matches the torch path's."""
+    cnf = contracting_cnf(k=4.0, eps=2.0**-8, device=device)  # Uw2T = -2048: S*cot*2048 > 65504
+    z0 = torch.randn(40, 2, generator=torch.Generator().manual_seed(1)).to(device)
+    t = torch.linspace(0.0, 1.0, 3, device=device)
+    fused_sc, twin_sc = DynamicScaler(), DynamicScaler()
+    fused = _grad_z0(cnf, z0, t, "triton", torch.float16, fused_sc)
+    twin = _grad_z0(cnf, z0, t, "torch", torch.float16, twin_sc)
+    assert fused_sc.overflow_steps >= 1 and twin_sc.overflow_steps >= 1
+    assert torch.isfinite(fused).all()
+    assert rel(fused, twin) < 1e-5  # near-bitwise: float32 sum order only
+
+
+def test_persistent_non_finite_raises_naming_the_step(device):
+    cnf, x, points = make(device)
+    cnf.backend = "triton"
+    scaler = DynamicScaler(max_attempts=3)
+    xl = x.clone().requires_grad_()
+    logp = torch.zeros(x.shape[0], 1, device=device)
+    with torch.autocast(device.type, dtype=torch.float16):
+        zs, _ = torchmpnode.odeint(cnf, (xl, logp), torch.linspace(0.0, 1.0, points, device=device), loss_scaler=scaler)
+    with pytest.raises(RuntimeError, match=rf"step {points - 2} .*3 halvings"):
+        (zs[-1].sum() * float("nan")).backward()
+
+
+# --- determinism, memory, refusals -----------------------------------------------------------------------
+def test_identical_runs_give_identical_bits(device):
+    cnf, x, points = make(device, 5)
+    a = solve(cnf, x, points, "rk4", "triton", torch.float16, DynamicScaler())
+    b = solve(cnf, x, points, "rk4", "triton", torch.float16, DynamicScaler())
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_saves_only_the_states(device):
+    """What autograd keeps for the fused solve: the grid and the states, no activations."""
+    cnf, x, points = make(device)
+    cnf.backend = "triton"
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    integ = Integrator("torchmpnode", "rk4", points, loss_scaler=False)
+    xl = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        zs, ls = flow_to_base(cnf, xl, integ)
+    states = zs.numel() * 4 + ls.numel() * 4 + points * 4
+    assert sum(saved) <= states, (sum(saved), states)
+
+
+def test_refusals():
+    need_triton()
+    import cnf_kernels
+
+    cnf = CNF(2, 4, 3, backend="triton")
+    z, t = torch.randn(5, 2, dtype=torch.float64), torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32 states"):
+        torchmpnode.odeint(cnf.double(), (z, torch.zeros(5, 1, dtype=torch.float64)), t)
+    with pytest.raises(ValueError, match="exact trace"):
+        CNF(2, 4, 3, trace="hutchinson", backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        CNF(2, 4, 3, backend="cuda")
+    with pytest.raises(ValueError, match="--odeint torchdiffeq"):
+        resolve_backend("triton", "cpu", "torchdiffeq", "exact")
+    with pytest.raises(ValueError, match="--trace autograd"):
+        resolve_backend("triton", "cpu", "torchmpnode", "autograd")
+    assert resolve_backend("auto", "cpu") == ("torch", "")  # auto is triton on CUDA only
+    assert resolve_backend("torch", "cpu") == ("torch", "")
+
+
+def test_no_triton_or_no_gpu_is_one_line(monkeypatch):
+    need_triton()
+    import cnf_kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"^--backend triton: the Triton kernels need a CUDA GPU"):
+        resolve_backend("triton", "cpu")
+    monkeypatch.setattr(cnf_kernels, "triton", None)
+    with pytest.raises(ValueError, match=r"^--backend triton: triton is not installed"):
+        resolve_backend("triton", "cpu")
+    if torch.cuda.is_available():
+        backend, note = resolve_backend("auto", "cuda")
+        assert backend == "torch" and "triton is not installed" in note
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter does not type-check like the compiler: compile every kernel variant
+    to a cubin for sm_90 (H100/H200), which needs no GPU. In a subprocess, since this
+    session decorated the kernels for the interpreter."""
+    need_triton()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "cnf_kernels.py", "--compile", "90"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("cubin") == 12, proc.stdout
+
+
+# --- cnf.py with the fused backend -------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_cnf_runs_with_triton_backend(tmp_path, precision):
+    """A whole tiny run on the fused kernels (training, validation, sampling, frames and GIF);
+    without a GPU, in the interpreter."""
+    need_triton()
+    from test_cnf import TINY, check_complete, run_dirs, run_subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else None
+    proc = run_subprocess(*TINY, "--backend", "triton", "--precision", precision, "--results_dir", str(tmp_path),
+                          timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = run_dirs(tmp_path)
+    check_complete(folder)
+    import experiment as ex
+
+    run = ex.RunDir(folder)
+    assert ex.read_args(run.file("args.csv"))["backend"] == "triton"
+    log = open(run.log).read()
+    assert "backend triton" in log
+    if precision == "float16":
+        assert "scalers: dynamic" in log
+
+
+def test_cnf_backend_bad_input_and_auto(tmp_path):
+    need_triton()
+    from test_cnf import TINY, run_dirs, run_subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    bad = [["--backend", "triton", "--trace", "autograd"], ["--backend", "triton", "--trace", "hutchinson"],
+           ["--backend", "triton", "--odeint", "torchdiffeq"], ["--backend", "cuda"]]
+    if not torch.cuda.is_available():
+        bad.append(["--backend", "triton"])  # no GPU and no interpreter
+    for args in bad:
+        proc = run_subprocess(*TINY, *args, "--results_dir", str(tmp_path / "bad"), timeout=300, env=env)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "bad").exists()
+    if not torch.cuda.is_available():  # auto on the CPU is the torch backend, recorded as such
+        proc = run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path / "auto"), timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (folder,) = run_dirs(tmp_path / "auto")
+        import experiment as ex
+
+        assert ex.read_args(os.path.join(folder, "args.csv"))["backend"] == "torch"
