@@ -14,7 +14,10 @@ Paths:
 - seed: the well-known mixed-precision successor of that script: the same
   repeated field with a closed-form trace by batched matmuls, torchdiffeq rk4;
 - torchdiffeq / torchmpnode: what ``cnf.py --odeint ...`` runs;
-- torchmpnode-bf16 / -fp16: the torchmpnode path under autocast.
+- torchmpnode-bf16 / -fp16: the torchmpnode path under autocast;
+- triton[-bf16|-fp16|-tf32]: the same torchmpnode runs with the fused Triton
+  solve (``cnf.py --backend triton``); by default on CUDA only (on the CPU they
+  need TRITON_INTERPRET=1 and --paths, and time the interpreter, not a GPU).
 """
 import argparse
 import json
@@ -30,7 +33,7 @@ from torch import nn
 STANDARD = dict(batch=1024, width=128, hidden=32, num_timesteps=128)
 QUICK = dict(batch=64, width=16, hidden=8, num_timesteps=8)
 PATHS = ("original", "seed", "torchdiffeq", "torchmpnode", "torchmpnode-bf16", "torchmpnode-fp16")
-CUDA_PATHS = ("torchmpnode-tf32", "torchdiffeq-fp16")
+CUDA_PATHS = ("torchmpnode-tf32", "torchdiffeq-fp16", "triton", "triton-tf32", "triton-bf16", "triton-fp16")
 
 
 # --- reference fields, written as the two predecessor scripts build them -----------
@@ -117,9 +120,11 @@ def run_worker(path, device, cfg, iters):
 
         scalers = Scalers("torchdiffeq", prec, device)
     else:
-        model = CNF(2, cfg["hidden"], cfg["width"]).to(device)
-        scalers = Scalers(solver, prec, device)
-        integ = Integrator(solver, "rk4", cfg["num_timesteps"], loss_scaler=scalers.solver_scaler)
+        backend = "triton" if solver == "triton" else "torch"
+        odeint = "torchmpnode" if solver == "triton" else solver
+        model = CNF(2, cfg["hidden"], cfg["width"], backend=backend).to(device)
+        scalers = Scalers(odeint, prec, device)
+        integ = Integrator(odeint, "rk4", cfg["num_timesteps"], loss_scaler=scalers.solver_scaler)
 
         def nll(x):
             return -log_prob(model, x, integ).mean()
@@ -150,12 +155,16 @@ def run_worker(path, device, cfg, iters):
     else:
         peak = _peak_rss_mb()
     fwd, bwd = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
-    return dict(path=path, precision=precision, ms_iter=1e3 * statistics.median(a + b for a, b in times),
+    return dict(path=path, precision=precision, backend=getattr(model, "backend", "torch"), ms_iter=1e3 * statistics.median(a + b for a, b in times),
                 ms_fwd=1e3 * fwd, ms_bwd=1e3 * bwd, peak_mb=peak, growth_mb=peak - base_mb,
                 loss=float(loss.detach()))
 
 
 # --- driver ----------------------------------------------------------------------
+def _ms(x):
+    return f"{x:.0f}" if x >= 100 else f"{x:.2f}"
+
+
 def table(rows, device):
     orig = next((r["ms_iter"] for r in rows if r["path"] == "original" and "ms_iter" in r), None)
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
@@ -166,7 +175,7 @@ def table(rows, device):
             lines.append(f"| {r['path']} | | failed: {r['error']} | | | | | |")
             continue
         sp = f"{orig / r['ms_iter']:.1f}x" if orig else "n/a"
-        lines.append(f"| {r['path']} | {r['precision']} | {r['ms_iter']:.0f} | {r['ms_fwd']:.0f} | {r['ms_bwd']:.0f} "
+        lines.append(f"| {r['path']} | {r['precision']} | {_ms(r['ms_iter'])} | {_ms(r['ms_fwd'])} | {_ms(r['ms_bwd'])} "
                      f"| {sp} | {r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
     return "\n".join(lines)
 

@@ -22,17 +22,17 @@ import metrics
 import plots
 import runtime
 import toy_data
-from model import CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob
+from model import BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, resolve_backend
 from precision import PRECISIONS, Precision, Scalers
 from torchmpnode import METHODS
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
-                    "gpu", "results_dir", "resume", "run_dir")
+                    "gpu", "backend", "results_dir", "resume", "run_dir")
 
 
-# Where the run happens is the command line's business, never the checkpoint's.
-NEVER_FROM_CHECKPOINT = ("device", "gpu", "results_dir", "resume", "run_dir")
+# Where and how the run happens is the command line's business, never the checkpoint's.
+NEVER_FROM_CHECKPOINT = ("device", "gpu", "backend", "results_dir", "resume", "run_dir")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -56,6 +56,9 @@ def build_parser():
     a("--hidden_dim", type=int, default=32, help="hypernetwork hidden size")
     a("--width", type=int, default=128, help="width w of the field")
     a("--trace", default="exact", choices=TRACES, help="divergence: closed form, autograd, or Hutchinson")
+    a("--backend", default="auto", choices=("auto", *BACKENDS),
+      help="who runs torchmpnode's solve of the exact-trace field: the fused Triton kernels, or torch step by step; "
+           "auto = triton on CUDA when it can run, else torch")
     a("--niters", type=int, default=2000, help="training iterations")
     a("--lr", type=float, default=1e-2, help="Adam learning rate (x0.1 every 1000 iterations)")
     a("--num_samples", type=int, default=1024, help="training batch size")
@@ -83,7 +86,8 @@ def explicit_flags(argv):
 
 
 def validate(args):
-    """Raise ValueError with a one-line message for bad values."""
+    """Raise ValueError with a one-line message for bad values. Resolves --device
+    and --backend in place; returns a note on the backend for the log."""
     positive = ("num_timesteps", "hidden_dim", "width", "niters", "num_samples", "num_samples_val",
                 "test_freq", "ckpt_freq", "viz_samples", "viz_timesteps")
     for k in positive:
@@ -113,8 +117,12 @@ def validate(args):
         raise ValueError(f"--device {args.device} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace)
+    if args.backend == "triton" and args.precision == "tfloat32":
+        note = "tfloat32: the fused kernels have no matmul, so they run plain float32"
     if args.resume is None and args.run_dir is None:
         _check_writable_dir(args.results_dir, "--results_dir")
+    return note
 
 
 def _check_writable_dir(path, flag):
@@ -171,7 +179,7 @@ def merge_resumed_config(args, explicit, state):
         if k in RESUME_OVERRIDES and (k in explicit or k in NEVER_FROM_CHECKPOINT):
             continue
         setattr(args, k, v)
-    validate(args)
+    return validate(args)
 
 
 def run_base_name(a):
@@ -182,19 +190,21 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    requested_backend = args.backend
     try:
-        validate(args)
+        backend_note = validate(args)
         explicit = explicit_flags(argv)
         run, state = resolve_run(args, explicit)
         if state is not None:
-            merge_resumed_config(args, explicit, state)
+            args.backend = requested_backend  # resolved afresh on this machine
+            backend_note = merge_resumed_config(args, explicit, state)
     except (ValueError, ex.CheckpointError) as e:
         parser.error(str(e))
     if run is None:
         run = ex.RunDir.create_unique(args.results_dir, run_base_name(args))
     else:
         os.makedirs(run.path, exist_ok=True)
-    return train(args, run, state)
+    return train(args, run, state, backend_note)
 
 
 class Trainer:
@@ -208,7 +218,12 @@ class Trainer:
                                args.grad_scaler)
         self.integ = Integrator(args.odeint, args.method, args.num_timesteps, self.scalers.solver_scaler, args.adjoint)
         torch.manual_seed(args.seed)
-        self.cnf = CNF(2, args.hidden_dim, args.width, args.trace).to(device)
+        self.cnf = CNF(2, args.hidden_dim, args.width, args.trace, args.backend).to(device)
+        self.kernel_errors = ()  # what a failed fused kernel raises
+        if args.backend == "triton":
+            import cnf_kernels
+
+            self.kernel_errors = (cnf_kernels.KernelError,)
         self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1000, gamma=0.1)
         data_seq, val_seq = np.random.SeedSequence(args.seed).spawn(2)
@@ -250,15 +265,18 @@ class Trainer:
         x = torch.from_numpy(toy_data.inf_train_gen(a.data, a.num_samples, self.data_rng)).to(dev)
         _sync(dev)
         t0 = time.perf_counter()
-        with self.prec.autocast():
-            loss = -log_prob(self.cnf, x, self.integ, generator=self.noise_gen).mean()
+        try:
+            with self.prec.autocast():
+                loss = -log_prob(self.cnf, x, self.integ, generator=self.noise_gen).mean()
+        except self.kernel_errors as e:  # a fused kernel failed: stop like a divergence, keeping the last checkpoint
+            return 0.0, 0.0, [], str(e)
         _sync(dev)
         t1 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         scale_before, overflow_before = s.loss_scale(), s.overflow_steps()
         try:
             s.grad.scale(loss).backward()
-        except RuntimeError as e:  # DynamicScaler gave up: the gradient itself is not finite
+        except RuntimeError as e:  # DynamicScaler gave up (the gradient itself is not finite), or a kernel failed
             return t1 - t0, 0.0, [], str(e)
         s.grad.unscale_(self.opt)
         gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.cnf.parameters() if p.grad is not None])
@@ -296,7 +314,7 @@ class Trainer:
                 "overflow_steps": self.scalers.overflow_steps()}
 
 
-def train(args, run, state):
+def train(args, run, state, backend_note=""):
     device = torch.device(args.device)
     log = ex.RunLog(run.log)
     config = {k: v for k, v in vars(args).items() if k != "resume"}
@@ -316,7 +334,8 @@ def train(args, run, state):
     log.print("config: " + " ".join(f"--{k} {v}" for k, v in sorted(config.items())))
     log.print(f"device {_device_name(device)}, torch {torch.__version__}, runtime: {tuned}"
               + (f"; {tr.prec.note}" if tr.prec.note else ""))
-    log.print(f"scalers: {tr.scalers.label}; solver {args.odeint} {args.method}, {args.num_timesteps} grid points")
+    log.print(f"scalers: {tr.scalers.label}; solver {args.odeint} {args.method}, {args.num_timesteps} grid points; "
+              f"backend {args.backend}" + (f" ({backend_note})" if backend_note else ""))
     log.print(f"model:\n{tr.cnf}\nparameters: {sum(p.numel() for p in tr.cnf.parameters())}")
 
     def finish(status, reason, code):

@@ -23,3 +23,21 @@ def test_bench_quick(tmp_path):
 def test_bench_rejects_bad_input():
     proc = subprocess.run([sys.executable, "bench.py", "--iters", "0"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
+
+
+def test_bench_triton_paths_run(tmp_path):
+    """The fused paths in bench.py (in Triton's interpreter without a GPU: correctness, not speed)."""
+    import pytest
+
+    pytest.importorskip("triton") if os.environ.get("REQUIRE_TRITON") != "1" else None
+    out = tmp_path / "b.json"
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--iters", "1", "--json", str(out), "--paths",
+                           "torchmpnode-fp16", "triton", "triton-fp16"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["backend"]) for r in rows] == [("torchmpnode-fp16", "torch"), ("triton", "triton"),
+                                                           ("triton-fp16", "triton")]
+    # same model, same data, same seed: the fused fp16 loss is the torch fp16 loss
+    assert abs(rows[0]["loss"] - rows[2]["loss"]) < 1e-4 * abs(rows[0]["loss"])
