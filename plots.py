@@ -1,5 +1,6 @@
 """Figures of a run, drawn from its CSV or from arrays, never from training state,
 so a run can be re-plotted from its folder alone: ``python plots.py RUN_DIR``."""
+import math
 import os
 import sys
 
@@ -7,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import imageio.v2 as imageio  # noqa: E402
+import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -55,43 +57,85 @@ def plot_mmd(csv_path, out_png):
     plt.close(fig)
 
 
-def save_flow_frames(out_dir, target, snapshots, limit=4.5, gif_duration=0.1):
+def save_flow_frames(out_dir, target, snapshots, limit=4.5, gif_duration=0.1, bins=200):
     """Frames ``cnf-viz-XXX.jpg`` (target | samples at t | model density at t) and
     the animated ``cnf-viz.gif``. Returns the list of frame paths.
+
+    One figure is drawn once and only its artists' data change per frame: 2D
+    histograms of the target and the samples as images, and the model density
+    as one quad mesh over the pulled-back grid (its points keep their grid
+    neighbours, since the flow is a diffeomorphism), coloured by the mean
+    density of each cell's corners. Each panel has its own colour scale.
 
     Args:
         target: [m, 2] data samples.
         snapshots: dict from ``model.flow_snapshots``: ``times`` [T], ``samples``
-            [T, n, 2], ``density_xy`` [T, g, 2], ``density_logp`` [T, g].
+            [T, n, 2], ``density_xy`` [T, g*g, 2] and ``density_logp`` [T, g*g],
+            a regular g x g grid at t = 1 (row-major, x fastest) pulled back.
     """
     times = snapshots["times"]
-    rng = [[-limit, limit], [-limit, limit]]
+    g = math.isqrt(snapshots["density_logp"].shape[1])
+    if g * g != snapshots["density_logp"].shape[1]:
+        raise ValueError(f"density_logp has {snapshots['density_logp'].shape[1]} points, not a square grid")
+    edges = np.linspace(-limit, limit, bins + 1)
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad(cmap(0))  # the pulled-back grid need not cover the corners
+    fig, ax = plt.subplots(1, 3, figsize=(12, 4.2))
+    ims = [a.imshow(np.zeros((bins, bins)), origin="lower", extent=(-limit, limit, -limit, limit), cmap=cmap,
+                    interpolation="nearest") for a in ax[:2]]
+    ax[2].set_facecolor(cmap(0))
+    mesh = None
+    for a in ax:
+        a.set_xlim(-limit, limit)
+        a.set_ylim(-limit, limit)
+        a.set_aspect("equal")
+        a.set_xticks([])
+        a.set_yticks([])
+    ax[0].set_title("target")
+    _show(ims[0], _hist(target, edges))
+    fig.tight_layout()
     paths, images = [], []
     for k, t in enumerate(times):
-        fig, ax = plt.subplots(1, 3, figsize=(12, 4.2))
-        ax[0].hist2d(*target.T, bins=200, range=rng, cmap="viridis")
-        ax[0].set_title("target")
-        ax[1].hist2d(*snapshots["samples"][k].T, bins=200, range=rng, cmap="viridis")
+        _show(ims[1], _hist(snapshots["samples"][k], edges))
         ax[1].set_title(f"samples, t = {t:.2f}")
-        xy, logp = snapshots["density_xy"][k], snapshots["density_logp"][k]
-        ok = np.isfinite(logp) & np.all(np.abs(xy) < 2 * limit, axis=1)
-        ax[2].set_facecolor(plt.get_cmap("viridis")(0))  # the pulled-back grid need not cover the corners
-        ax[2].tricontourf(xy[ok, 0], xy[ok, 1], np.exp(logp[ok]), 100, cmap="viridis")
+        if mesh is not None:
+            mesh.remove()
+        X, Y, C = _density_mesh(snapshots["density_xy"][k], snapshots["density_logp"][k], g, limit)
+        mesh = ax[2].pcolormesh(X, Y, C, cmap=cmap, shading="flat")
+        _show(mesh, C)
         ax[2].set_title(f"model density, t = {t:.2f}")
-        for a in ax:
-            a.set_xlim(-limit, limit)
-            a.set_ylim(-limit, limit)
-            a.set_aspect("equal")
-            a.set_xticks([])
-            a.set_yticks([])
-        fig.tight_layout()
         path = os.path.join(out_dir, f"cnf-viz-{k:03d}.jpg")
         fig.savefig(path, dpi=70)
-        plt.close(fig)
         paths.append(path)
         images.append(imageio.imread(path))
+    plt.close(fig)
     imageio.mimsave(os.path.join(out_dir, "cnf-viz.gif"), images, duration=gif_duration, loop=0)
     return paths
+
+
+def _hist(xy, edges):
+    """2D histogram [y, x] of points [n, 2]."""
+    return np.histogram2d(xy[:, 1], xy[:, 0], bins=(edges, edges))[0]
+
+
+def _density_mesh(xy, logp, g, limit):
+    """Corners X, Y [g, g] of the pulled-back grid and each cell's density C [g-1, g-1]
+    (the mean of its corners' exp(logp)), masked where a corner is lost or far out."""
+    xy, dens = xy.reshape(g, g, 2).astype(np.float64), np.exp(logp.reshape(g, g).astype(np.float64))
+    bad = ~(np.isfinite(dens) & np.all(np.isfinite(xy) & (np.abs(xy) < 2 * limit), axis=2))
+    xy = np.where(bad[..., None], 0.0, xy)
+    dens = np.where(bad, np.nan, dens)
+    C = 0.25 * (dens[:-1, :-1] + dens[1:, :-1] + dens[:-1, 1:] + dens[1:, 1:])
+    return xy[..., 0], xy[..., 1], np.ma.masked_invalid(C)
+
+
+def _show(im, values):
+    """Put values into an image (or mesh), scaled from their own min to max."""
+    values = np.ma.masked_invalid(values)
+    if isinstance(im, matplotlib.image.AxesImage):
+        im.set_data(values)
+    lo, hi = (float(values.min()), float(values.max())) if values.count() else (0.0, 1.0)
+    im.set_clim(lo, hi if hi > lo else lo + 1.0)
 
 
 def replot(run_dir):
