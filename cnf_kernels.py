@@ -286,12 +286,18 @@ if triton is not None:
         return W2T, B2, U, c4, ub
 
     @triton.jit
-    def _field(W2T, B2, U, c4, ub, z, LOW: tl.constexpr):
-        """Field and trace of a block: z [B, DP] -> f [B, DP], tr [B], and (zl, s, terms)."""
+    def _activations(W2T, B2, z, LOW: tl.constexpr):
+        """z [B, DP] -> the rounded state zl, s = sigmoid(a) and terms = s - s^2 [B, WP]."""
         zl = _round(z, LOW)
         a = _round(tl.sum(zl[:, :, None] * W2T[None, :, :], axis=1) + B2[None, :], LOW)  # [B, WP]
         s = _round(tl.sigmoid(a), LOW)
         terms = _round(s - s * s, LOW)
+        return zl, s, terms
+
+    @triton.jit
+    def _field(W2T, B2, U, c4, ub, z, LOW: tl.constexpr):
+        """Field and trace of a block: z [B, DP] -> f [B, DP], tr [B], and (zl, s, terms)."""
+        zl, s, terms = _activations(W2T, B2, z, LOW)
         f = _round(tl.sum(s[:, None, :] * U[None, :, :], axis=2) + ub[None, :], LOW)  # [B, DP]
         tr = tl.sum(_round(terms * c4[None, :], LOW), axis=1)  # [B]
         return f, tr, zl, s, terms
@@ -301,7 +307,7 @@ if triton is not None:
         """VJP of one stage for cotangents Kz [B, DP] of f and Kl [B] of dlogp = -tr.
         Returns gz [B, DP] and the block's parameter cotangents (float32 sums over samples):
         gW2T [DP, WP], gB2 [WP], gU [DP, WP], gc4 [WP], gub [DP]."""
-        f, tr, zl, s, terms = _field(W2T, B2, U, c4, ub, z, LOW)
+        zl, s, terms = _activations(W2T, B2, z, LOW)
         gf = _round(Kz, LOW)
         gtr = _round(-Kl, LOW)
         gs = _round(tl.sum(gf[:, :, None] * U[None, :, :], axis=1) + gtr[:, None] * c4[None, :], LOW)
