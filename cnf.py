@@ -28,11 +28,11 @@ from torchmpnode import METHODS
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
-                    "gpu", "backend", "results_dir", "resume", "run_dir")
+                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir")
 
 
 # Where and how the run happens is the command line's business, never the checkpoint's.
-NEVER_FROM_CHECKPOINT = ("device", "gpu", "backend", "results_dir", "resume", "run_dir")
+NEVER_FROM_CHECKPOINT = ("device", "gpu", "threads", "backend", "results_dir", "resume", "run_dir")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,6 +70,8 @@ def build_parser():
     a("--seed", type=int, default=0, help="random seed (model init, data, validation set)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--gpu", type=int, default=None, help="alias for --device cuda:N")
+    a("--threads", type=int, default=None,
+      help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per core); 1 on a busy shared machine")
     a("--viz", action=argparse.BooleanOptionalAction, default=True, help="flow frames and GIF at the end")
     a("--viz_samples", type=int, default=30000, help="samples in the flow frames")
     a("--viz_timesteps", type=int, default=41, help="frames (time points) in the flow animation")
@@ -101,6 +103,10 @@ def validate(args):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is None:
+        args.threads = torch.get_num_threads()  # torch's default: OMP_NUM_THREADS, else one per core
+    if args.threads < 1:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
     if args.adjoint and args.odeint != "torchdiffeq":
         raise ValueError("--adjoint is torchdiffeq's adjoint method; it does not apply to --odeint torchmpnode")
     if args.gpu is not None:
@@ -318,7 +324,7 @@ def train(args, run, state, backend_note=""):
     device = torch.device(args.device)
     log = ex.RunLog(run.log)
     config = {k: v for k, v in vars(args).items() if k != "resume"}
-    tuned = runtime.configure()
+    tuned = runtime.configure(args.threads)
     tr = Trainer(args, device)
     rows = []
     checkpoint = lambda: ex.save_checkpoint(run.ckpt, tr.state_dict(config))  # noqa: E731

@@ -147,7 +147,7 @@ BAD = [
     ["--trace", "exactish"], ["--niters", "0"], ["--num_samples", "0"], ["--width", "-1"], ["--hidden_dim", "0"],
     ["--num_timesteps", "1"], ["--test_freq", "0"], ["--ckpt_freq", "0"], ["--lr", "-1"], ["--lr", "nan"],
     ["--niters", "abc"], ["--lr", "fast"], ["--adjoint"], ["--resume", "/no/such/run"], ["--device", "tpu"],
-    ["--num_samples_val", "1"],
+    ["--num_samples_val", "1"], ["--threads", "0"], ["--threads", "-2"], ["--threads", "two"],
 ]
 
 
@@ -158,6 +158,19 @@ def test_bad_input_one_line_exit_2_no_folder(tmp_path, bad):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("cnf.py: error:"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "res") or not os.listdir(tmp_path / "res")
+
+
+@pytest.mark.parametrize("env,flags,threads", [("1", [], 1), ("3", ["--threads", "2"], 2)],
+                         ids=["OMP_NUM_THREADS", "--threads"])
+def test_threads_are_set_logged_and_recorded(tmp_path, env, flags, threads):
+    """Without --threads a run honours OMP_NUM_THREADS (torch's default); --threads wins over it."""
+    proc = run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path), *flags,
+                          env={**os.environ, "OMP_NUM_THREADS": env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = run_dirs(tmp_path)
+    run = ex.RunDir(folder)
+    assert ex.read_args(run.file("args.csv"))["threads"] == str(threads)
+    assert f"runtime: {threads} thread(s)" in open(run.log).read()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
