@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pandas as pd
 import pytest
@@ -236,7 +237,7 @@ SLURM_OPTS = ["--wait", "--gpus", "0", "--cpus", "1", "--mem", "1G", "--time", "
 def test_real_slurm_sweep_summary_and_resume(tmp_path):
     _require_slurm()
     proc = sweep(*SLURM_OPTS, "--datasets", "8gaussians,moons", "--solvers", "torchmpnode",
-                 "--precisions", "float32,float16", "--results-dir", str(tmp_path), "--", *TINY)
+                 "--precisions", "float32,float16", "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"submitted array job \d+ \(8 tasks\)", proc.stdout)
     d = sweep_dir(tmp_path)
@@ -263,10 +264,67 @@ def test_real_slurm_sweep_summary_and_resume(tmp_path):
 def test_real_slurm_failing_task_fails_the_array(tmp_path):
     _require_slurm()
     proc = sweep(*SLURM_OPTS, "--datasets", "moons", "--solvers", "torchmpnode", "--precisions", "float32",
-                 "--results-dir", str(tmp_path), "--", *TINY, "--lr", "1e30", "--test_freq", "1")
+                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY, "--lr", "1e30", "--test_freq", "1")
     assert proc.returncode == 3, proc.stdout + proc.stderr  # the diverged task's exit code reaches sbatch --wait
     d = sweep_dir(tmp_path)
-    assert statuses(d) == {"moons_float32_torchmpnode_none": "diverged"}
+    assert statuses(d) == {"moons_float32_torchmpnode_none_s0": "diverged"}
+
+
+def _wait_for(what, check, timeout):
+    t0 = time.time()
+    while not check():
+        assert time.time() - t0 < timeout, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.25)
+
+
+@pytest.mark.slurm
+def test_real_slurm_requeued_task_keeps_both_attempts_in_its_log(tmp_path):
+    """The warning signal makes the task checkpoint and requeue itself; the requeued
+    task resumes, and its log (open-mode=append) still holds the first attempt."""
+    _require_slurm()
+    proc = sweep(*SLURM_OPTS[1:], "--datasets", "moons", "--solvers", "torchmpnode", "--precisions", "float32",
+                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY[:-4], "--no-viz", "--niters", "1500",
+                 "--test_freq", "5", "--ckpt_freq", "1000")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    task = re.search(r"submitted array job (\d+)", proc.stdout).group(1) + "_0"
+    d = sweep_dir(tmp_path)
+    run = os.path.join(d, "runs", "moons_float32_torchmpnode_none_s0")
+    csv = os.path.join(run, "moons_float32_torchmpnode_none_s0.csv")
+
+    def training():
+        assert not os.path.isfile(os.path.join(run, "status.json")), "the task ended before it could be signalled"
+        return os.path.isfile(csv) and len(open(csv).read().splitlines()) > 2
+
+    _wait_for("the first rows of the CSV", training, 300)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=60)
+    log = os.path.join(d, "slurm", f"{task}.out")
+    _wait_for("the requeue", lambda: "requeued; the task will resume" in open(log).read(), 120)
+    def state():
+        return subprocess.run(["squeue", "-h", "-j", task, "-o", "%T"], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+
+    pending_since = []
+
+    def finished():
+        # SLURM holds a requeued task for about two minutes (BeginTime). Start it sooner, but not
+        # in the second its first attempt ended: slurmd refuses a job credential issued by then.
+        st = state()
+        if st == "PENDING":
+            pending_since.append(pending_since[0] if pending_since else time.time())
+            if time.time() - pending_since[0] > 3:
+                subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True,
+                               timeout=60)
+        done = os.path.isfile(os.path.join(run, "status.json")) and \
+            json.load(open(os.path.join(run, "status.json")))["status"] == "completed"
+        return done and st == ""
+
+    _wait_for("the requeued task to complete", finished, 400)
+    text = open(log).read()
+    marks = ["restart 0", "cnf.py exit code: 4", "requeued; the task", "restart 1", "resumed moons_float32_torchmpnode_none_s0",
+             "cnf.py exit code: 0"]
+    at = [text.find(m) for m in marks]
+    assert -1 not in at and at == sorted(at), (at, text[-3000:])
+    assert json.load(open(os.path.join(run, "status.json")))["status"] == "completed"
 
 
 def test_job_script_forwards_warning_signal_requeues_and_resumes(tmp_path):
