@@ -161,7 +161,7 @@ def main(argv=None):
         except ex.CheckpointError as e:
             p.error(str(e))
         print(f"{folder}: val_loss {val_loss:.6f} val_loss_exact {m['val_loss_exact']:.6f} "
-              f"disc_gap {m['disc_gap']:+.6f} ({EXACT_METHOD} float64, tol {EXACT_TOL:g}, {secs:.1f} s)")
+              f"disc_gap {m['disc_gap']:+.2e} ({EXACT_METHOD} float64, tol {EXACT_TOL:g}, {secs:.1f} s)")
     return 0
 
 
