@@ -27,8 +27,8 @@ from precision import PRECISIONS, Precision, Scalers
 from torchmpnode import METHODS
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
-RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "num_samples_test", "viz", "viz_samples", "viz_timesteps", "device",
-                    "gpu", "results_dir", "resume", "run_dir")
+RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
+                    "gpu", "results_dir", "resume", "run_dir", "num_samples_test")
 
 
 # Where the run happens is the command line's business, never the checkpoint's.

@@ -170,8 +170,8 @@ def cell_table(runs):
         row["overflow_steps_mean"] = float(ok["overflow_steps"].mean()) if len(ok) else math.nan
         is_ref = (key[2], key[3]) == REFERENCE
         pairs = [] if is_ref else [(r, twins[(r.data, r.solver, r.seed)]) for r in ok.itertuples()
-                                   if (r.data, r.solver, r.seed) in twins
-                                   and math.isfinite(r.test_nll) and math.isfinite(twins[(r.data, r.solver, r.seed)].test_nll)]
+                                   if (r.data, r.solver, r.seed) in twins]
+        pairs = [(r, t) for r, t in pairs if math.isfinite(r.test_nll) and math.isfinite(t.test_nll)]
         diffs = [r.test_nll - t.test_nll for r, t in pairs]
         mean, sd, lo, hi = t_interval(diffs)
         row.update(pairs=len(pairs), diff_mean=mean, diff_sd=sd, diff_ci_low=lo, diff_ci_high=hi,
@@ -205,7 +205,8 @@ def to_markdown(cells, runs):
             out.append(
                 f"| {r.solver} | {r.precision} | {r.scaler} | {r.n} | {r.status} "
                 f"| {_pm(r.test_nll_mean, r.test_nll_sd, '.4f')} | {_pm(r.test_gap_mean, r.test_gap_sd, '.4f', True)} "
-                f"| {_pm(r.val_nll_mean, r.val_nll_sd, '.4f')} | {_pm(r.val_nll_exact_mean, r.val_nll_exact_sd, '.4f')} "
+                f"| {_pm(r.val_nll_mean, r.val_nll_sd, '.4f')} "
+                f"| {_pm(r.val_nll_exact_mean, r.val_nll_exact_sd, '.4f')} "
                 f"| {_pm(r.disc_gap_mean, r.disc_gap_sd, '.1e', True)} | {_pm(r.val_mmd_mean, r.val_mmd_sd, '.2e')} "
                 f"| {_pm(r.ms_fwd_mean, r.ms_fwd_sd, '.0f')} | {_pm(r.ms_bwd_mean, r.ms_bwd_sd, '.0f')} "
                 f"| {_pm(r.peak_mb_mean, r.peak_mb_sd, '.0f')} |")

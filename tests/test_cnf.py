@@ -17,8 +17,8 @@ import toy_data
 from model import CNF, Integrator, log_prob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_samples_test", "256", "--num_timesteps", "4", "--width", "8",
-        "--hidden_dim", "8", "--niters", "4", "--test_freq", "2", "--viz_samples", "200", "--viz_timesteps", "3"]
+TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_samples_test", "256", "--num_timesteps", "4",
+        "--width", "8", "--hidden_dim", "8", "--niters", "4", "--test_freq", "2", "--viz_samples", "200", "--viz_timesteps", "3"]
 
 
 def run_dirs(results):
