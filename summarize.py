@@ -198,14 +198,14 @@ def to_markdown(cells, runs):
     for data, g in cells.groupby("data", sort=True):
         floor = toy_data.ENTROPY.get(data, math.nan)
         out.append(f"### {data} (true entropy {floor:.4f} nats)\n")
-        out.append("| solver | precision | scaler | n | status | test NLL | test gap | val NLL | val NLL exact "
+        out.append("| solver | precision | scaler | n | status | test NLL | test gap | val NLL | NLL gap | val NLL exact "
                    "| disc_gap | val MMD | fwd ms/iter | bwd ms/iter | peak MB |")
-        out.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for _, r in g.iterrows():
             out.append(
                 f"| {r.solver} | {r.precision} | {r.scaler} | {r.n} | {r.status} "
                 f"| {_pm(r.test_nll_mean, r.test_nll_sd, '.4f')} | {_pm(r.test_gap_mean, r.test_gap_sd, '.4f', True)} "
-                f"| {_pm(r.val_nll_mean, r.val_nll_sd, '.4f')} "
+                f"| {_pm(r.val_nll_mean, r.val_nll_sd, '.4f')} | {_pm(r.nll_gap_mean, r.nll_gap_sd, '.4f', True)} "
                 f"| {_pm(r.val_nll_exact_mean, r.val_nll_exact_sd, '.4f')} "
                 f"| {_pm(r.disc_gap_mean, r.disc_gap_sd, '.1e', True)} | {_pm(r.val_mmd_mean, r.val_mmd_sd, '.2e')} "
                 f"| {_pm(r.ms_fwd_mean, r.ms_fwd_sd, '.0f')} | {_pm(r.ms_bwd_mean, r.ms_bwd_sd, '.0f')} "
