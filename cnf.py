@@ -28,7 +28,7 @@ from torchmpnode import METHODS
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
-                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir")
+                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test")
 
 
 # Where and how the run happens is the command line's business, never the checkpoint's.
@@ -63,6 +63,8 @@ def build_parser():
     a("--lr", type=float, default=1e-2, help="Adam learning rate (x0.1 every 1000 iterations)")
     a("--num_samples", type=int, default=1024, help="training batch size")
     a("--num_samples_val", type=int, default=1024, help="validation set size (fixed, drawn once from the seed)")
+    a("--num_samples_test", type=int, default=20000,
+      help="test set size: drawn from its own seed stream, evaluated once at the end of a completed run")
     a("--test_freq", type=int, default=20, help="validate and write a CSV row every N iterations")
     a("--ckpt_freq", type=int, default=100, help="checkpoint every N iterations")
     a("--results_dir", default="./results", help="parent of the run folder")
@@ -91,14 +93,14 @@ def validate(args):
     """Raise ValueError with a one-line message for bad values. Resolves --device
     and --backend in place; returns a note on the backend for the log."""
     positive = ("num_timesteps", "hidden_dim", "width", "niters", "num_samples", "num_samples_val",
-                "test_freq", "ckpt_freq", "viz_samples", "viz_timesteps")
+                "num_samples_test", "test_freq", "ckpt_freq", "viz_samples", "viz_timesteps")
     for k in positive:
         if getattr(args, k) < 1:
             raise ValueError(f"--{k} must be positive, got {getattr(args, k)}")
     if args.num_timesteps < 2 or args.viz_timesteps < 2:
         raise ValueError("--num_timesteps and --viz_timesteps need at least 2 grid points")
-    if args.num_samples_val < 2:
-        raise ValueError("--num_samples_val must be >= 2 (MMD needs two samples)")
+    if args.num_samples_val < 2 or args.num_samples_test < 2:
+        raise ValueError("--num_samples_val and --num_samples_test must be >= 2 (MMD and standard errors need two)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if args.seed < 0:
@@ -232,9 +234,9 @@ class Trainer:
             self.kernel_errors = (cnf_kernels.KernelError,)
         self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1000, gamma=0.1)
-        data_seq, val_seq = np.random.SeedSequence(args.seed).spawn(2)
-        self.data_rng = np.random.default_rng(data_seq)
-        x_val = toy_data.inf_train_gen(args.data, args.num_samples_val, np.random.default_rng(val_seq))
+        streams = toy_data.seed_streams(args.seed)
+        self.data_rng = streams["train"]
+        x_val = toy_data.inf_train_gen(args.data, args.num_samples_val, streams["val"])
         self.x_val = torch.from_numpy(x_val).to(device)  # fixed validation set
         self.noise_gen = torch.Generator().manual_seed(args.seed + 1)  # Hutchinson noise
         self.iter, self.running, self.sums = 0, None, [0.0, 0.0]  # sums: forward, backward seconds
@@ -319,6 +321,18 @@ class Trainer:
                 "max_memory_mb": ex.peak_memory_mb(self.device), "loss_scale": self.scalers.loss_scale(),
                 "overflow_steps": self.scalers.overflow_steps()}
 
+    def final_evaluation(self, val_loss):
+        """The end-of-run metrics (ex.FINAL_COLUMNS), the per-point test log-densities
+        [n] and the seconds each part took."""
+        a = self.args
+        x_test = toy_data.inf_train_gen(a.data, a.num_samples_test, toy_data.seed_streams(a.seed)["test"])
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + 999_983)  # Hutchinson noise only
+        t0 = time.perf_counter()
+        test, logp = metrics.test_metrics(self.cnf, self.integ, torch.from_numpy(x_test).to(self.device), a.data, gen)
+        t1 = time.perf_counter()
+        exact = metrics.exact_metrics(self.cnf, self.x_val, val_loss)
+        return {**test, **exact}, logp, (t1 - t0, time.perf_counter() - t1)
+
 
 def train(args, run, state, backend_note=""):
     device = torch.device(args.device)
@@ -391,6 +405,14 @@ def train(args, run, state, backend_note=""):
                               f"{run.path}", ex.EXIT_INTERRUPTED)
         bar.close()
     checkpoint()
+    if rows:
+        final, logp, secs = tr.final_evaluation(rows[-1]["val_loss"])
+        rows[-1].update(final)
+        ex.write_npy(run.test_logp, logp.numpy())
+        log.print(f"test NLL {final['test_loss']:.4f} ± {final['test_loss_se']:.4f} (SE, {args.num_samples_test} "
+                  f"points, gap {final['test_gap']:+.4f}; {secs[0]:.1f} s) | exact val NLL "
+                  f"{final['val_loss_exact']:.4f} ({metrics.EXACT_METHOD} float64, tol {metrics.EXACT_TOL:g}; "
+                  f"{secs[1]:.1f} s), disc_gap {final['disc_gap']:+.2e}")
     if args.viz:
         _visualize(tr.cnf, tr.integ, args, run, device, log)
     return finish("completed", f"trained {args.niters} iterations", ex.EXIT_OK)

@@ -9,7 +9,6 @@ Checkpoints hold only tensors and plain Python values and are read with
 import csv
 import io
 import json
-import math
 import os
 import pickle
 import resource
@@ -17,6 +16,7 @@ import signal
 import time
 import warnings
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,9 +24,13 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 4
 CKPT_FORMAT = 1
 
 # The one CSV schema: one row per --test_freq iterations (and the last one).
+# FINAL_COLUMNS are filled at the end of a completed run, in its last row, and are empty
+# in the rows before (a run continued past that end keeps them in that row).
+FINAL_COLUMNS = ("test_loss", "test_loss_se", "test_gap", "val_loss_exact", "disc_gap")
 CSV_COLUMNS = (
-    "iter", "lr", "running_loss", "val_loss", "val_loss_lowp", "nll_gap", "val_mmd", "train_mmd",
+    "iter", "lr", "running_loss", "val_loss", "val_loss_se", "val_loss_lowp", "nll_gap", "val_mmd", "train_mmd",
     "time_fwd", "time_bwd", "time_fwd_sum", "time_bwd_sum", "max_memory_mb", "loss_scale", "overflow_steps",
+    *FINAL_COLUMNS,
 )
 # Columns that depend on the machine's speed, not on the computation.
 TIMING_COLUMNS = ("time_fwd", "time_bwd", "time_fwd_sum", "time_bwd_sum", "max_memory_mb")
@@ -58,24 +62,25 @@ def write_json(path, obj):
 
 
 def write_csv(path, rows, columns=CSV_COLUMNS):
+    """A missing or None value is written as an empty cell."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns))
     w.writeheader()
     for r in rows:
-        w.writerow({k: r.get(k, "") for k in columns})
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
     atomic_write(path, buf.getvalue())
 
 
 def read_csv(path):
-    """Rows of a run CSV as dicts of numbers, ints kept as ints (so a resumed run
-    rewrites its earlier rows byte for byte)."""
+    """Rows of a run CSV as dicts of numbers, ints kept as ints and empty cells as
+    None (so a resumed run rewrites its earlier rows byte for byte)."""
     with open(path, newline="") as f:
         return [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def _number(v):
     if v in ("", None):
-        return math.nan
+        return None
     try:
         return int(v)
     except ValueError:
@@ -147,6 +152,12 @@ class RunDir:
     def status(self):
         return self.file("status.json")
 
+    @property
+    def test_logp(self):
+        """Per-point test log-densities of a completed run (float32 .npy): runs of the
+        same seed share the test set, so two runs can be compared point by point."""
+        return self.file("test_logp.npy")
+
     @classmethod
     def create_unique(cls, results_dir, base):
         """Make results_dir/base_<timestamp>[-k]: mkdir is atomic, so two runs
@@ -182,6 +193,12 @@ class RunLog:
     def close(self):
         self.flush()
         self.file.close()
+
+
+def write_npy(path, array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write(path, buf.getvalue())
 
 
 def write_status(run, status, reason, iteration, metrics):

@@ -1,12 +1,27 @@
-"""Validation metrics: NLL in float32 and in the training precision, and MMD."""
+"""Validation and end-of-run metrics: NLL (with its standard error) in float32 and
+in the training precision, MMD, the test NLL, and the exact likelihood.
+
+    python metrics.py RUN_DIR [RUN_DIR ...]   # val_loss_exact and disc_gap of saved runs
+"""
+import argparse
+import math
+import sys
+import time
+
 import torch
 
+import experiment as ex
 import toy_data
-from model import log_prob, sample
+from model import CNF, Integrator, log_prob, sample
 
 # Gaussian-kernel bandwidths for MMD: the toy data spans about [-4, 4]^2, and a
 # sum over scales from fine structure to the whole support avoids tuning one.
 MMD_BANDWIDTHS = (0.1, 0.2, 0.5, 1.0, 2.0)
+# Points per solve in the end-of-run evaluations, so memory stays bounded at any test-set size.
+EVAL_BATCH = 4096
+# The reference solve for the exact likelihood: adaptive, float64, tight tolerances
+# (rtol = atol), so its own error is far below any fixed grid's.
+EXACT_METHOD, EXACT_TOL = "dopri5", 1e-8
 
 
 def mmd2(x, y, bandwidths=MMD_BANDWIDTHS):
@@ -26,11 +41,19 @@ def mmd2(x, y, bandwidths=MMD_BANDWIDTHS):
     return float((kxx.sum() - nk * m) / (m * (m - 1)) + (kyy.sum() - nk * n) / (n * (n - 1)) - 2 * kxy.mean())
 
 
+def nll_and_se(logp):
+    """(mean NLL, its standard error sd/sqrt(n)) of per-point log-densities [n], as floats.
+    Accumulated in float32, or float64 for float64 input."""
+    nll = -logp.detach().to(torch.promote_types(logp.dtype, torch.float32))
+    return float(nll.mean()), float(nll.std() / math.sqrt(nll.numel()))
+
+
 @torch.no_grad()
 def evaluate(cnf, integ, x_val, data, precision, generator):
     """Metrics on the fixed validation set ``x_val``.
 
-    val_loss: NLL (nats) in float32 with no autocast, on the trained grid.
+    val_loss: NLL (nats) in float32 with no autocast, on the trained grid;
+    val_loss_se: its standard error over the validation points.
     val_loss_lowp: the same NLL under the training precision's autocast.
     val_mmd: MMD^2 between model samples and fresh data.
     train_mmd: MMD^2 between the pulled-back validation points z(0) and N(0, I).
@@ -44,11 +67,103 @@ def evaluate(cnf, integ, x_val, data, precision, generator):
     fresh = torch.from_numpy(toy_data.inf_train_gen(data, n, int(torch.randint(2**31, (1,), generator=generator))))
     model_x = sample(cnf, n, integ, device, generator=generator)
     base = torch.randn(n, x_val.shape[1], generator=generator).to(device)
-    val_loss = -float(logp.float().mean())
+    val_loss, val_loss_se = nll_and_se(logp)
     return dict(
         val_loss=val_loss,
+        val_loss_se=val_loss_se,
         val_loss_lowp=-float(logp_low.float().mean()),
         nll_gap=val_loss - toy_data.ENTROPY[data],
         val_mmd=mmd2(model_x, fresh.to(device)),
         train_mmd=mmd2(z0, base),
     )
+
+
+@torch.no_grad()
+def log_prob_batched(cnf, x, integ, generator=None, batch=EVAL_BATCH):
+    """log p(x) [n] like ``model.log_prob``, solved ``batch`` points at a time."""
+    return torch.cat([log_prob(cnf, xb, integ, generator=generator) for xb in x.split(batch)])
+
+
+@torch.no_grad()
+def test_metrics(cnf, integ, x_test, data, generator=None):
+    """The test NLL of the trained model (float32, no autocast, on the trained grid).
+
+    Returns ({test_loss, test_loss_se, test_gap}, per-point log-densities [n]
+    float32 on the CPU). test_gap = test_loss - ENTROPY[data] is the final gap to quote.
+    """
+    logp = log_prob_batched(cnf, x_test, integ, generator=generator).float()
+    test_loss, test_loss_se = nll_and_se(logp)
+    return dict(test_loss=test_loss, test_loss_se=test_loss_se,
+                test_gap=test_loss - toy_data.ENTROPY[data]), logp.cpu()
+
+
+def exact_field(cnf):
+    """A float64 copy of ``cnf`` with the exact (closed-form) trace, whatever trace it trained with."""
+    hyper = cnf.hyper_net
+    field = CNF(hyper.dim, hyper.net[0].out_features, cnf.width, "exact")
+    field.load_state_dict(cnf.state_dict())
+    return field.to(device=next(cnf.parameters()).device, dtype=torch.float64)
+
+
+@torch.no_grad()
+def exact_log_prob(field, x, tol=EXACT_TOL):
+    """log p(x) [n] float64 under ``field`` (any func(t, (z, logp)) in float64),
+    solved by torchdiffeq's adaptive dopri5 with rtol = atol = ``tol``."""
+    integ = Integrator("torchdiffeq", EXACT_METHOD, num_timesteps=2, tol=tol)
+    return log_prob_batched(field, x.to(torch.float64), integ)
+
+
+def exact_metrics(cnf, x_val, val_loss):
+    """{val_loss_exact, disc_gap}: the validation NLL of the trained field without
+    discretization error, and how far the trained grid's ``val_loss`` is from it."""
+    exact, _ = nll_and_se(exact_log_prob(exact_field(cnf), x_val))
+    return dict(val_loss_exact=exact, disc_gap=val_loss - exact)
+
+
+# --- python metrics.py RUN_DIR: the exact likelihood of a saved run -----------------------
+def run_exact(folder, device="cpu"):
+    """(val_loss on the run's grid, exact metrics, seconds) for a run folder, from its checkpoint."""
+    state = ex.load_checkpoint(ex.RunDir(folder).ckpt)
+    c = state["config"]
+    cnf = CNF(2, c["hidden_dim"], c["width"], c["trace"]).to(device)
+    cnf.load_state_dict(state["model"])
+    x_val = toy_data.inf_train_gen(c["data"], c["num_samples_val"], toy_data.seed_streams(c["seed"])["val"])
+    x_val = torch.from_numpy(x_val).to(device)
+    integ = Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False)
+    gen = torch.Generator().manual_seed(c["seed"])  # Hutchinson noise, if the run used it
+    val_loss, _ = nll_and_se(log_prob_batched(cnf, x_val, integ, generator=gen))
+    t0 = time.perf_counter()
+    m = exact_metrics(cnf, x_val, val_loss)
+    return val_loss, m, time.perf_counter() - t0
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(ex.EXIT_BAD_INPUT)
+
+
+def main(argv=None):
+    p = _OneLineParser(prog="metrics.py", description="Exact likelihood (val_loss_exact, disc_gap) "
+                                "of saved runs, from their checkpoints.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each holds ckpt.pth)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    a = p.parse_args(argv)
+    try:
+        dev_type = torch.device(a.device).type
+    except RuntimeError:
+        p.error(f"--device {a.device!r} is not a device (cpu, cuda or cuda:N)")
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device} requested but CUDA is not available")
+    for folder in a.run_dirs:
+        try:
+            val_loss, m, secs = run_exact(folder, a.device)
+        except ex.CheckpointError as e:
+            p.error(str(e))
+        print(f"{folder}: val_loss {val_loss:.6f} val_loss_exact {m['val_loss_exact']:.6f} "
+              f"disc_gap {m['disc_gap']:+.2e} ({EXACT_METHOD} float64, tol {EXACT_TOL:g}, {secs:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -170,16 +170,21 @@ class Integrator:
     ``odeint``: 'torchmpnode' or 'torchdiffeq'; ``method``: 'rk4' or 'euler';
     ``num_timesteps``: grid points from t=0 to t=1; ``loss_scaler``: for
     torchmpnode (None auto, False off, or a DynamicScaler); ``adjoint``:
-    torchdiffeq's adjoint method.
+    torchdiffeq's adjoint method; ``tol``: rtol = atol for torchdiffeq's
+    adaptive methods (e.g. 'dopri5' with num_timesteps=2: only the end points
+    are output, the solver picks its own steps).
     """
 
-    def __init__(self, odeint="torchmpnode", method="rk4", num_timesteps=128, loss_scaler=None, adjoint=False):
+    def __init__(self, odeint="torchmpnode", method="rk4", num_timesteps=128, loss_scaler=None, adjoint=False,
+                 tol=None):
         if odeint not in SOLVERS:
             raise ValueError(f"unknown odeint {odeint!r}; choose one of: {', '.join(SOLVERS)}")
         if adjoint and odeint != "torchdiffeq":
             raise ValueError("--adjoint is torchdiffeq's adjoint method; it does not apply to torchmpnode")
+        if tol is not None and odeint != "torchdiffeq":
+            raise ValueError("tolerances apply to torchdiffeq's adaptive methods; torchmpnode is fixed-grid")
         self.odeint, self.method, self.num_timesteps = odeint, method, num_timesteps
-        self.loss_scaler, self.adjoint = loss_scaler, adjoint
+        self.loss_scaler, self.adjoint, self.tol = loss_scaler, adjoint, tol
 
     def grid(self, device, reverse=False, num_points=None):
         t = torch.linspace(0.0, 1.0, num_points or self.num_timesteps, device=device)
@@ -189,7 +194,8 @@ class Integrator:
         if self.odeint == "torchmpnode":
             return torchmpnode.odeint(func, y0, t, method=self.method, loss_scaler=self.loss_scaler)
         solve = torchdiffeq.odeint_adjoint if self.adjoint else torchdiffeq.odeint
-        return solve(func, y0, t, method=self.method)
+        tols = {} if self.tol is None else {"rtol": self.tol, "atol": self.tol}
+        return solve(func, y0, t, method=self.method, **tols)
 
 
 def _dtype(cnf):

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Sweep the comparison grid: datasets x solvers x precisions x loss-scaling variants.
+# Sweep the comparison grid: datasets x solvers x precisions x loss-scaling variants x seeds.
 #
 #   bash run_cnf.sh [options] [-- extra cnf.py args]
 #
 # Options:
-#   --datasets a,b     --solvers a,b     --precisions a,b     narrow the grid
-#   --local [-j N]     run the cells here, N at a time (default when sbatch is missing)
+#   --datasets a,b     --solvers a,b     --precisions a,b     --seeds 0,1,2     narrow (or widen) the grid
+#   --local [-j N]     run the cells here, N at a time (default when sbatch is missing). Each running
+#                      cell gets one GPU, round robin, through CUDA_VISIBLE_DEVICES (GPUs from an existing
+#                      CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`; none: the CPU). Default N: all GPU
+#                      slots (GPUs x K), or 1 on the CPU
+#   --per-gpu K        (local) at most K cells on each GPU at a time (default 1)
 #   --dry-run          print the cells and exit
 #   --wait             (SLURM) block until the array finishes; exit with its highest task exit code
 #   --resume DIR       resubmit the cells of sweep DIR whose status.json is not "completed"
@@ -21,6 +25,9 @@ KIT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DATASETS=(8gaussians checkerboard rings circles moons swissroll 2spirals pinwheel)
 SOLVERS=(torchdiffeq torchmpnode)
 PRECISIONS=(float32 tfloat32 bfloat16 float16)
+# Every cell runs once per seed: the paired comparisons in summarize.py need at
+# least three (see README, "How to read a comparison").
+SEEDS=(0 1 2)
 # Loss-scaling variants per solver in float16 (the published study's set);
 # every other precision runs unscaled.
 FP16_SCALERS_torchdiffeq=(none grad)
@@ -35,20 +42,22 @@ declare -A SCALER_FLAGS=(
 declare -A DATA_ARGS=(
   [checkerboard]="--niters 4000" [2spirals]="--niters 4000" [pinwheel]="--niters 3000"
 )
-COMMON_ARGS="--method rk4 --num_timesteps 128 --seed 0"
+COMMON_ARGS="--method rk4 --num_timesteps 128"
 # ---------------------------------------------------------------------------------
 
 die() { echo "run_cnf.sh: error: $*" >&2; exit 2; }
 
-mode=auto jobs=1 dry=0 wait=0 resume="" results="./results" env_setup="${CNF_ENV_SETUP:-}"
+mode=auto jobs="" per_gpu="" dry=0 wait=0 resume="" results="./results" env_setup="${CNF_ENV_SETUP:-}"
 sb=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --datasets) IFS=, read -ra DATASETS <<< "${2:?}"; shift 2 ;;
     --solvers) IFS=, read -ra SOLVERS <<< "${2:?}"; shift 2 ;;
     --precisions) IFS=, read -ra PRECISIONS <<< "${2:?}"; shift 2 ;;
+    --seeds) IFS=, read -ra SEEDS <<< "${2:?}"; shift 2 ;;
     --local) mode=local; shift ;;
     -j) jobs=${2:?}; shift 2 ;;
+    --per-gpu) per_gpu=${2:?}; shift 2 ;;
     --dry-run) dry=1; shift ;;
     --wait) wait=1; shift ;;
     --resume) resume=${2:?}; shift 2 ;;
@@ -61,20 +70,67 @@ while [ $# -gt 0 ]; do
     --cpus) sb+=(--cpus-per-task="${2:?}"); shift 2 ;;
     --env-setup) env_setup=${2?}; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
 EXTRA=("$@")
-[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "-j needs a positive integer, got $jobs"
+[ -z "$jobs" ] || [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "-j needs a positive integer, got $jobs"
+[ -z "$per_gpu" ] || [[ "$per_gpu" =~ ^[1-9][0-9]*$ ]] || die "--per-gpu needs a positive integer, got $per_gpu"
 if [ "$mode" = auto ]; then
   if command -v sbatch >/dev/null 2>&1; then mode=slurm; else mode=local; fi
 fi
+[ "$mode" = local ] || [ -z "$per_gpu" ] || die "--per-gpu is for --local sweeps (SLURM gives each task its own GPU)"
+for e in "${@}"; do case "$e" in --seed|--seed=*) die "give seeds with --seeds, not as a cnf.py argument";; esac; done
 
 valid() { local x=$1; shift; for v in "$@"; do [ "$v" = "$x" ] && return 0; done; return 1; }
 for d in "${DATASETS[@]}"; do valid "$d" 8gaussians checkerboard rings circles moons swissroll 2spirals pinwheel || die "unknown dataset $d"; done
 for s in "${SOLVERS[@]}"; do valid "$s" torchdiffeq torchmpnode || die "unknown solver $s"; done
 for p in "${PRECISIONS[@]}"; do valid "$p" float32 tfloat32 bfloat16 float16 || die "unknown precision $p"; done
+[ ${#SEEDS[@]} -gt 0 ] || die "--seeds needs at least one seed"
+declare -A seen=()
+for r in "${SEEDS[@]}"; do
+  [[ "$r" =~ ^[0-9]+$ ]] || die "a seed is a non-negative integer, got '$r'"
+  [ -z "${seen[$r]:-}" ] || die "--seeds has $r twice"
+  seen[$r]=1
+done
+
+# The GPUs local cells are spread over: the entries of an existing CUDA_VISIBLE_DEVICES
+# (up to the first that is not a device, as CUDA reads it: "" or -1 hide every GPU),
+# else the GPUs `nvidia-smi -L` lists, else none (the cells run on the CPU).
+GPUS=()
+detect_gpus() {
+  local e
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    IFS=, read -ra cvd <<< "$CUDA_VISIBLE_DEVICES"
+    for e in "${cvd[@]+"${cvd[@]}"}"; do
+      [[ "$e" =~ ^([0-9]+|GPU-.+|MIG-.+)$ ]] || break
+      GPUS+=("$e")
+    done
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    mapfile -t GPUS < <(nvidia-smi -L 2>/dev/null | sed -n 's/^GPU \([0-9][0-9]*\):.*/\1/p')
+  fi
+}
+# Device slots for local cells: K per GPU, handed out round robin (g0 g1 ... g0 g1 ...), "cpu" without GPUs.
+SLOTS=()
+local_slots() {
+  local k
+  detect_gpus
+  per_gpu=${per_gpu:-1}
+  if [ ${#GPUS[@]} -gt 0 ]; then
+    for ((k = 0; k < per_gpu; k++)); do SLOTS+=("${GPUS[@]}"); done
+    jobs=${jobs:-${#SLOTS[@]}}
+    if [ "$jobs" -gt ${#SLOTS[@]} ]; then
+      echo "note: -j $jobs capped at ${#SLOTS[@]} (${#GPUS[@]} GPU(s) x --per-gpu $per_gpu)"; jobs=${#SLOTS[@]}
+    fi
+    SLOTS=("${SLOTS[@]:0:$jobs}")
+    echo "local devices: GPU(s) ${GPUS[*]}, at most $per_gpu cell(s) per GPU, $jobs at a time"
+  else
+    jobs=${jobs:-1}
+    for ((k = 0; k < jobs; k++)); do SLOTS+=(cpu); done
+    echo "local devices: CPU (no GPU found), $jobs at a time"
+  fi
+}
 
 if [ -n "$resume" ]; then
   # ------------------------------------------------------------ resume a sweep
@@ -95,16 +151,19 @@ else
       for p in "${PRECISIONS[@]}"; do
         if [ "$p" = float16 ]; then eval "variants=(\"\${FP16_SCALERS_$s[@]}\")"; else variants=(none); fi
         for v in "${variants[@]}"; do
-          flags=""; [ "$p" = float16 ] && flags=${SCALER_FLAGS[$s:$v]}
-          args="--data $d --odeint $s --precision $p $flags ${DATA_ARGS[$d]:-} $COMMON_ARGS"
-          for e in "${EXTRA[@]+"${EXTRA[@]}"}"; do args+=" $(printf '%q' "$e")"; done
-          cells+=("${d}_${p}_${s}_${v}"$'\t'"$(echo $args)")
+          for r in "${SEEDS[@]}"; do
+            flags=""; [ "$p" = float16 ] && flags=${SCALER_FLAGS[$s:$v]}
+            args="--data $d --odeint $s --precision $p $flags ${DATA_ARGS[$d]:-} $COMMON_ARGS --seed $r"
+            for e in "${EXTRA[@]+"${EXTRA[@]}"}"; do args+=" $(printf '%q' "$e")"; done
+            cells+=("${d}_${p}_${s}_${v}_s${r}"$'\t'"$(echo $args)")
+          done
         done
       done
     done
   done
   if [ "$dry" = 1 ]; then
     for i in "${!cells[@]}"; do printf '%3d  %s\n' "$i" "${cells[$i]}"; done
+    [ "$mode" = local ] && local_slots
     echo "${#cells[@]} cells ($mode)"
     exit 0
   fi
@@ -140,11 +199,37 @@ if [ "$mode" = slurm ]; then
 fi
 
 # ---------------------------------------------------------------- local mode
-echo "running ${#ids[@]} cells locally, $jobs at a time"
-export KIT_DIR SWEEP
-printf '%s\n' "${ids[@]}" | xargs -P "$jobs" -I{} bash -c \
-  'SLURM_ARRAY_TASK_ID={} bash "$KIT_DIR/job_cnf.sbatch" "$SWEEP" > "$SWEEP/slurm/local_{}.out" 2>&1 \
-   && echo "cell {}: ok" || { rc=$?; echo "cell {}: exit $rc (log: $SWEEP/slurm/local_{}.out)"; exit 1; }' \
-  && rc=0 || rc=1
+local_slots
+echo "running ${#ids[@]} cells locally"
+export KIT_DIR
+# The free device slots wait in a pipe: a cell takes one before it starts and puts
+# it back when it ends, so no GPU ever runs more than --per-gpu cells at once.
+fifo=$(mktemp -u "${TMPDIR:-/tmp}/run_cnf.XXXXXX")
+mkfifo "$fifo" && exec 3<>"$fifo" && rm -f "$fifo"
+printf '%s\n' "${SLOTS[@]}" >&3
+
+run_cell() {  # cell id, device slot ("cpu" or a GPU). The log is appended to: a resumed cell keeps both attempts.
+  local id=$1 dev=$2 log="$SWEEP/slurm/local_$1.out" rc=0 where="CPU"
+  [ "$dev" = cpu ] || where="GPU $dev"
+  echo "cell $id: start on $where"
+  if [ "$dev" = cpu ]; then
+    SLURM_ARRAY_TASK_ID=$id bash "$KIT_DIR/job_cnf.sbatch" "$SWEEP" >> "$log" 2>&1 || rc=$?
+  else
+    CUDA_VISIBLE_DEVICES=$dev SLURM_ARRAY_TASK_ID=$id bash "$KIT_DIR/job_cnf.sbatch" "$SWEEP" >> "$log" 2>&1 || rc=$?
+  fi
+  if [ $rc -eq 0 ]; then echo "cell $id: ok on $where"; else echo "cell $id: exit $rc on $where (log: $log)"; fi
+  echo "$dev" >&3
+  return $rc
+}
+
+pids=()
+for id in "${ids[@]}"; do
+  read -r dev <&3
+  run_cell "$id" "$dev" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exec 3>&-
 echo "summarize with: python $KIT_DIR/summarize.py $SWEEP"
 exit $rc

@@ -130,6 +130,19 @@ def inf_train_gen(data, batch_size, rng=None):
     return _SAMPLERS[data](rng, int(batch_size)).astype(np.float32)
 
 
+# The independent random streams of a run, spawned from its seed: training
+# batches, the fixed validation set, and the test set drawn once at the end.
+# Spawning more children leaves the earlier ones unchanged, so adding "test"
+# kept every training batch and validation set of earlier runs.
+STREAMS = ("train", "val", "test")
+
+
+def seed_streams(seed):
+    """{stream name: numpy Generator}, independent and reproducible from ``seed``."""
+    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
+    return {name: np.random.default_rng(c) for name, c in zip(STREAMS, children)}
+
+
 def log_density(name, x):
     """Exact log-density of the true distribution, for the closed-form datasets.
 

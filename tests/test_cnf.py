@@ -6,16 +6,19 @@ import subprocess
 import sys
 
 import imageio.v2 as imageio
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import cnf
 import experiment as ex
+import toy_data
+from model import CNF, Integrator, log_prob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_timesteps", "4", "--width", "8",
-        "--hidden_dim", "8", "--niters", "4", "--test_freq", "2", "--viz_samples", "200", "--viz_timesteps", "3"]
+TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_samples_test", "256", "--num_timesteps", "4",
+        "--width", "8", "--hidden_dim", "8", "--niters", "4", "--test_freq", "2", "--viz_samples", "200", "--viz_timesteps", "3"]
 
 
 def run_dirs(results):
@@ -33,6 +36,10 @@ def run_subprocess(*args, **kw):
                           cwd=ROOT, **kw)
 
 
+def status_data(run):
+    return ex.read_args(run.file("args.csv"))["data"]
+
+
 def check_complete(folder, frames=3, rows=(2, 4)):
     run = ex.RunDir(folder)
     for f in (run.log, run.csv, run.ckpt, run.status, run.file("args.csv"), run.file("cnf.py"),
@@ -43,11 +50,25 @@ def check_complete(folder, frames=3, rows=(2, 4)):
     df = pd.read_csv(run.csv)
     assert tuple(df.columns) == ex.CSV_COLUMNS
     assert tuple(df["iter"]) == rows
-    assert df.notna().all().all() and all(map(math.isfinite, df.to_numpy().ravel()))
+    periodic = df.drop(columns=list(ex.FINAL_COLUMNS))
+    assert periodic.notna().all().all() and all(map(math.isfinite, periodic.to_numpy().ravel()))
+    # the end-of-run columns: empty in earlier rows, finite in the last
+    final = df[list(ex.FINAL_COLUMNS)]
+    assert final.iloc[:-1].isna().all().all() and all(map(math.isfinite, final.iloc[-1]))
     import json
 
     status = json.load(open(run.status))
     assert status["status"] == "completed" and status["iter"] == rows[-1]
+    last = df.iloc[-1]
+    for k in (*ex.FINAL_COLUMNS, "val_loss_se"):
+        assert status["final"][k] == pytest.approx(last[k], rel=1e-12), k
+    assert last["test_gap"] == pytest.approx(last["test_loss"] - toy_data.ENTROPY[status_data(run)], abs=1e-9)
+    assert last["disc_gap"] == pytest.approx(last["val_loss"] - last["val_loss_exact"], abs=1e-9)
+    assert 0 < last["test_loss_se"] and 0 < last["val_loss_se"]
+    logp = np.load(run.test_logp)
+    assert logp.shape == (int(ex.read_args(run.file("args.csv"))["num_samples_test"]),)
+    assert -logp.mean() == pytest.approx(last["test_loss"], abs=1e-5)
+    assert logp.std(ddof=1) / math.sqrt(len(logp)) == pytest.approx(last["test_loss_se"], rel=1e-4)
     args = ex.read_args(run.file("args.csv"))
     assert {"torch_version", "device_name", "data", "width"} <= set(args)
     return df
@@ -98,8 +119,13 @@ def _params(folder):
     return ex.load_checkpoint(ex.RunDir(folder).ckpt)["model"]
 
 
-def _rows(folder):
-    return pd.read_csv(ex.RunDir(folder).csv).drop(columns=list(ex.TIMING_COLUMNS))
+def _rows(folder, final=True):
+    """The CSV rows without timing; with ``final`` the end-of-run columns of the last row only
+    (a run continued past an earlier end keeps that end's values in its row)."""
+    df = pd.read_csv(ex.RunDir(folder).csv).drop(columns=list(ex.TIMING_COLUMNS))
+    if final:
+        df.loc[df.index[:-1], list(ex.FINAL_COLUMNS)] = math.nan
+    return df
 
 
 @pytest.mark.parametrize("extra", [["--precision", "float16"],
@@ -223,3 +249,39 @@ def test_scaler_events_are_logged(tmp_path, odeint, event):
         assert df["loss_scale"].iloc[-1] < 65536
     else:
         assert df["overflow_steps"].iloc[-1] > 0
+
+
+def test_test_set_is_its_own_stream_and_shared_by_a_seed(tmp_path):
+    """The test set comes from its own seed stream: it is not the validation set,
+    it does not depend on the precision, and changing its size leaves training alone."""
+    streams = toy_data.seed_streams(0)
+    val = toy_data.inf_train_gen("8gaussians", 256, streams["val"])
+    test = toy_data.inf_train_gen("8gaussians", 256, streams["test"])
+    train = toy_data.inf_train_gen("8gaussians", 256, streams["train"])
+    assert not np.isin(test, val).any() and not np.isin(test, train).any()
+    code, a = run_inprocess(tmp_path / "a", "--no-viz", "--num_samples_test", "300")
+    code2, b = run_inprocess(tmp_path / "b", "--no-viz", "--num_samples_test", "600")
+    assert code == code2 == 0
+    pd.testing.assert_frame_equal(_rows(a).drop(columns=list(ex.FINAL_COLUMNS)),
+                                  _rows(b).drop(columns=list(ex.FINAL_COLUMNS)))
+    # the saved log-densities are the final model's, on the test stream's points
+    state = ex.load_checkpoint(ex.RunDir(a).ckpt)
+    c = state["config"]
+    model = CNF(2, c["hidden_dim"], c["width"], c["trace"])
+    model.load_state_dict(state["model"])
+    x = torch.from_numpy(toy_data.inf_train_gen(c["data"], 300, toy_data.seed_streams(c["seed"])["test"]))
+    with torch.no_grad():
+        logp = log_prob(model, x, Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False))
+    np.testing.assert_allclose(np.load(ex.RunDir(a).test_logp), logp.numpy(), atol=1e-5)
+
+
+def test_default_test_set_size_gives_a_small_standard_error(tmp_path):
+    """The default --num_samples_test (20000) is what makes the final NLL quotable."""
+    assert cnf.build_parser().parse_args([]).num_samples_test == 20000
+    code, folder = run_inprocess(tmp_path, "--no-viz", "--num_samples_test", "20000")
+    assert code == 0
+    import json
+
+    final = json.load(open(ex.RunDir(folder).status))["final"]
+    # untrained, the NLL spreads more than a trained model's; still well under 0.05 nats
+    assert final["test_loss_se"] < 0.05 and final["val_loss_se"] > 4 * final["test_loss_se"]

@@ -1,17 +1,20 @@
 """run_cnf.sh, job_cnf.sbatch and summarize.py: locally and against a real SLURM."""
 import glob
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
+import time
 
 import pandas as pd
 import pytest
+import scipy.stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--niters", "4", "--test_freq", "2", "--num_samples", "32", "--num_samples_val", "32",
-        "--num_timesteps", "4", "--width", "8", "--hidden_dim", "8", "--viz_samples", "200", "--viz_timesteps", "3"]
+        "--num_samples_test", "256", "--num_timesteps", "4", "--width", "8", "--hidden_dim", "8", "--viz_samples", "200", "--viz_timesteps", "3"]
 
 
 # Seconds a sweep or job may take. Tiny cells take seconds on an idle machine; on a
@@ -19,9 +22,9 @@ TINY = ["--niters", "4", "--test_freq", "2", "--num_samples", "32", "--num_sampl
 TIMEOUT = 1800
 
 
-def sweep(*args, timeout=TIMEOUT):
+def sweep(*args, timeout=TIMEOUT, env=None):
     return subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+                          cwd=ROOT, timeout=timeout, env=env)
 
 
 def sweep_dir(results):
@@ -38,9 +41,10 @@ def statuses(d):
 
 
 def summarize(d):
-    proc = subprocess.run(["python", os.path.join(ROOT, "summarize.py"), d], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(["python", os.path.join(ROOT, "summarize.py"), d], capture_output=True, text=True, cwd=ROOT,
+                          timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
-    for f in ("summary.csv", "summary.md", "summary.png"):
+    for f in ("summary.csv", "summary_runs.csv", "summary.md", "summary.png"):
         assert os.path.getsize(os.path.join(d, f)) > 0
     return pd.read_csv(os.path.join(d, "summary.csv")), proc
 
@@ -48,36 +52,80 @@ def summarize(d):
 def test_dry_run_lists_the_published_grid():
     proc = sweep("--dry-run")
     assert proc.returncode == 0
-    # per dataset: torchdiffeq 3 + fp16 {none, grad}; torchmpnode 3 + fp16 {none, grad, dynamic}
-    assert proc.stdout.strip().endswith("88 cells (slurm)") or proc.stdout.strip().endswith("88 cells (local)")
+    # per dataset: torchdiffeq 3 + fp16 {none, grad}; torchmpnode 3 + fp16 {none, grad, dynamic}; x 3 seeds
+    assert proc.stdout.strip().endswith("264 cells (slurm)") or proc.stdout.strip().endswith("264 cells (local)")
     assert "--no_dynamic_scaler --grad_scaler" in proc.stdout
+    for r in (0, 1, 2):
+        assert f"8gaussians_float16_torchmpnode_dynamic_s{r}\t--data 8gaussians" in proc.stdout
+        assert re.search(rf"_s{r}\t.*--seed {r}( |$)", proc.stdout, re.M)
     # without sbatch on the PATH the launcher falls back to local mode by itself
     nosb = subprocess.run(["/bin/bash", os.path.join(ROOT, "run_cnf.sh"), "--dry-run"], capture_output=True,
                           text=True, env={"PATH": "/nonexistent"})
-    assert nosb.returncode == 0 and nosb.stdout.strip().endswith("88 cells (local)")
+    assert nosb.returncode == 0 and nosb.stdout.strip().endswith("264 cells (local)")
     narrow = sweep("--dry-run", "--datasets", "moons", "--precisions", "float16", "--", "--niters", "5")
     cells = [l for l in narrow.stdout.splitlines() if "--data moons" in l]
-    assert len(cells) == 5 and all(l.rstrip().endswith("--niters 5") for l in cells)
+    assert len(cells) == 15 and all(l.rstrip().endswith("--niters 5") for l in cells)
+    seeds = sweep("--dry-run", "--datasets", "moons", "--precisions", "float32", "--seeds", "4,7")
+    cells = [l for l in seeds.stdout.splitlines() if "--data moons" in l]
+    assert len(cells) == 4 and seeds.stdout.strip().splitlines()[-1] in ("4 cells (slurm)", "4 cells (local)")
+    assert sorted(re.findall(r"_s(\d+)\t.*--seed (\d+)", seeds.stdout)) == [("4", "4")] * 2 + [("7", "7")] * 2
 
 
-@pytest.mark.parametrize("bad", [["--datasets", "nope"], ["--precisions", "float8"], ["--frobnicate"], ["-j", "0"]])
+@pytest.mark.parametrize("bad", [["--datasets", "nope"], ["--precisions", "float8"], ["--frobnicate"], ["-j", "0"],
+                                 ["--seeds", "0,x"], ["--seeds", "1,1"], ["--seeds", "-1"],
+                                 ["--local", "--per-gpu", "0"],
+                                 ["--", "--seed", "3"]])
 def test_bad_options(bad):
     proc = sweep(*bad, "--dry-run")
     assert proc.returncode == 2 and "run_cnf.sh: error" in proc.stderr
 
 
-def test_local_sweep_and_summary(tmp_path):
+def test_local_sweep_and_summary_statistics(tmp_path):
+    """Three seeds, two precisions: mean ± sd over seeds, and a paired t interval against float32."""
     proc = sweep("--local", "-j", "2", "--datasets", "8gaussians", "--solvers", "torchmpnode",
-                 "--precisions", "float32,bfloat16", "--results-dir", str(tmp_path), "--", *TINY)
+                 "--precisions", "float32,bfloat16", "--results-dir", str(tmp_path), "--", *TINY, "--no-viz")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d = sweep_dir(tmp_path)
-    assert statuses(d) == {"8gaussians_bfloat16_torchmpnode_none": "completed",
-                           "8gaussians_float32_torchmpnode_none": "completed"}
+    assert statuses(d) == {f"8gaussians_{p}_torchmpnode_none_s{r}": "completed"
+                           for p in ("bfloat16", "float32") for r in (0, 1, 2)}
     os.makedirs(os.path.join(d, "not_a_run"))
     table, out = summarize(d)
-    assert len(table) == 2 and set(table["status"]) == {"completed"}
     assert "skipping" in out.stderr and "not_a_run" in out.stderr
-    assert "### 8gaussians" in open(os.path.join(d, "summary.md")).read()
+    runs = pd.read_csv(os.path.join(d, "summary_runs.csv"))
+    assert len(runs) == 6 and sorted(runs["seed"]) == [0, 0, 1, 1, 2, 2]
+    assert len(table) == 2 and list(table["n"]) == [3, 3] and set(table["status"]) == {"3 completed"}
+    for _, c in table.iterrows():
+        mine = runs[runs["precision"] == c["precision"]]
+        assert c["test_nll_mean"] == pytest.approx(mine["test_nll"].mean(), rel=1e-9)
+        assert c["test_nll_sd"] == pytest.approx(mine["test_nll"].std(ddof=1), rel=1e-9)
+        assert c["disc_gap_mean"] == pytest.approx(mine["disc_gap"].mean(), rel=1e-9)
+    bf, f32 = (table[table["precision"] == p].iloc[0] for p in ("bfloat16", "float32"))
+    assert f32["pairs"] == 0 and pd.isna(f32["diff_ci_low"])  # the reference itself
+    diffs = (runs[runs["precision"] == "bfloat16"].set_index("seed")["test_nll"]
+             - runs[runs["precision"] == "float32"].set_index("seed")["test_nll"])
+    half = scipy.stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / math.sqrt(3)
+    assert bf["pairs"] == 3 and bf["diff_mean"] == pytest.approx(diffs.mean(), abs=1e-12)
+    assert (bf["diff_ci_low"], bf["diff_ci_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert bf["ci_contains_0"] == ("yes" if bf["diff_ci_low"] <= 0 <= bf["diff_ci_high"] else "no")
+    # the runs of a seed share the test set, so the mean per-point difference is the difference of the means
+    assert bf["point_diff_seeds"] == 3 and bf["point_diff_mean"] == pytest.approx(diffs.mean(), abs=1e-5)
+    assert 0 < bf["point_diff_se"]
+    md = open(os.path.join(d, "summary.md")).read()
+    assert "### 8gaussians" in md and "| torchmpnode | bfloat16 | none | 3 | 3 completed |" in md
+    assert f"[{bf['diff_ci_low']:+.4f}, {bf['diff_ci_high']:+.4f}]" in md
+    assert f"{f32['test_nll_mean']:.4f} ± {f32['test_nll_sd']:.4f}" in md
+
+    # a diverged seed is counted and shown, and drops out of the statistics and the pairs
+    st = os.path.join(d, "runs", "8gaussians_bfloat16_torchmpnode_none_s1", "status.json")
+    data = json.load(open(st))
+    data["status"] = "diverged"
+    json.dump(data, open(st, "w"))
+    table, _ = summarize(d)
+    bf = table[table["precision"] == "bfloat16"].iloc[0]
+    assert (bf["runs"], bf["n"], bf["diverged"], bf["pairs"]) == (3, 2, 1, 2)
+    assert bf["status"] in ("2 completed, 1 diverged", "1 diverged, 2 completed")
+    assert bf["diff_mean"] == pytest.approx(diffs.drop(1).mean(), abs=1e-12)
+    assert "diverged" in open(os.path.join(d, "summary.md")).read()
 
 
 def _break(d, names):
@@ -92,15 +140,18 @@ def _break(d, names):
 
 def test_local_sweep_resume_reruns_exactly_the_unfinished_cells(tmp_path):
     proc = sweep("--local", "-j", "2", "--datasets", "moons", "--solvers", "torchmpnode", "--precisions",
-                 "float32,float16", "--results-dir", str(tmp_path), "--", *TINY, "--no-viz")
+                 "float32,float16", "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY, "--no-viz")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d = sweep_dir(tmp_path)
     names = sorted(statuses(d))
-    assert len(names) == 4
+    assert len(names) == 4 and all(n.endswith("_s0") for n in names)
+    first_logs = {f: open(f).read() for f in glob.glob(os.path.join(d, "slurm", "local_*.out"))}
     _break(d, (names[1], names[3]))
     table, _ = summarize(d)  # unfinished runs are listed, not dropped
-    assert len(table) == 4 and "interrupted" in set(table["status"])
-    assert any(s.startswith("unknown") for s in table["status"])
+    runs = pd.read_csv(os.path.join(d, "summary_runs.csv"))
+    assert len(runs) == 4 and "interrupted" in set(runs["status"])
+    assert any(s.startswith("unknown") for s in runs["status"])
+    assert {"1 interrupted", "1 unknown"} <= set(table["status"])
     proc = sweep("--local", "--resume", d)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cells = {l.split("\t")[1]: l.split("\t")[0] for l in open(os.path.join(d, "cells.tsv")).read().splitlines()}
@@ -108,6 +159,75 @@ def test_local_sweep_resume_reruns_exactly_the_unfinished_cells(tmp_path):
     assert re.search(rf"2 of 4 cells not completed: {expect[0]} {expect[1]}", proc.stdout), proc.stdout
     assert set(statuses(d).values()) == {"completed"}
     assert len(os.listdir(os.path.join(d, "runs"))) == 4  # same folders, none added
+    for f, first in first_logs.items():  # a rerun cell's log keeps its first attempt
+        assert open(f).read().startswith(first)
+    # one seed: n = 1 and no interval rather than a fake one
+    table, _ = summarize(d)
+    fp16 = table[table["precision"] == "float16"]
+    assert len(fp16) == 3 and set(fp16["n"]) == {1} and set(fp16["pairs"]) == {1}
+    assert fp16["diff_ci_low"].isna().all() and fp16["test_nll_sd"].isna().all()
+    assert fp16["ci_contains_0"].isna().all()  # empty cells
+    md = open(os.path.join(d, "summary.md")).read()
+    row = r"\| torchmpnode \| float16 \| dynamic \| 1 \| "
+    assert re.search(row + r"1 completed \| \d\.\d{4} \| [+-]\d\.\d{4} \|", md), md  # no "±" for one seed
+    assert re.search(row + r"[+-]\d\.\d{4} \| — \| — \| [+-]\d\.\d{4} ± ", md), md  # no interval
+
+
+FAKE_SMI = "#!/bin/sh\necho 'GPU 0: NVIDIA Fake (UUID: GPU-aaaa)'\necho 'GPU 1: NVIDIA Fake (UUID: GPU-bbbb)'\n"
+
+
+def fake_gpu_env(tmp_path, **extra):
+    """nvidia-smi on the PATH that lists two GPUs; no CUDA_VISIBLE_DEVICES."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "nvidia-smi").write_text(FAKE_SMI)
+    (bindir / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return {**env, "PATH": f"{bindir}:{env['PATH']}", **extra}
+
+
+def test_gpu_detection(tmp_path):
+    args = ("--local", "--dry-run", "--datasets", "moons", "--precisions", "float32", "--solvers", "torchmpnode")
+    found = sweep(*args, env=fake_gpu_env(tmp_path))
+    assert "local devices: GPU(s) 0 1, at most 1 cell(s) per GPU, 2 at a time" in found.stdout, found.stdout
+    capped = sweep(*args, "-j", "9", "--per-gpu", "3", env=fake_gpu_env(tmp_path))
+    assert "-j 9 capped at 6" in capped.stdout and "GPU(s) 0 1, at most 3 cell(s) per GPU, 6 at a time" in capped.stdout
+    # an existing CUDA_VISIBLE_DEVICES wins over nvidia-smi, read as CUDA reads it
+    honoured = sweep(*args, env=fake_gpu_env(tmp_path, CUDA_VISIBLE_DEVICES="5,GPU-x,-1,7"))
+    assert "local devices: GPU(s) 5 GPU-x, at most 1" in honoured.stdout, honoured.stdout
+    for hidden in ("", "-1"):
+        none = sweep(*args, env=fake_gpu_env(tmp_path, CUDA_VISIBLE_DEVICES=hidden))
+        assert "local devices: CPU (no GPU found), 1 at a time" in none.stdout
+    nosmi = sweep(*args, env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"})
+    assert "local devices: CPU" in nosmi.stdout or "local devices: GPU" in nosmi.stdout  # whatever this machine has
+
+
+def test_local_cells_are_spread_over_gpus_at_most_k_each(tmp_path):
+    """Two fake GPUs, --per-gpu 2: each running cell sees one GPU through CUDA_VISIBLE_DEVICES,
+    round robin, and no GPU ever runs more than two cells at once. (No CUDA here: the runs use the CPU.)"""
+    proc = sweep("--local", "-j", "8", "--per-gpu", "2", "--datasets", "8gaussians", "--solvers", "torchmpnode",
+                 "--precisions", "float32,bfloat16", "--results-dir", str(tmp_path), "--", *TINY, "--no-viz",
+                 env=fake_gpu_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "-j 8 capped at 4" in proc.stdout
+    d = sweep_dir(tmp_path)
+    busy, peak, got = {"0": 0, "1": 0}, {"0": 0, "1": 0}, {}
+    for line in proc.stdout.splitlines():  # the launcher's own order of events
+        m = re.match(r"cell (\d+): (start|ok) on GPU (\d)$", line)
+        if m:
+            cell, what, gpu = m.groups()
+            busy[gpu] += 1 if what == "start" else -1
+            peak[gpu] = max(peak[gpu], busy[gpu])
+            assert 0 <= busy[gpu] <= 2, proc.stdout
+            if what == "start":
+                got[int(cell)] = gpu
+    assert busy == {"0": 0, "1": 0} and peak == {"0": 2, "1": 2}, proc.stdout
+    assert sorted(got) == list(range(6))
+    assert [got[i] for i in range(4)] == ["0", "1", "0", "1"]  # the first slots, round robin
+    for cell, gpu in got.items():
+        log = open(os.path.join(d, "slurm", f"local_{cell}.out")).read()
+        assert f"CUDA_VISIBLE_DEVICES={gpu})" in log and "cnf.py exit code: 0" in log
+    assert set(statuses(d).values()) == {"completed"} and len(statuses(d)) == 6
 
 
 def _require_slurm():
@@ -124,7 +244,7 @@ SLURM_OPTS = ["--wait", "--gpus", "0", "--cpus", "1", "--mem", "1G", "--time", "
 def test_real_slurm_sweep_summary_and_resume(tmp_path):
     _require_slurm()
     proc = sweep(*SLURM_OPTS, "--datasets", "8gaussians,moons", "--solvers", "torchmpnode",
-                 "--precisions", "float32,float16", "--results-dir", str(tmp_path), "--", *TINY)
+                 "--precisions", "float32,float16", "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"submitted array job \d+ \(8 tasks\)", proc.stdout)
     d = sweep_dir(tmp_path)
@@ -151,10 +271,68 @@ def test_real_slurm_sweep_summary_and_resume(tmp_path):
 def test_real_slurm_failing_task_fails_the_array(tmp_path):
     _require_slurm()
     proc = sweep(*SLURM_OPTS, "--datasets", "moons", "--solvers", "torchmpnode", "--precisions", "float32",
-                 "--results-dir", str(tmp_path), "--", *TINY, "--lr", "1e30", "--test_freq", "1")
+                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY, "--lr", "1e30", "--test_freq", "1")
     assert proc.returncode == 3, proc.stdout + proc.stderr  # the diverged task's exit code reaches sbatch --wait
     d = sweep_dir(tmp_path)
-    assert statuses(d) == {"moons_float32_torchmpnode_none": "diverged"}
+    assert statuses(d) == {"moons_float32_torchmpnode_none_s0": "diverged"}
+
+
+def _wait_for(what, check, timeout):
+    t0 = time.time()
+    while not check():
+        assert time.time() - t0 < timeout, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.25)
+
+
+@pytest.mark.slurm
+def test_real_slurm_requeued_task_keeps_both_attempts_in_its_log(tmp_path):
+    """The warning signal makes the task checkpoint and requeue itself; the requeued
+    task resumes, and its log (open-mode=append) still holds the first attempt."""
+    _require_slurm()
+    proc = sweep(*SLURM_OPTS[1:], "--datasets", "moons", "--solvers", "torchmpnode", "--precisions", "float32",
+                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY[:-4], "--no-viz", "--niters", "1500",
+                 "--test_freq", "5", "--ckpt_freq", "1000")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    task = re.search(r"submitted array job (\d+)", proc.stdout).group(1) + "_0"
+    d = sweep_dir(tmp_path)
+    run = os.path.join(d, "runs", "moons_float32_torchmpnode_none_s0")
+    csv = os.path.join(run, "moons_float32_torchmpnode_none_s0.csv")
+
+    def training():
+        assert not os.path.isfile(os.path.join(run, "status.json")), "the task ended before it could be signalled"
+        return os.path.isfile(csv) and len(open(csv).read().splitlines()) > 2
+
+    _wait_for("the first rows of the CSV", training, 300)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=60)
+    log = os.path.join(d, "slurm", f"{task}.out")
+    _wait_for("the requeue", lambda: "requeued; the task will resume" in open(log).read(), 120)
+    def state():
+        return subprocess.run(["squeue", "-h", "-j", task, "-o", "%T"], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+
+    pending_since = []
+
+    def finished():
+        # SLURM holds a requeued task for about two minutes (BeginTime). Start it sooner, but not
+        # in the second its first attempt ended: slurmd refuses a job credential issued by then.
+        st = state()
+        if st == "PENDING":
+            pending_since.append(pending_since[0] if pending_since else time.time())
+            if time.time() - pending_since[0] > 3:
+                subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True,
+                               timeout=60)
+        done = os.path.isfile(os.path.join(run, "status.json")) and \
+            json.load(open(os.path.join(run, "status.json")))["status"] == "completed"
+        return done and st == ""
+
+    _wait_for("the requeued task to complete", finished, 400)
+    text = open(log).read()
+    marks = ["restart 0", "cnf.py exit code: 4", "requeued; the task", "restart 1",
+             "resumed moons_float32_torchmpnode_none_s0",
+             "cnf.py exit code: 0"]
+    at = [text.find(m) for m in marks]
+    assert -1 not in at and at == sorted(at), (at, text[-3000:])
+    assert json.load(open(os.path.join(run, "status.json")))["status"] == "completed"
 
 
 def test_job_script_forwards_warning_signal_requeues_and_resumes(tmp_path):

@@ -1,0 +1,125 @@
+"""metrics.py: the exact likelihood against closed forms and fine grids, the
+discretization gap's convergence, the batched test NLL, and the RUN_DIR command."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import metrics
+import toy_data
+from model import CNF, Integrator, log_prob
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class LinearField(nn.Module):
+    """dz/dt = A z, dlogp/dt = -tr(A): the flow is z(t) = expm(A t) z(0), so
+    log p(x) = log N(expm(-A) x) - tr(A) exactly."""
+
+    trace = "exact"  # what model.log_prob asks of a field
+
+    def __init__(self, A):
+        super().__init__()
+        self.A = A
+
+    def forward(self, t, states):
+        z, logp = states
+        return z @ self.A.T, torch.full_like(logp, -float(torch.trace(self.A)))
+
+
+def strong_cnf(width=16, gain=8.0, trace="exact"):
+    """A CNF whose field is strong enough that coarse grids are visibly wrong."""
+    torch.manual_seed(0)
+    cnf = CNF(2, 8, width, trace)
+    with torch.no_grad():
+        cnf.hyper_net.net[4].weight.mul_(gain)
+        cnf.hyper_net.net[4].bias.mul_(gain)
+    return cnf
+
+
+def moons(n, seed=0):
+    return torch.from_numpy(toy_data.inf_train_gen("moons", n, seed))
+
+
+def test_exact_log_prob_of_a_linear_field_matches_the_closed_form():
+    A = torch.tensor([[0.5, -2.0], [1.5, -0.3]], dtype=torch.float64)  # rotation, shear and expansion
+    x = moons(300)
+    z0 = x.double() @ torch.linalg.matrix_exp(-A).T
+    closed = -0.5 * (2 * math.log(2 * math.pi) + (z0 * z0).sum(1)) - torch.trace(A)
+    got = metrics.exact_log_prob(LinearField(A), x)
+    assert got.dtype == torch.float64 and got.shape == (300,)
+    assert (got - closed).abs().max() < 1e-6
+    assert abs(metrics.nll_and_se(got)[0] - float(-closed.mean())) < 1e-6
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_exact_field_agrees_with_a_fine_float64_grid(trace):
+    """exact_field copies the trained parameters into a float64 field with the
+    closed-form trace, whichever trace the run trained with."""
+    cnf = strong_cnf(trace=trace)
+    x = moons(128)
+    field = metrics.exact_field(cnf)
+    assert field.trace == "exact" and next(field.parameters()).dtype == torch.float64
+    assert next(cnf.parameters()).dtype == torch.float32  # the trained model is left alone
+    exact = metrics.exact_log_prob(field, x)
+    fine = log_prob(field, x.double(), Integrator("torchmpnode", "rk4", 256, loss_scaler=False))
+    assert (exact - fine).abs().max() < 1e-6
+
+
+def test_disc_gap_shrinks_with_num_timesteps_and_order():
+    cnf = strong_cnf()
+    x = moons(256)
+
+    def gap(method, nt):
+        with torch.no_grad():
+            val_loss, _ = metrics.nll_and_se(log_prob(cnf, x, Integrator("torchmpnode", method, nt, loss_scaler=False)))
+        m = metrics.exact_metrics(cnf, x, val_loss)
+        assert m["disc_gap"] == pytest.approx(val_loss - m["val_loss_exact"])
+        return abs(m["disc_gap"])
+
+    euler = [gap("euler", nt) for nt in (4, 8, 16, 32)]
+    print("euler |disc_gap| at 4, 8, 16, 32 grid points:", euler)
+    assert euler[0] > 1e-2
+    # first order: each doubling of the grid roughly halves the gap
+    assert all(1.6 < a / b < 3.5 for a, b in zip(euler, euler[1:])), euler
+    rk4 = [gap("rk4", nt) for nt in (4, 8)]
+    assert rk4[1] < rk4[0] / 20 and rk4[1] < euler[-1] / 50, (rk4, euler)
+
+
+def test_test_metrics_batches_and_standard_error():
+    cnf = strong_cnf()
+    x = moons(1000)
+    integ = Integrator("torchmpnode", "rk4", 8, loss_scaler=False)
+    m, logp = metrics.test_metrics(cnf, integ, x, "moons")
+    whole = log_prob(cnf, x, integ).detach()
+    assert logp.shape == (1000,) and logp.dtype == torch.float32
+    assert (logp - whole).abs().max() < 1e-5  # batches of EVAL_BATCH give the same numbers
+    assert m["test_loss"] == pytest.approx(-float(whole.double().mean()), abs=1e-5)
+    assert m["test_loss_se"] == pytest.approx(float(whole.double().std()) / math.sqrt(1000), rel=1e-4)
+    assert m["test_gap"] == pytest.approx(m["test_loss"] - toy_data.ENTROPY["moons"])
+
+
+def test_metrics_command_reproduces_a_runs_exact_likelihood(tmp_path):
+    tiny = ["--num_samples", "32", "--num_samples_val", "64", "--num_samples_test", "128", "--num_timesteps", "4",
+            "--width", "8", "--hidden_dim", "8", "--niters", "4", "--test_freq", "2", "--no-viz", "--data", "moons"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cnf.py"), *tiny, "--run_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = json.load(open(tmp_path / "run" / "status.json"))["final"]
+    before = sorted(os.listdir(tmp_path / "run"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "metrics.py"), str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    assert float(words[words.index("val_loss_exact") + 1]) == pytest.approx(final["val_loss_exact"], abs=2e-6)
+    assert float(words[words.index("val_loss") + 1]) == pytest.approx(final["val_loss"], abs=2e-6)
+    assert sorted(os.listdir(tmp_path / "run")) == before  # it only reads the run folder
+    for bad in ([str(tmp_path / "nope")], [str(tmp_path / "run"), "--device", "tpu"]):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "metrics.py"), *bad], capture_output=True,
+                              text=True, cwd=str(tmp_path), timeout=300)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "metrics.py: error" in proc.stderr
