@@ -78,8 +78,8 @@ def save_flow_frames(out_dir, target, snapshots, limit=4.5, gif_duration=0.1, bi
     if g * g != snapshots["density_logp"].shape[1]:
         raise ValueError(f"density_logp has {snapshots['density_logp'].shape[1]} points, not a square grid")
     edges = np.linspace(-limit, limit, bins + 1)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad(cmap(0))  # the pulled-back grid need not cover the corners
+    viridis = plt.get_cmap("viridis")
+    cmap = viridis.with_extremes(bad=viridis(0))  # the pulled-back grid need not cover the corners
     fig, ax = plt.subplots(1, 3, figsize=(12, 4.2))
     ims = [a.imshow(np.zeros((bins, bins)), origin="lower", extent=(-limit, limit, -limit, limit), cmap=cmap,
                     interpolation="nearest") for a in ax[:2]]

@@ -186,6 +186,7 @@ def test_dynamic_scaler_over_adjoint_range_e_minus_30(device):
     assert scaler.scale > 2.0**60  # the scale followed the adjoint down from ~1e-3 by e^-30
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy reports the float16 overflow
 def test_overflowing_step_is_retried_at_half_scale(device):
     """A steep field makes the anchored scale overflow float16 inside the VJP: the kernel
     retries that step with the scale halved, and the gradient matches the torch path's."""
@@ -200,6 +201,7 @@ def test_overflowing_step_is_retried_at_half_scale(device):
     assert rel(fused, twin) < 1e-5  # near-bitwise: float32 sum order only
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_persistent_non_finite_raises_naming_the_step(device):
     cnf, x, points = make(device)
     cnf.backend = "triton"
