@@ -23,7 +23,7 @@ import plots
 import runtime
 import toy_data
 from model import BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, resolve_backend
-from precision import PRECISIONS, Precision, Scalers
+from precision import PRECISIONS, Precision, Scalers, scaler_flags
 from torchmpnode import METHODS
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
@@ -125,9 +125,12 @@ def validate(args):
         raise ValueError(f"--device {args.device} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
-    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace)
+    use_dynamic = scaler_flags(args.odeint, args.precision, args.no_grad_scaler, args.no_dynamic_scaler,
+                               args.grad_scaler)[1]
+    probe = dict(width=args.width, method=args.method, low=PRECISIONS[args.precision], scaled=use_dynamic)
+    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe)
     if args.backend == "triton" and args.precision == "tfloat32":
-        note = "tfloat32: the fused kernels have no matmul, so they run plain float32"
+        note += "; tfloat32: the fused kernels have no matmul, so they run plain float32"
     if args.resume is None and args.run_dir is None:
         _check_writable_dir(args.results_dir, "--results_dir")
     return note

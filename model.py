@@ -131,12 +131,15 @@ class CNF(nn.Module):
         return f, -tr
 
 
-def resolve_backend(name, device, odeint="torchmpnode", trace="exact"):
+def resolve_backend(name, device, odeint="torchmpnode", trace="exact", probe=None):
     """The backend a run uses, and a note for its log.
 
     'auto' is 'triton' on CUDA when the fused kernels can run there (triton
     imports, the GPU is recent enough, torchmpnode with the exact trace), else
-    'torch'. An explicit 'triton' that cannot run raises a one-line ValueError.
+    'torch'. With ``probe`` (keyword arguments of ``fused_self_test``: the
+    run's width, method, low precision and scaling) the kernels must also pass
+    their self-test on this machine. An explicit 'triton' that cannot run
+    raises a one-line ValueError; 'auto' falls back to 'torch' and says why.
     """
     device = torch.device(device)
     if name not in ("auto", *BACKENDS):
@@ -157,11 +160,45 @@ def resolve_backend(name, device, odeint="torchmpnode", trace="exact"):
     import cnf_kernels  # imports triton, which only the triton backend needs
 
     reason = cnf_kernels.unavailable_reason(device)
+    if reason is None and probe is not None:
+        reason = fused_self_test(device, **probe)
     if reason:
         if name == "triton":
             raise ValueError(f"--backend triton: {reason}")
         return "torch", f"backend auto -> torch: {reason}"
-    return "triton", ""
+    return "triton", "fused kernels passed their self-test" if probe is not None else ""
+
+
+def fused_self_test(device, width, method="rk4", low=None, scaled=False, hidden=8, n=12, points=3):
+    """Solve a tiny problem (this width, method, precision and scaling, so the same
+    kernel variants compile) with the fused kernels and with the torch path, values
+    and gradients. None when they agree, else a one-line reason. The tolerance is
+    loose: it catches a broken kernel or toolchain, not roundoff. The global RNG is
+    left as it was."""
+    import cnf_kernels
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cnf = CNF(2, hidden, width).to(device)
+        x = torch.randn(n, 2).to(device)
+    out = {}
+    try:
+        for backend in BACKENDS:
+            cnf.backend = backend
+            scaler = torchmpnode.DynamicScaler() if scaled else False
+            xl = x.clone().requires_grad_()
+            with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
+                lp = log_prob(cnf, xl, Integrator("torchmpnode", method, points, scaler))
+            out[backend] = [lp.detach(), *torch.autograd.grad(lp.sum(), (xl, *cnf.parameters()))]
+    except (cnf_kernels.KernelError, RuntimeError) as e:
+        return f"the fused kernels failed their self-test: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    tol = 1e-3 if low is None else 0.1
+    names = ["log p", "dL/dx"] + [n for n, _ in cnf.named_parameters()]
+    for name, a, b in zip(names, out["torch"], out["triton"]):
+        err = float((a.double() - b.double()).norm() / a.double().norm().clamp_min(1e-12))
+        if not bool(torch.isfinite(b).all()) or err > tol:
+            return f"the fused kernels failed their self-test: {name} differs from the torch path by {err:.2g} (relative)"
+    return None
 
 
 class Integrator:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchmpnode
-from model import CNF, Integrator, flow_to_base, resolve_backend
+from model import CNF, Integrator, flow_to_base, fused_self_test, resolve_backend
 from torchmpnode import DynamicScaler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,6 +259,35 @@ def test_refusals():
         resolve_backend("triton", "cpu", "torchmpnode", "autograd")
     assert resolve_backend("auto", "cpu") == ("torch", "")  # auto is triton on CUDA only
     assert resolve_backend("torch", "cpu") == ("torch", "")
+
+
+def test_self_test_catches_a_broken_kernel(device, monkeypatch):
+    """Before a run uses the kernels, a tiny solve must match the torch path: a kernel
+    that fails to compile, or computes wrong gradients, is caught with a one-line reason."""
+    import cnf_kernels
+
+    assert fused_self_test(device, width=6) is None
+    assert fused_self_test(device, width=6, low=torch.float16, scaled=True) is None
+    assert resolve_backend("triton", device, probe=dict(width=6)) == ("triton", "fused kernels passed their self-test")
+    right = cnf_kernels.solve_backward
+
+    def wrong(*args, **kw):
+        az, al, dP = right(*args, **kw)
+        return az, al, tuple(1.5 * d for d in dP)
+
+    monkeypatch.setattr(cnf_kernels, "solve_backward", wrong)
+    assert "differs from the torch path" in fused_self_test(device, width=6)
+    with pytest.raises(ValueError, match=r"^--backend triton: the fused kernels failed their self-test: hyper_net"):
+        resolve_backend("triton", device, probe=dict(width=6))
+
+    def broken(*args, **kw):
+        raise cnf_kernels.KernelError("the fused forward kernel failed: CompilationError: at 12:4")
+
+    monkeypatch.setattr(cnf_kernels, "solve_forward", broken)
+    assert "CompilationError" in fused_self_test(device, width=6)
+    if device.type == "cuda":  # auto falls back to torch and says why
+        backend, note = resolve_backend("auto", device, probe=dict(width=6))
+        assert backend == "torch" and "self-test" in note
 
 
 def test_no_triton_or_no_gpu_is_one_line(monkeypatch):
