@@ -35,14 +35,8 @@ RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "v
 NEVER_FROM_CHECKPOINT = ("device", "gpu", "threads", "backend", "results_dir", "resume", "run_dir")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(ex.EXIT_BAD_INPUT)
-
-
 def build_parser():
-    p = OneLineParser(prog="cnf.py", description="Train a hypernetwork CNF on a 2D toy density.")
+    p = ex.OneLineParser(prog="cnf.py", description="Train a hypernetwork CNF on a 2D toy density.")
     a = p.add_argument
     a("--data", default="8gaussians", choices=toy_data.DATASETS, help="toy dataset")
     a("--odeint", default="torchmpnode", choices=SOLVERS, help="ODE solver")

@@ -59,7 +59,6 @@ registers first), into its own slice of a [programs, rows, R] buffer, which
 torch then sums over programs. No atomics: identical runs give identical bits.
 Saved for backward: the states only, as in the torch path.
 """
-import math
 import os
 
 import torch
@@ -235,7 +234,7 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
         failed = st[:, 2]
         if bool((failed >= 0).any()):
             step = int(failed[failed >= 0].max())
-            t = spec.t_list[step] if spec.t_list is not None else float("nan")
+            t = spec.t_list[step]
             raise RuntimeError(
                 f"DynamicScaler: the VJP of step {step} (t={t:.6g}) stayed non-finite after "
                 f"{scaler.max_attempts} halvings of the scale in the fused backward; the gradient itself is not finite"
@@ -296,11 +295,11 @@ if triton is not None:
 
     @triton.jit
     def _field(W2T, B2, U, c4, ub, z, LOW: tl.constexpr):
-        """Field and trace of a block: z [B, DP] -> f [B, DP], tr [B], and (zl, s, terms)."""
+        """Field and trace of a block: z [B, DP] -> f [B, DP], tr [B]."""
         zl, s, terms = _activations(W2T, B2, z, LOW)
         f = _round(tl.sum(s[:, None, :] * U[None, :, :], axis=2) + ub[None, :], LOW)  # [B, DP]
         tr = tl.sum(_round(terms * c4[None, :], LOW), axis=1)  # [B]
-        return f, tr, zl, s, terms
+        return f, tr
 
     @triton.jit
     def _field_vjp(W2T, B2, U, c4, ub, z, Kz, Kl, LOW: tl.constexpr):
@@ -350,12 +349,12 @@ if triton is not None:
             c = coef + i * 8
             if METHOD == 1:
                 W2T, B2, U, c4, ub = _load_row(T, 2 * i, R, WIDTH, D, DP, WP)
-                k0, t0, _, _, _ = _field(W2T, B2, U, c4, ub, z, LOW)
+                k0, t0 = _field(W2T, B2, U, c4, ub, z, LOW)
                 W2T, B2, U, c4, ub = _load_row(T, 2 * i + 1, R, WIDTH, D, DP, WP)
-                k1, t1, _, _, _ = _field(W2T, B2, U, c4, ub, z + tl.load(c) * k0, LOW)
-                k2, t2, _, _, _ = _field(W2T, B2, U, c4, ub, z + tl.load(c + 1) * k1, LOW)
+                k1, t1 = _field(W2T, B2, U, c4, ub, z + tl.load(c) * k0, LOW)
+                k2, t2 = _field(W2T, B2, U, c4, ub, z + tl.load(c + 1) * k1, LOW)
                 W2T, B2, U, c4, ub = _load_row(T, 2 * i + 2, R, WIDTH, D, DP, WP)
-                k3, t3, _, _, _ = _field(W2T, B2, U, c4, ub, z + tl.load(c + 2) * k2, LOW)
+                k3, t3 = _field(W2T, B2, U, c4, ub, z + tl.load(c + 2) * k2, LOW)
                 b0 = tl.load(c + 3)
                 b1 = tl.load(c + 4)
                 b2 = tl.load(c + 5)
@@ -364,7 +363,7 @@ if triton is not None:
                 lp = lp + (((b0 * -t0 + b1 * -t1) + b2 * -t2) + b3 * -t3)
             else:
                 W2T, B2, U, c4, ub = _load_row(T, i, R, WIDTH, D, DP, WP)
-                k0, t0, _, _, _ = _field(W2T, B2, U, c4, ub, z, LOW)
+                k0, t0 = _field(W2T, B2, U, c4, ub, z, LOW)
                 h = tl.load(c + 3)
                 z = z + h * k0
                 lp = lp + h * -t0
@@ -379,7 +378,6 @@ if triton is not None:
         pid = tl.program_id(0)
         rows = pid * BLOCK + tl.arange(0, BLOCK)
         cd = tl.arange(0, DP)
-        cw = tl.arange(0, WP)
         mrow = rows < n
         mz = mrow[:, None] & (cd[None, :] < D)
         offz = rows[:, None] * D + cd[None, :]
@@ -419,11 +417,11 @@ if triton is not None:
                 W0, B0, U0, C0, u0 = _load_row(T, 2 * i, R, WIDTH, D, DP, WP)
                 Wm, Bm, Um, Cm, um = _load_row(T, 2 * i + 1, R, WIDTH, D, DP, WP)
                 W1, B1, U1, C1, u1 = _load_row(T, 2 * i + 2, R, WIDTH, D, DP, WP)
-                k0, _, _, _, _ = _field(W0, B0, U0, C0, u0, z_i, LOW)
+                k0, _ = _field(W0, B0, U0, C0, u0, z_i, LOW)
                 Y1 = z_i + ha1 * k0
-                k1, _, _, _, _ = _field(Wm, Bm, Um, Cm, um, Y1, LOW)
+                k1, _ = _field(Wm, Bm, Um, Cm, um, Y1, LOW)
                 Y2 = z_i + ha2 * k1
-                k2, _, _, _, _ = _field(Wm, Bm, Um, Cm, um, Y2, LOW)
+                k2, _ = _field(Wm, Bm, Um, Cm, um, Y2, LOW)
                 Y3 = z_i + ha3 * k2
             else:
                 W0, B0, U0, C0, u0 = _load_row(T, i, R, WIDTH, D, DP, WP)

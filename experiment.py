@@ -6,6 +6,7 @@ leaves the previous good file or the new one, never a truncated one.
 Checkpoints hold only tensors and plain Python values and are read with
 ``torch.load(weights_only=True)``: a checkpoint cannot execute code.
 """
+import argparse
 import csv
 import io
 import json
@@ -13,6 +14,7 @@ import os
 import pickle
 import resource
 import signal
+import sys
 import time
 import warnings
 
@@ -193,6 +195,14 @@ class RunLog:
     def close(self):
         self.flush()
         self.file.close()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one stderr line and exit code 2 (bad input)."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def write_npy(path, array):

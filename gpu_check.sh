@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a short GPU slot (< 6 minutes on one H100/H200):
+# The GPU checks in one go, for a short GPU slot (step time limits add up to < 6 minutes):
 #   1. pytest -m cuda      the fused-kernel checks, compiled, at full size (batch 1024, width 128, 128 points)
 #   2. bench.py            torch vs triton backends in every precision (BENCHMARKS.md's GPU table)
 #   3. python cnf.py       one default run (2000 iterations, validation, plots, GIF), with its wall time

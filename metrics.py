@@ -3,7 +3,6 @@ in the training precision, MMD, the test NLL, and the exact likelihood.
 
     python metrics.py RUN_DIR [RUN_DIR ...]   # val_loss_exact and disc_gap of saved runs
 """
-import argparse
 import math
 import sys
 import time
@@ -137,14 +136,8 @@ def run_exact(folder, device="cpu"):
     return val_loss, m, time.perf_counter() - t0
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(ex.EXIT_BAD_INPUT)
-
-
 def main(argv=None):
-    p = _OneLineParser(prog="metrics.py", description="Exact likelihood (val_loss_exact, disc_gap) "
+    p = ex.OneLineParser(prog="metrics.py", description="Exact likelihood (val_loss_exact, disc_gap) "
                                 "of saved runs, from their checkpoints.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each holds ckpt.pth)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")

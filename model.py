@@ -193,7 +193,7 @@ def fused_self_test(device, width, method="rk4", low=None, scaled=False, hidden=
     except (cnf_kernels.KernelError, RuntimeError) as e:
         return f"the fused kernels failed their self-test: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     tol = 1e-3 if low is None else 0.1
-    names = ["log p", "dL/dx"] + [n for n, _ in cnf.named_parameters()]
+    names = ["log p", "dL/dx"] + [name for name, _ in cnf.named_parameters()]
     for name, a, b in zip(names, out["torch"], out["triton"]):
         err = float((a.double() - b.double()).norm() / a.double().norm().clamp_min(1e-12))
         if not bool(torch.isfinite(b).all()) or err > tol:

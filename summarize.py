@@ -213,7 +213,7 @@ def to_markdown(cells, runs):
         out.append("")
         others = g[~g["reference"]]
         if len(others):
-            out.append(f"Paired with float32 (same solver and seed), test NLL difference:\n")
+            out.append("Paired with float32 (same solver and seed), test NLL difference:\n")
             out.append("| solver | precision | scaler | pairs | mean diff ± sd | 95% CI (seeds) | CI contains 0 "
                        "| per point: mean ± SE |")
             out.append("|---|---|---|---:|---:|---|---|---:|")
