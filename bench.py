@@ -1,6 +1,8 @@
 """Speed and memory of one training iteration (forward, backward, optimizer step).
 
     python bench.py [--device cpu|cuda] [--iters N] [--quick] [--paths ...] [--json FILE]
+    python bench.py --device cuda --profile triton     # where one iteration's time goes
+    python bench.py --device cuda --kernel-sweep       # time the fused kernels' block sizes
 
 Each path runs in a fresh subprocess: warm-up, then the median over --iters
 iterations. Peak memory is that process's: peak RSS on CPU (also shown as the
@@ -160,6 +162,104 @@ def run_worker(path, device, cfg, iters):
                 loss=float(loss.detach()))
 
 
+def profile(path, device, cfg, iters, top=25):
+    """One path under torch.profiler: its top operations by device (or CPU) time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run_worker(path, device, cfg, 2)  # compile and warm up outside the trace
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        r = run_worker(path, device, cfg, iters)
+    key = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top))
+    print(json.dumps(r))
+
+
+def kernel_sweep(device, cfg, out=print):
+    """The fused forward and backward kernels alone, over samples per program and warps
+    per program, on one standard solve (float32, and float16 with a DynamicScaler). Each
+    choice's results are checked against the current default's before it is timed."""
+    import cnf_kernels
+    from model import CNF, Integrator, log_prob
+    from torchmpnode import DynamicScaler
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        from triton.testing import do_bench
+
+        def timed(fn):
+            return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    else:
+        def timed(fn):
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(1e3 * (time.perf_counter() - t0))
+            return statistics.median(ts)
+
+    torch.manual_seed(0)
+    model = CNF(2, cfg["hidden"], cfg["width"], backend="triton").to(device)
+    x = torch.randn(cfg["batch"], 2, device=device) * 1.5
+    captured = {}
+    solve = cnf_kernels.solve_forward
+
+    def record(P, z0, logp0, spec):
+        captured.update(P=P, z0=z0, logp0=logp0, spec=spec)
+        return solve(P, z0, logp0, spec)
+
+    defaults = dict(blocks=cnf_kernels.BLOCKS[device.type], warps=cnf_kernels.NUM_WARPS)
+    fwd_choices = [(b, w) for b in (2, 4, 8, 16) for w in (1, 2, 4, 8)] if cuda else [(16, 4), (64, 4)]
+    bwd_choices = [(b, w) for b in (4, 8, 16) for w in (2, 4, 8)] if cuda else [(16, 4), (32, 4)]
+    out(f"| precision | kernel | samples/program | warps | ms (median) | max rel. diff vs default {defaults} |")
+    out("|---|---|---:|---:|---:|---:|")
+    cnf_kernels.solve_forward = record
+    try:
+        for precision, low in (("float32", None), ("float16+DynamicScaler", torch.float16)):
+            with torch.no_grad(), torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
+                log_prob(model, x, Integrator("torchmpnode", "rk4", cfg["num_timesteps"]))
+            P, z0, logp0, spec = (captured[k] for k in ("P", "z0", "logp0", "spec"))
+            zs, ls = solve(P, z0, logp0, spec)
+            g = torch.Generator(device=device).manual_seed(1)
+            gz = torch.zeros_like(zs)
+            gl = torch.zeros_like(ls)
+            gz[-1] = torch.randn(zs.shape[1:], generator=g, device=device) / zs.shape[1]
+            gl[-1] = -1.0 / zs.shape[1]
+            scaler = DynamicScaler() if low is not None else None
+
+            def fwd():
+                return solve(P, z0, logp0, spec)
+
+            def bwd():
+                if scaler is not None:
+                    scaler.scale = 1.0
+                return cnf_kernels.solve_backward(P, zs, gz, gl, spec, scaler)
+
+            ref_f, ref_b = fwd(), bwd()
+            for kernel, fn, choices, slot in (("forward", fwd, fwd_choices, 0), ("backward", bwd, bwd_choices, 1)):
+                ref = ref_f if slot == 0 else (ref_b[0], ref_b[1], *ref_b[2])
+                for block, warps in choices:
+                    blocks = list(defaults["blocks"])
+                    blocks[slot] = block
+                    nw = list(defaults["warps"])
+                    nw[slot] = warps
+                    cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = tuple(blocks), tuple(nw)
+                    try:
+                        res = fn()
+                        res = res if slot == 0 else (res[0], res[1], *res[2])
+                        diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(res, ref))
+                        ms = f"{timed(fn):.3f}"
+                    except Exception as e:  # out of resources, say: report it and go on
+                        diff, ms = float("nan"), f"failed: {str(e).splitlines()[0][:80]}"
+                    out(f"| {precision} | {kernel} | {block} | {warps} | {ms} | {diff:.2g} |")
+                cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults["blocks"], defaults["warps"]
+    finally:
+        cnf_kernels.solve_forward = solve
+        cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults["blocks"], defaults["warps"]
+
+
 # --- driver ----------------------------------------------------------------------
 def _ms(x):
     return f"{x:.0f}" if x >= 100 else f"{x:.2f}"
@@ -187,6 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny problem, for a smoke test")
     p.add_argument("--paths", nargs="+", default=None, help=f"subset of {PATHS + CUDA_PATHS}")
     p.add_argument("--json", default=None, help="output file (default results/bench_<device>_<time>.json)")
+    p.add_argument("--profile", default=None, metavar="PATH", help="profile one path's iterations (torch.profiler) instead")
+    p.add_argument("--kernel-sweep", action="store_true", help="time the fused kernels alone over block sizes and warps")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.iters < 1:
@@ -201,6 +303,12 @@ def main(argv=None):
     cfg = QUICK if args.quick else STANDARD
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.device, cfg, args.iters)))
+        return 0
+    if args.profile:
+        profile(args.profile, args.device, cfg, args.iters)
+        return 0
+    if args.kernel_sweep:
+        kernel_sweep(args.device, cfg, out=lambda line: print(line, flush=True))
         return 0
     paths = args.paths or (PATHS + (CUDA_PATHS if args.device.startswith("cuda") else ()))
     rows = []

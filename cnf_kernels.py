@@ -78,7 +78,7 @@ LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # n/8 x rows x R float32 (100 MB at batch 1024, width 128, 128 points). Not yet timed on
 # a GPU. The CPU interpreter's cost is per program, so it takes large blocks.
 BLOCKS = {"cuda": (4, 8), "cpu": (64, 32)}
-NUM_WARPS = 4
+NUM_WARPS = (4, 4)  # warps per program (forward, backward); ``bench.py --kernel-sweep`` times the choices
 
 
 class KernelError(RuntimeError):
@@ -193,7 +193,7 @@ def solve_forward(P, z0, logp0, spec):
     _launch(
         "forward", _forward_kernel, grid, zs, ls, table, _coefficients(spec, z0.device), n, N, table.shape[1], w,
         D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
-        METHOD=METHOD_CODES[spec.method], LOW=low, num_warps=NUM_WARPS,
+        METHOD=METHOD_CODES[spec.method], LOW=low, num_warps=NUM_WARPS[0],
     )
     return zs, ls
 
@@ -227,7 +227,7 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
             "backward", _backward_kernel, (programs,), zs, grads_z.contiguous(), grads_l.contiguous(), table, _coefficients(spec, zs.device), az, al, part, stats,
             n, N, R, w, S_rows, float(target), int(max_attempts),
             D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
-            METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, num_warps=NUM_WARPS,
+            METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, num_warps=NUM_WARPS[1],
         )
     if scaler is not None and programs:
         st = stats.cpu()  # one host sync per sweep
@@ -531,11 +531,11 @@ def compile_check(capability=90, out=print):
     for method in METHOD_CODES.values():
         for low in LOW_CODES.values():
             c = dict(D=2, DP=2, WP=128, METHOD=method, LOW=low)
-            variants.append((_forward_kernel, fwd, c | dict(BLOCK=fb)))
-            variants.append((_backward_kernel, bwd, c | dict(BLOCK=bb, SCALED=low == 2)))
-    for fn, sig, consts in variants:
+            variants.append((_forward_kernel, fwd, c | dict(BLOCK=fb), NUM_WARPS[0]))
+            variants.append((_backward_kernel, bwd, c | dict(BLOCK=bb, SCALED=low == 2), NUM_WARPS[1]))
+    for fn, sig, consts, warps in variants:
         src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in consts}, constexprs=consts)
-        k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
+        k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
         out(f"{fn.__name__} {consts}: {len(k.asm['cubin'])} bytes of cubin")
 
 

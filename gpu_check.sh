@@ -6,6 +6,10 @@
 #
 #   bash gpu_check.sh [OUT_DIR]      (default: results/gpu_check_<time>)
 #
+# GPU_CHECK_TUNE=1 adds two steps (up to 3 more minutes): bench.py --kernel-sweep (the fused
+# kernels' samples and warps per program) and bench.py --profile triton (where an iteration's
+# time goes).
+#
 # Each step has its own time limit and log; a failed or timed-out step does not stop the
 # next. OUT_DIR/summary.txt gets one line per step (exit code, wall seconds); the exit
 # code is non-zero when any step failed.
@@ -35,10 +39,14 @@ step() {  # step NAME SECONDS CMD...
   [ "$rc" -eq 0 ] || status=1
 }
 
-step pytest 150 "$py" -m pytest -q -m cuda -p no:cacheprovider
-step bench 120 "$py" bench.py --device cuda --iters 10 --json "$out/bench.json" --paths \
+step pytest 120 "$py" -m pytest -q -m cuda -p no:cacheprovider
+step bench 110 "$py" bench.py --device cuda --iters 10 --json "$out/bench.json" --paths \
   torchmpnode triton torchmpnode-tf32 triton-tf32 torchmpnode-bf16 triton-bf16 torchmpnode-fp16 triton-fp16
 step cnf 75 "$py" cnf.py --results_dir "$out/runs"
+if [ "${GPU_CHECK_TUNE:-0}" = 1 ]; then
+  step sweep 100 "$py" bench.py --device cuda --kernel-sweep
+  step profile 40 "$py" bench.py --device cuda --profile triton --iters 5
+fi
 tail -n 12 "$out/bench.log" > "$out/bench_table.md"
 grep -h "completed\|diverged\|interrupted\|val NLL" "$out"/runs/*/*.txt 2>/dev/null | tail -n 3 >> "$out/summary.txt"
 exit $status
