@@ -59,6 +59,7 @@ registers first), into its own slice of a [programs, rows, R] buffer, which
 torch then sums over programs. No atomics: identical runs give identical bits.
 Saved for backward: the states only, as in the torch path.
 """
+import functools
 import os
 
 import torch
@@ -131,23 +132,13 @@ def unpack_params(T, d, w):
     return W2T.reshape(S, d, w), B2, Uw2T.reshape(S, d, w), ub.reshape(S, d, 1), c4
 
 
-def _coefficients(spec, device):
-    """Per-step float32 coefficients [N, 8], computed in double as the torch path does:
-    rk4 [h/2, h/2, h, h/6, h/3, h/3, h/6, h]; euler [0, 0, 0, h, 0, 0, 0, h]."""
-    tab = spec.tab
-    rows = []
-    for h in spec.h:
-        if spec.method == "rk4":
-            rows.append([h * tab.a[1][0], h * tab.a[2][1], h * tab.a[3][2], *(h * b for b in tab.b), h])
-        else:
-            rows.append([0.0, 0.0, 0.0, h * tab.b[0], 0.0, 0.0, 0.0, h])
-    return torch.tensor(rows, dtype=torch.float64).to(device, torch.float32)
-
-
-def check_spec(spec, z, logp, P):
-    """Refuse what the kernels do not implement, with one-line reasons."""
-    if triton is None:
-        raise RuntimeError(unavailable_reason(z.device))
+@functools.lru_cache(maxsize=32)
+def _prepared(spec, device):
+    """Checks of ``spec`` that do not depend on tensors, and the per-step float32
+    coefficients [N, 8] on ``device``, computed in double as the torch path does:
+    rk4 [h/2, h/2, h, h/6, h/3, h/3, h/6, h]; euler [0, 0, 0, h, 0, 0, 0, h].
+    Cached per grid and device: a training loop builds them (and pays the host-to-device
+    copy, a sync on a GPU) once. Returns (low precision code, rows of the table, coefficients)."""
     if spec.method not in METHOD_CODES:
         raise ValueError(f"the fused solve implements {', '.join(METHOD_CODES)}; got method {spec.method!r}")
     expected = {"euler": ((0.0,), ((),), (1.0,)),
@@ -156,26 +147,45 @@ def check_spec(spec, z, logp, P):
         raise ValueError(f"the fused solve implements the classical {spec.method} tableau only")
     N = len(spec.h)
     layout = [[2 * i, 2 * i + 1, 2 * i + 1, 2 * i + 2] for i in range(N)] if spec.method == "rk4" else [[i] for i in range(N)]
-    if [list(r) for r in spec.rows] != layout or P[1].shape[0] != layout[-1][-1] + 1 + (spec.method == "euler"):
+    if [list(r) for r in spec.rows] != layout:
+        raise ValueError("the fused solve expects torchmpnode's stage-time row layout")
+    low = spec.low_dtype if spec.low_dtype is not None else torch.float32
+    if low not in LOW_CODES:
+        raise ValueError(f"the fused solve runs float32, bfloat16 or float16; got {low}")
+    tab = spec.tab
+    coef = []
+    for h in spec.h:
+        if spec.method == "rk4":
+            coef.append([h * tab.a[1][0], h * tab.a[2][1], h * tab.a[3][2], *(h * b for b in tab.b), h])
+        else:
+            coef.append([0.0, 0.0, 0.0, h * tab.b[0], 0.0, 0.0, 0.0, h])
+    coef = torch.tensor(coef, dtype=torch.float64).to(device, torch.float32)
+    return LOW_CODES[low], layout[-1][-1] + 1 + (spec.method == "euler"), coef
+
+
+def check_spec(spec, z, logp, P):
+    """Refuse what the kernels do not implement, with one-line reasons. Returns the
+    low precision code and the per-step coefficients."""
+    if triton is None:
+        raise RuntimeError(unavailable_reason(z.device))
+    low, rows, coef = _prepared(spec, z.device)
+    if P[1].shape[0] != rows:
         raise ValueError("the fused solve expects torchmpnode's stage-time row layout")
     if z.dtype != torch.float32 or logp.dtype != torch.float32:
         raise ValueError(f"the fused solve runs float32 states; got z {z.dtype}, logp {logp.dtype}")
     if z.dim() != 2 or logp.shape != (z.shape[0], 1):
         raise ValueError(f"expected z [n, d] and logp [n, 1]; got {tuple(z.shape)} and {tuple(logp.shape)}")
-    low = spec.low_dtype if spec.low_dtype is not None else torch.float32
-    if low not in LOW_CODES:
-        raise ValueError(f"the fused solve runs float32, bfloat16 or float16; got {low}")
     if P[0].device != z.device:
         raise ValueError(f"parameters on {P[0].device}, state on {z.device}")
     reason = unavailable_reason(z.device)
     if reason:
         raise RuntimeError(reason)
-    return LOW_CODES[low]
+    return low, coef
 
 
 def solve_forward(P, z0, logp0, spec):
     """All states of the solve: (z_t [N+1, n, d], logp_t [N+1, n, 1]), float32."""
-    low = check_spec(spec, z0, logp0, P)
+    low, coef = check_spec(spec, z0, logp0, P)
     n, d = z0.shape
     w = P[1].shape[1]
     N = len(spec.h)
@@ -191,7 +201,7 @@ def solve_forward(P, z0, logp0, spec):
     block = BLOCKS[z0.device.type][0]
     grid = (triton.cdiv(n, block),)
     _launch(
-        "forward", _forward_kernel, grid, zs, ls, table, _coefficients(spec, z0.device), n, N, table.shape[1], w,
+        "forward", _forward_kernel, grid, zs, ls, table, coef, n, N, table.shape[1], w,
         D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
         METHOD=METHOD_CODES[spec.method], LOW=low, num_warps=NUM_WARPS[0],
     )
@@ -207,7 +217,7 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
     rows, shaped like ``P``. A ``scaler`` (DynamicScaler) switches on per-block
     loss scaling and is updated (``scale``, ``overflow_steps``).
     """
-    low = check_spec(spec, zs[0], grads_l[0], P)
+    low, coef = check_spec(spec, zs[0], grads_l[0], P)
     N1, n, d = zs.shape
     N = N1 - 1
     w = P[1].shape[1]
@@ -224,7 +234,7 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
         target = scaler.target(d + 1) if scaler is not None else 1.0
         max_attempts = scaler.max_attempts if scaler is not None else 1
         _launch(
-            "backward", _backward_kernel, (programs,), zs, grads_z.contiguous(), grads_l.contiguous(), table, _coefficients(spec, zs.device), az, al, part, stats,
+            "backward", _backward_kernel, (programs,), zs, grads_z.contiguous(), grads_l.contiguous(), table, coef, az, al, part, stats,
             n, N, R, w, S_rows, float(target), int(max_attempts),
             D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
             METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, num_warps=NUM_WARPS[1],

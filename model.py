@@ -222,10 +222,16 @@ class Integrator:
             raise ValueError("tolerances apply to torchdiffeq's adaptive methods; torchmpnode is fixed-grid")
         self.odeint, self.method, self.num_timesteps = odeint, method, num_timesteps
         self.loss_scaler, self.adjoint, self.tol = loss_scaler, adjoint, tol
+        self._grids = {}
 
     def grid(self, device, reverse=False, num_points=None):
-        t = torch.linspace(0.0, 1.0, num_points or self.num_timesteps, device=device)
-        return t.flip(0) if reverse else t
+        """The grid from 0 to 1 (1 to 0 with ``reverse``). The same tensor for the same
+        arguments, so torchmpnode reads its values to the host (a sync on a GPU) once."""
+        key = (torch.device(device), reverse, num_points or self.num_timesteps)
+        if key not in self._grids:
+            t = torch.linspace(0.0, 1.0, key[2], device=device)
+            self._grids[key] = t.flip(0) if reverse else t
+        return self._grids[key]
 
     def solve(self, func, y0, t):
         if self.odeint == "torchmpnode":

@@ -242,6 +242,22 @@ def test_saves_only_the_states(device):
     assert sum(saved) <= states, (sum(saved), states)
 
 
+def test_per_grid_preparation_is_done_once(device):
+    """A training loop pays the kernels' per-grid checks and coefficient copy (a host
+    sync on a GPU) once, not at every solve."""
+    import cnf_kernels
+
+    cnf, x, points = make(device)
+    cnf.backend = "triton"
+    integ = Integrator("torchmpnode", "rk4", points, loss_scaler=False)
+    cnf_kernels._prepared.cache_clear()
+    for _ in range(3):
+        zs, ls = flow_to_base(cnf, x.clone().requires_grad_(), integ)
+        (zs[-1].sum() + ls[-1].sum()).backward()
+    info = cnf_kernels._prepared.cache_info()
+    assert (info.misses, info.hits) == (1, 5), info
+
+
 def test_refusals():
     need_triton()
 

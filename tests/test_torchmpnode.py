@@ -358,3 +358,33 @@ def test_bad_inputs():
         odeint(f, y, torch.linspace(0, 1, 3, device="meta"))
     with pytest.warns(UserWarning, match="ignored"):
         odeint(f, y, torch.linspace(0, 1, 3), atol=1e-5, rtol=1e-5)
+
+
+# --- the grid plan cache ----------------------------------------------------------------------
+def test_grid_values_are_read_once_per_grid_tensor_and_changes_are_seen(monkeypatch):
+    import torchmpnode._solver as solver
+
+    reads = []
+    make = solver._make_plan
+    monkeypatch.setattr(solver, "_make_plan", lambda t, tab: reads.append(1) or make(t, tab))
+    f = MLP(d=3, dtype=torch.float64)
+    y = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+    first = odeint(f, y, t)
+    assert torch.equal(odeint(f, y, t), first) and len(reads) == 1  # the same grid tensor: read once
+    odeint(f, y, t, method="euler")
+    assert len(reads) == 2  # another method: its own plan
+    with torch.no_grad():
+        t.mul_(0.5)  # in place: a new version, so a new plan, and the solve follows the new grid
+    moved = odeint(f, y, t)
+    assert len(reads) == 3
+    assert torch.allclose(moved, odeint(f, y, torch.linspace(0.0, 0.5, 6, dtype=torch.float64)), atol=1e-12)
+    assert not torch.allclose(moved[-1], first[-1])
+    tg = torch.linspace(0.0, 1.0, 6, dtype=torch.float64, requires_grad=True)
+    odeint(f, y, tg)
+    odeint(f, y, tg)
+    assert len(reads) == 6  # (4 after the fresh grid above) grids that require grad are read every time (gradcheck perturbs .data)
+    with torch.no_grad():
+        t.copy_(torch.tensor([0.0, 0.2, 0.1, 0.3, 0.4, 0.5]))
+    with pytest.raises(ValueError, match="increasing"):
+        odeint(f, y, t)  # a cached grid made non-monotonic in place is refused

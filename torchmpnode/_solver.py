@@ -6,6 +6,7 @@ step at its saved state under the same autocast, and take the step's
 vector-Jacobian product, optionally on a dynamically scaled adjoint.
 """
 import math
+import weakref
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -26,34 +27,82 @@ class GridSpec(NamedTuple):
     t_list: Tuple[float, ...]  # the grid times
 
 
+class GridPlan(NamedTuple):
+    """What a solve needs to know about its grid on the host, computed once per grid tensor."""
+
+    t_list: Tuple[float, ...]  # the grid times
+    h: Tuple[float, ...]  # step sizes, in double
+    stage_times: torch.Tensor  # [t_0, interior stages of step 0, t_1, ..., t_N], on t's device
+    rows: Tuple[Tuple[int, ...], ...]  # rows[i][k]: the stage_times index of stage k of step i
+    specs: dict  # low dtype -> GridSpec, filled as solves ask
+
+
+# grid tensor id -> (weak reference, (version, storage address), {method: GridPlan}).
+# Reading a device grid's values costs a host sync; a training loop that passes the same
+# grid tensor every iteration pays it once. A grid changed in place has a new version
+# and gets a new plan. Grids that require grad are never cached.
+_PLANS = {}
+
+
+def grid_plan(t, method, tab):
+    """The ``GridPlan`` of grid ``t`` for ``method``; raises ValueError unless t is strictly
+    monotonic (one host sync the first time a grid tensor is seen)."""
+    if t.requires_grad:  # gradcheck and friends perturb such grids through .data, unseen by _version
+        return _make_plan(t.detach(), tab)
+    stamp = (t._version, t.data_ptr())
+    entry = _PLANS.get(id(t))
+    if entry is None or entry[0]() is not t or entry[1] != stamp:
+        key = id(t)
+
+        def forget(ref, key=key):
+            if _PLANS.get(key, (None,))[0] is ref:
+                del _PLANS[key]
+
+        entry = (weakref.ref(t, forget), stamp, {})
+        _PLANS[key] = entry
+    plans = entry[2]
+    if method not in plans:
+        plans[method] = _make_plan(t.detach(), tab)
+    return plans[method]
+
+
+def _make_plan(t, tab):
+    t_list = tuple(t.tolist())  # the host sync
+    h = tuple(b - a for a, b in zip(t_list[:-1], t_list[1:]))
+    if not (all(x > 0 for x in h) or all(x < 0 for x in h)):
+        raise ValueError("t must be strictly increasing or strictly decreasing")
+    # Stage times of every step, laid out as [t_0, interior stages of step 0, t_1, ...,
+    # t_N]; rk4 has 2N+1 distinct ones.
+    cs = sorted({c for c in tab.c if c not in (0.0, 1.0)})
+    m = 1 + len(cs)
+    d = t[1:] - t[:-1]
+    cols = [t[:-1]] + [t[:-1] + c * d for c in cs]
+    stage_times = torch.cat([torch.stack(cols, 1).reshape(-1), t[-1:]])  # [N*m + 1]
+    rows = tuple(
+        tuple((i + 1) * m if c == 1.0 else i * m + (0 if c == 0.0 else 1 + cs.index(c)) for c in tab.c)
+        for i in range(len(h))
+    )
+    return GridPlan(t_list, h, stage_times, rows, {})
+
+
 class Problem:
     """Everything about one solve that is not a tensor input of the Function."""
 
-    def __init__(self, func, method, tab, t, tuple_input, params, scaler, device_type, low_dtype, autocast):
+    def __init__(self, func, method, tab, plan, tuple_input, params, scaler, device_type, low_dtype, autocast):
         self.func, self.tab, self.tuple_input = func, tab, tuple_input
         self.params, self.scaler = params, scaler
         self.device_type, self.low_dtype, self.autocast = device_type, low_dtype, autocast
-        self.N = t.shape[0] - 1
-        self.t_list = t.tolist()  # one host sync per solve
-        self.h = [b - a for a, b in zip(self.t_list[:-1], self.t_list[1:])]
-        # Stage times of every step, laid out as [t_0, interior stages of step 0, t_1, ...,
-        # t_N]; rk4 has 2N+1 distinct ones. stage_row[k](i) indexes stage k of step i.
-        cs = sorted({c for c in tab.c if c not in (0.0, 1.0)})
-        m = 1 + len(cs)
-        d = t[1:] - t[:-1]
-        cols = [t[:-1]] + [t[:-1] + c * d for c in cs]
-        self.stage_times = torch.cat([torch.stack(cols, 1).reshape(-1), t[-1:]])  # [N*m + 1]
-        self.rows = [
-            [(i + 1) * m if c == 1.0 else i * m + (0 if c == 0.0 else 1 + cs.index(c)) for c in tab.c]
-            for i in range(self.N)
-        ]
+        self.N = len(plan.h)
+        self.t_list, self.h, self.stage_times, self.rows = plan.t_list, plan.h, plan.stage_times, plan.rows
         self.grid = callable(getattr(func, "grid_params", None)) and getattr(func, "grid_enabled", False)
         # a field that solves the whole grid itself (e.g. a fused GPU kernel) says so by
         # grid_solve_enabled; then the forward and the grid backward go through its hooks
         self.fused = self.grid and callable(getattr(func, "grid_solve", None)) and getattr(func, "grid_solve_enabled", False)
         if self.fused:
-            self.spec = GridSpec(method, tab, tuple(self.h), tuple(tuple(r) for r in self.rows),
-                                 low_dtype if autocast else None, tuple(self.t_list))
+            low = low_dtype if autocast else None
+            if low not in plan.specs:  # one GridSpec object per grid and precision (kernels cache by it)
+                plan.specs[low] = GridSpec(method, tab, plan.h, plan.rows, low, plan.t_list)
+            self.spec = plan.specs[low]
 
     def autocast_ctx(self):
         return torch.autocast(self.device_type, dtype=self.low_dtype, enabled=self.autocast)
@@ -186,13 +235,13 @@ def _grid_params_backward(pb, P, dP):
     low = any(p.dtype in (torch.float16, torch.bfloat16) for p in P)
     S = 1.0
     if low and pb.scaler is not None:
-        amax = max(float(d.abs().max()) for d in dP)
+        amax = torch.stack([d.abs().amax().float() for d in dP]).amax().item()  # one host sync
         S = 2.0 ** math.floor(math.log2(pb.scaler.target(max(p[0].numel() for p in P)) / amax)) if amax > 0 else 1.0
     for _ in range(pb.scaler.max_attempts if pb.scaler is not None else 1):
         g = torch.autograd.grad(P, pb.params, [(d * S).to(p.dtype) for d, p in zip(dP, P)],
                                 allow_unused=True, retain_graph=True)
         g = [torch.zeros_like(p) if gi is None else gi / S for gi, p in zip(g, pb.params)]
-        if pb.scaler is None or all(bool(torch.isfinite(gi).all()) for gi in g):
+        if pb.scaler is None or not g or bool(torch.stack([torch.isfinite(gi).all() for gi in g]).all()):
             return g
         pb.scaler.overflow_steps += 1
         S /= 2.0

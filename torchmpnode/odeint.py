@@ -4,7 +4,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._solver import ODEFunction, Problem
+from ._solver import ODEFunction, Problem, grid_plan
 from .methods import get_method
 from .scaler import DynamicScaler
 
@@ -19,7 +19,10 @@ def odeint(func, y0, t, *, method="rk4", loss_scaler=None, atol=None, rtol=None)
             an ``nn.Module``, its parameters receive gradients.
         y0: a floating tensor or a tuple of them, e.g. ``(z, logp)``.
         t: 1-D, strictly increasing or strictly decreasing, ``len(t) >= 2``, on
-            y0's device. The grid is also the output times.
+            y0's device. The grid is also the output times. Its values are read to
+            the host once per grid tensor (a sync on a GPU) and kept while the tensor
+            lives, unless it requires grad; changing it in place is seen (its version
+            counter moves), but not a change through ``.data`` or a shared numpy array.
         method: ``'euler'`` or ``'rk4'`` (classical RK4).
         loss_scaler: ``None`` (a fresh ``DynamicScaler`` when the low precision
             is float16, else no scaling), ``False`` (no scaling) or a
@@ -58,7 +61,8 @@ def odeint(func, y0, t, *, method="rk4", loss_scaler=None, atol=None, rtol=None)
     low = torch.get_autocast_dtype(device_type) if autocast else ys[0].dtype
     scaler = _resolve_scaler(loss_scaler, low)
     params = tuple(p for p in func.parameters() if p.requires_grad) if isinstance(func, nn.Module) else ()
-    pb = Problem(func, method, tab, t.detach(), tuple_input, params, scaler, device_type, low, autocast)
+    plan = grid_plan(t, method, tab)  # checks t's order; cached per grid tensor (one host sync per grid)
+    pb = Problem(func, method, tab, plan, tuple_input, params, scaler, device_type, low, autocast)
     sol = ODEFunction.apply(pb, t, len(ys), *ys, *params)
     return tuple(sol) if tuple_input else sol[0]
 
@@ -87,6 +91,3 @@ def _check_inputs(ys, t):
         raise ValueError(f"t needs at least 2 points, got {t.shape[0]}")
     if t.device != ys[0].device:
         raise ValueError(f"t and y0 must be on the same device: t is on {t.device}, y0 on {ys[0].device}")
-    d = t[1:] - t[:-1]
-    if not (bool((d > 0).all()) or bool((d < 0).all())):
-        raise ValueError("t must be strictly increasing or strictly decreasing")
