@@ -32,7 +32,7 @@ Backward, per stage (cotangents Kz of f and Kl of dlogp, float32):
     9. gs = gf Uw2T + gtr c4 (sum over d+1 in float32), rounded to L;
    10. O = round_L(gtr c4); ga = round_L(round_L(gs - 2 s O) * terms);
    11. gz = ga W2T^T (sum over the width in float32), rounded to L;
-   12. the step's state cotangent sums its stages' gz in L (3+2, +1, +0),
+   12. the step's state cotangent sums its stages' gz in float32 (3+2, +1, +0),
        then is added to the float32 adjoint, divided by the scale;
    13. the parameter cotangents z_L ga, ga, gf s, gf, gtr terms are summed
        over the samples in float32.
@@ -451,7 +451,7 @@ if triton is not None:
                                                              tl.load(c + 4) * cl, LOW)
                     g0, gW0, gB0, gU0, gc0, gu0 = _field_vjp(W0, B0, U0, C0, u0, z_i, tl.load(c + 3) * cz + ha1 * g1,
                                                              tl.load(c + 3) * cl, LOW)
-                    ybar = _round(_round(_round(g3 + g2, LOW) + g1, LOW) + g0, LOW)
+                    ybar = ((g3 + g2) + g1) + g0  # the sum over stages in float32, as the torch path
                     # this step's cotangents for its three rows
                     mW = gW2 + gW1
                     mB = gB2 + gB1

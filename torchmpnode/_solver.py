@@ -294,10 +294,12 @@ def _step_vjp_grid(pb, i, y_i, cot, P_rows):
 
 
 def _add(u, v):
-    """u + v where None stands for zero."""
+    """u + v, a sum over stages, in at least float32 (as autograd sums the stages'
+    contributions to the float32 state in the generic path); None stands for zero."""
     if u is None or v is None:
         return v if u is None else u
-    return u + v.to(u.dtype)
+    acc = torch.promote_types(torch.promote_types(u.dtype, v.dtype), torch.float32)
+    return u.to(acc) + v.to(acc)
 
 
 class ODEFunction(torch.autograd.Function):
