@@ -101,14 +101,21 @@ def test_kill_mid_write_never_truncates(tmp_path):
         import experiment as ex
         for n in range(10**9):
             ex.write_json({str(path)!r}, {{"n": n, "pad": "x" * 100000}})
+            if n == 0:
+                print("writing", flush=True)
     """)
-    for delay in (0.05, 0.13, 0.21, 0.34):
-        proc = subprocess.Popen([sys.executable, "-c", script])
-        time.sleep(delay + 0.3)
+    last = -1
+    for delay in (0.0, 0.013, 0.05, 0.13, 0.21, 0.34):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "writing"  # killed while rewriting, not while importing
+        time.sleep(delay)
         proc.kill()
         proc.wait()
+        proc.stdout.close()
         data = json.load(open(path))  # never a partial file
-        assert len(data["pad"]) == 100000
+        assert len(data["pad"]) == 100000 and data["n"] >= 0
+        last = max(last, data["n"])
+    assert last > 0  # the writer was rewriting the file in a loop when it was killed
 
 
 class _Evil:
