@@ -17,7 +17,9 @@ cell with the float32 run of the same dataset, solver and seed (its "twin"):
 Writes summary.md, summary.csv (one row per cell), summary_runs.csv (one row
 per run) and summary.png (into the folder, or --out). Diverged and interrupted
 runs are counted and listed, never dropped; folders that are not runs are
-skipped with a warning.
+skipped with a warning. Several runs of the same cell and seed (two sweeps under
+one folder, say) are not independent samples: the newest completed one is used,
+the others are listed as ignored, with a warning.
 """
 import argparse
 import glob
@@ -42,7 +44,7 @@ from precision import scaler_label  # noqa: E402
 CELL = ["data", "solver", "precision", "scaler"]
 RUN_COLUMNS = [*CELL, "seed", "status", "iter", "test_nll", "test_nll_se", "test_gap", "val_nll", "val_nll_se",
                "nll_gap", "val_nll_exact", "disc_gap", "val_mmd", "ms_fwd", "ms_bwd", "peak_mb", "overflow_steps",
-               "run"]
+               "run", "used"]
 # Aggregated over the completed seeds of a cell: mean and sd of each.
 STATS = ["test_nll", "test_gap", "val_nll", "nll_gap", "val_nll_exact", "disc_gap", "val_mmd", "ms_fwd", "ms_bwd",
          "peak_mb"]
@@ -61,7 +63,9 @@ def load_run(folder):
         raise ValueError("no args.csv")
     args = ex.read_args(run.file("args.csv"))
     status = {"status": "unknown (no status.json: still running or killed)"}
+    stamp = os.path.getmtime(run.file("args.csv"))
     if os.path.isfile(run.status):
+        stamp = os.path.getmtime(run.status)
         with open(run.status) as f:
             status = json.load(f)
     df = pd.read_csv(run.csv) if os.path.isfile(run.csv) else pd.DataFrame(columns=ex.CSV_COLUMNS)
@@ -83,6 +87,8 @@ def load_run(folder):
         "peak_mb": float(df["max_memory_mb"].max()) if len(df) else math.nan,
         "overflow_steps": int(last["overflow_steps"]) if last is not None else 0,
         "run": os.path.relpath(folder),
+        "used": True,
+        "_stamp": stamp,
     }
     return row, df
 
@@ -106,6 +112,22 @@ def find_runs(root):
         rows.append(row)
         curves[row["run"]] = df
     return rows, curves
+
+
+def mark_duplicates(runs, warn=print):
+    """One run per (cell, seed) enters the statistics: several runs of the same seed are
+    not independent samples. Keeps the newest completed one (by status.json time), or
+    the newest of any status when none completed; the others get ``used`` False."""
+    runs = runs.copy()
+    for key, g in runs.groupby([*CELL, "seed"], sort=True):
+        if len(g) < 2:
+            continue
+        done = g[g["status"] == "completed"]
+        keep = (done if len(done) else g).sort_values(["_stamp", "run"]).index[-1]
+        runs.loc[g.index.drop(keep), "used"] = False
+        warn(f"summarize.py: warning: {len(g)} runs of {' '.join(map(str, key[:-1]))} seed {key[-1]}: using "
+             f"{runs.loc[keep, 'run']}, ignoring {', '.join(runs.loc[g.index.drop(keep), 'run'])}")
+    return runs
 
 
 # --- statistics ----------------------------------------------------------------------------
@@ -156,7 +178,9 @@ def status_counts(statuses):
 
 
 def cell_table(runs):
-    """One row per cell: counts, mean and sd over completed seeds, and the paired comparisons."""
+    """One row per cell: counts, mean and sd over completed seeds, and the paired comparisons
+    (runs marked unused by ``mark_duplicates`` left out)."""
+    runs = runs[runs["used"]]
     done = runs[runs["status"] == "completed"]
     ref = done[(done["precision"] == REFERENCE[0]) & (done["scaler"] == REFERENCE[1])]
     twins = {(r.data, r.solver, r.seed): r for r in ref.itertuples()}
@@ -223,12 +247,17 @@ def to_markdown(cells, runs):
                            f"| {_pm(r.diff_mean, r.diff_sd, '.4f', True)} | {ci} | {r.ci_contains_0 or '—'} "
                            f"| {_pm(r.point_diff_mean, r.point_diff_se, '.4f', True)} |")
             out.append("")
+    ignored = runs[~runs["used"]]
     out.append("#### Runs\n")
+    if len(ignored):
+        out.append(f"{len(ignored)} run(s) repeat a (cell, seed) that has a newer or completed run and are left out "
+                   f"of the statistics (marked *ignored*).\n")
     out.append("| data | solver | precision | scaler | seed | status | iter | test NLL ± SE | val NLL ± SE "
                "| disc_gap | overflow steps |")
     out.append("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|")
     for _, r in runs.iterrows():
-        out.append(f"| {r.data} | {r.solver} | {r.precision} | {r.scaler} | {r.seed} | {r.status} | {r.iter} "
+        status = r.status if r.used else f"{r.status}, *ignored*"
+        out.append(f"| {r.data} | {r.solver} | {r.precision} | {r.scaler} | {r.seed} | {status} | {r.iter} "
                    f"| {_pm(r.test_nll, r.test_nll_se, '.4f')} | {_pm(r.val_nll, r.val_nll_se, '.4f')} "
                    f"| {_pm(r.disc_gap, math.nan, '.1e', True)} | {r.overflow_steps} |")
     return "\n".join(out)
@@ -257,7 +286,8 @@ def plot(cells, runs, curves, out_png):
         floor = toy_data.ENTROPY[data]
         a = row[0]
         for k, r in g.iterrows():
-            dfs = [curves[p] for p in runs[(runs[CELL] == list(r[CELL])).all(axis=1)]["run"]]
+            mine = runs[(runs[CELL] == list(r[CELL])).all(axis=1) & runs["used"]]
+            dfs = [curves[p] for p in mine["run"]]
             if not any(len(d) for d in dfs):
                 continue
             it, mean, sd, n = _curve_stats(dfs)
@@ -319,7 +349,8 @@ def main(argv=None):
     if not rows:
         print(f"summarize.py: error: no run folders under {a.folder}", file=sys.stderr)
         return 1
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values([*CELL, "seed"]).reset_index(drop=True)
+    runs = pd.DataFrame(rows, columns=[*RUN_COLUMNS, "_stamp"]).sort_values([*CELL, "seed", "run"]).reset_index(drop=True)
+    runs = mark_duplicates(runs, warn=lambda m: print(m, file=sys.stderr)).drop(columns="_stamp")
     cells = cell_table(runs)
     out = a.out or a.folder
     os.makedirs(out, exist_ok=True)

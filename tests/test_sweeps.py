@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import scipy.stats
 
+import experiment as ex
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--niters", "4", "--test_freq", "2", "--num_samples", "32", "--num_samples_val", "32",
         "--num_samples_test", "256", "--num_timesteps", "4", "--width", "8", "--hidden_dim", "8", "--viz_samples", "200", "--viz_timesteps", "3"]
@@ -126,6 +128,29 @@ def test_local_sweep_and_summary_statistics(tmp_path):
     assert bf["status"] in ("2 completed, 1 diverged", "1 diverged, 2 completed")
     assert bf["diff_mean"] == pytest.approx(diffs.drop(1).mean(), abs=1e-12)
     assert "diverged" in open(os.path.join(d, "summary.md")).read()
+
+    # a second run of a (cell, seed), e.g. from a rerun into the same folder, is not another sample:
+    # the newest completed one is used, the other is listed as ignored, with a warning
+    src = os.path.join(d, "runs", "8gaussians_float32_torchmpnode_none_s0")
+    dup = os.path.join(d, "runs", "8gaussians_float32_torchmpnode_none_s0_again")
+    shutil.copytree(src, dup)
+    csv = pd.read_csv(ex.RunDir(src).csv)  # the CSV is named after its folder
+    csv.loc[csv.index[-1], "test_loss"] += 1.0
+    csv.to_csv(ex.RunDir(dup).csv, index=False)
+    old = os.path.getmtime(os.path.join(src, "status.json"))
+    os.utime(os.path.join(dup, "status.json"), (old - 100, old - 100))  # the copy is older: ignored
+    table, out = summarize(d)
+    f32 = table[table["precision"] == "float32"].iloc[0]
+    assert (f32["runs"], f32["n"]) == (3, 3) and "ignoring" in out.stderr and "_s0_again" in out.stderr
+    assert f32["test_nll_mean"] == pytest.approx(runs[runs["precision"] == "float32"]["test_nll"].mean(), rel=1e-9)
+    used = pd.read_csv(os.path.join(d, "summary_runs.csv")).set_index("run")["used"]
+    assert [r for r, u in used.items() if not u] == [r for r in used.index if r.endswith("_s0_again")]
+    assert "*ignored*" in open(os.path.join(d, "summary.md")).read()
+    os.utime(os.path.join(dup, "status.json"), (old + 100, old + 100))  # now the copy is the newest: used
+    table, _ = summarize(d)
+    f32 = table[table["precision"] == "float32"].iloc[0]
+    assert f32["n"] == 3 and f32["test_nll_mean"] == pytest.approx(
+        runs[runs["precision"] == "float32"]["test_nll"].mean() + 1.0 / 3, rel=1e-9)
 
 
 def _break(d, names):
