@@ -3,6 +3,7 @@
     python bench.py [--device cpu|cuda] [--iters N] [--quick] [--paths ...] [--json FILE]
     python bench.py --device cuda --profile triton     # where one iteration's time goes
     python bench.py --device cuda --kernel-sweep       # time the fused kernels' block sizes
+    python bench.py --paths triton --no-kernels        # everything but the kernels (CPU too)
 
 Each path runs in a fresh subprocess: warm-up, then the median over --iters
 iterations. Peak memory is that process's: peak RSS on CPU (also shown as the
@@ -96,7 +97,26 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-def run_worker(path, device, cfg, iters):
+def _stub_kernels(device):
+    """Make the fused kernels' launches no-ops that only zero their outputs (scaler stats:
+    scale 1, no retries, no failure), so an iteration times everything else: the host
+    side of the triton paths. The results are meaningless."""
+    import cnf_kernels
+
+    def launch(name, kernel, grid, *args, **kw):
+        if name == "backward":
+            az, al, part, stats = args[5:9]
+            for t in (az, al, part, stats):
+                t.zero_()
+            stats[:, 0].fill_(1.0)
+            stats[:, 2].fill_(-1.0)
+
+    cnf_kernels._launch = launch
+    if device.type == "cpu":  # the kernels' availability check: nothing is interpreted, nothing runs
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def run_worker(path, device, cfg, iters, no_kernels=False):
     import numpy as np
     import torchdiffeq
 
@@ -107,6 +127,8 @@ def run_worker(path, device, cfg, iters):
 
     runtime.configure()
     device = torch.device(device)
+    if no_kernels:
+        _stub_kernels(device)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     solver, _, prec_tag = path.partition("-")
@@ -289,6 +311,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="output file (default results/bench_<device>_<time>.json)")
     p.add_argument("--profile", default=None, metavar="PATH", help="profile one path's iterations (torch.profiler) instead")
     p.add_argument("--kernel-sweep", action="store_true", help="time the fused kernels alone over block sizes and warps")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="triton paths with the kernel launches made no-ops: the host-side cost alone (results meaningless)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.iters < 1:
@@ -302,7 +326,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = QUICK if args.quick else STANDARD
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.device, cfg, args.iters)))
+        print(json.dumps(run_worker(args.worker, args.device, cfg, args.iters, args.no_kernels)))
         return 0
     if args.profile:
         profile(args.profile, args.device, cfg, args.iters)
@@ -314,7 +338,7 @@ def main(argv=None):
     rows = []
     for path in paths:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--device", args.device,
-               "--iters", str(args.iters)] + (["--quick"] if args.quick else [])
+               "--iters", str(args.iters)] + (["--quick"] if args.quick else []) + (["--no-kernels"] if args.no_kernels else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         if proc.returncode == 0:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -323,7 +347,8 @@ def main(argv=None):
             rows.append(dict(path=path, error=err[:120]))
         print(f"{path}: {rows[-1].get('ms_iter', rows[-1].get('error'))}", file=sys.stderr)
     md = table(rows, args.device.split(":")[0])
-    print(f"device={args.device} config={cfg} iters={args.iters} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"device={args.device} config={cfg} iters={args.iters} torch={torch.__version__} threads={torch.get_num_threads()}"
+          + (" no-kernels (fused launches are no-ops: host-side cost only)" if args.no_kernels else ""))
     print(md)
     out = args.json or os.path.join("results", f"bench_{args.device.replace(':', '')}_{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -43,3 +43,26 @@ def test_bench_triton_paths_run(tmp_path):
                                                            ("triton-fp16", "triton")]
     # same model, same data, same seed: the fused fp16 loss is the torch fp16 loss
     assert abs(rows[0]["loss"] - rows[2]["loss"]) < 1e-4 * abs(rows[0]["loss"])
+
+
+def test_bench_tools_for_a_gpu_slot(tmp_path):
+    """--no-kernels (the host side alone), --kernel-sweep and --profile run end to end
+    (on the CPU: the interpreter, tiny sizes), so a GPU slot is not spent finding their bugs."""
+    if os.environ.get("REQUIRE_TRITON") != "1":
+        pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--iters", "1", "--json", str(out), "--paths",
+                           "triton", "triton-fp16", "--no-kernels"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=TIMEOUT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["backend"] for r in json.loads(out.read_text())["rows"]] == ["triton", "triton"]
+    assert "no-kernels" in proc.stdout
+    sweep = subprocess.run([sys.executable, "bench.py", "--quick", "--kernel-sweep"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=TIMEOUT, env=env)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    rows = [l.split("|") for l in sweep.stdout.splitlines() if l.startswith("| float")]
+    assert len(rows) == 8 and all(float(r[5]) > 0 and float(r[6]) < 1e-5 for r in rows), sweep.stdout
+    prof = subprocess.run([sys.executable, "bench.py", "--quick", "--profile", "triton", "--iters", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, env=env)
+    assert prof.returncode == 0 and "Self CPU" in prof.stdout, prof.stderr[-2000:]
