@@ -108,9 +108,26 @@ def unavailable_reason(device):
         return None
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
+            return _interpreter_problem()
         return "the Triton kernels need a CUDA GPU (TRITON_INTERPRET=1 runs them interpreted on the CPU, slowly)"
     return f"the Triton kernels do not run on {device.type}"
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreter_problem():
+    """None, or why this triton's interpreter cannot run the kernels: before 3.7 it turns
+    a scalar argument (a 1-element array) into a loop bound with int(), which recent
+    numpy refuses (TypeError)."""
+    import numpy as np
+
+    try:
+        int(np.array([1]))
+    except TypeError:
+        version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
+        if version < (3, 7):
+            return (f"triton {triton.__version__}'s interpreter cannot run the kernels with numpy {np.__version__} "
+                    f"(pip install 'triton>=3.7' for the CPU checks; a GPU does not use the interpreter)")
+    return None
 
 
 def _next_pow2(x):

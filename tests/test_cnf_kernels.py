@@ -23,13 +23,22 @@ SIZES = {"cpu": dict(n=40, hidden=8, width=6, points=5), "cuda": dict(n=1024, hi
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def need_triton():
+def need_triton(interpreted=False):
+    """Skip without triton (fail with REQUIRE_TRITON=1). With ``interpreted`` (a check that
+    runs the kernels in Triton's interpreter when there is no GPU), also when this
+    triton's interpreter cannot run them here, with the reason in one line."""
     try:
         import triton  # noqa: F401
     except ImportError:
         if os.environ.get("REQUIRE_TRITON") == "1":
             pytest.fail("REQUIRE_TRITON=1 but triton does not import")
         pytest.skip("triton is not installed")
+    if interpreted and not torch.cuda.is_available():
+        import cnf_kernels
+
+        reason = cnf_kernels._interpreter_problem()
+        if reason:
+            (pytest.fail if os.environ.get("REQUIRE_TRITON") == "1" else pytest.skip)(reason)
 
 
 @pytest.fixture(params=[pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -41,6 +50,8 @@ def device(request):
         if not torch.cuda.is_available():  # conftest.py sets it without CUDA: the CPU checks must run
             pytest.fail("no CUDA and TRITON_INTERPRET is not 1: the kernel checks would not run")
         pytest.skip("TRITON_INTERPRET is off (CUDA present): these checks run on the GPU under -m cuda")
+    if request.param == "cpu":
+        need_triton(interpreted=True)  # an old triton's interpreter: one line (REQUIRE_TRITON=1: fail)
     return torch.device(request.param)
 
 
@@ -338,7 +349,7 @@ def test_kernels_compile_for_hopper():
 def test_cnf_runs_with_triton_backend(tmp_path, precision):
     """A whole tiny run on the fused kernels (training, validation, sampling, frames and GIF);
     without a GPU, in the interpreter."""
-    need_triton()
+    need_triton(interpreted=True)
     from test_cnf import TINY, check_complete, run_dirs, run_subprocess
 
     env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else None
