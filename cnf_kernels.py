@@ -73,11 +73,12 @@ except ImportError:  # the torch backend still works; see unavailable_reason()
 METHOD_CODES = {"euler": 0, "rk4": 1}
 LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Samples per program (forward, backward), by device type. On a GPU: 4 in the forward
-# (the fastest of 4/8/16/32 in the issue's H200 forward-only measurement; ptxas for sm_90:
-# 80 registers, no spills); 8 in the backward (ptxas for sm_90, float32: 181 registers,
-# no spills; 16 spills ~1.2 KB). The backward block also sets the partial buffer,
-# n/8 x rows x R float32 (100 MB at batch 1024, width 128, 128 points). Not yet timed on
-# a GPU. The CPU interpreter's cost is per program, so it takes large blocks.
+# (the fastest of 4/8/16/32 in the issue's H200 forward-only measurement); 8 in the
+# backward. The backward block also sets the partial buffer, n/8 x rows x R float32
+# (100 MB at batch 1024, width 128, 128 points); 4 would spill nothing but double it.
+# Registers and spills of each choice: `python cnf_kernels.py --compile 90` (BENCHMARKS.md).
+# Not yet timed on a GPU (`bench.py --kernel-sweep`). The CPU interpreter's cost is per
+# program, so it takes large blocks.
 BLOCKS = {"cuda": (4, 8), "cpu": (64, 32)}
 NUM_WARPS = (4, 4)  # warps per program (forward, backward); ``bench.py --kernel-sweep`` times the choices
 
@@ -542,10 +543,32 @@ if triton is not None:
         tl.store(stats + pid * 3 + 2, failed)
 
 
-def compile_check(capability=90, out=print):
+def _resource_usage(cubin):
+    """'REG:n STACK:b' of a cubin, by the cuobjdump that ships with Triton's NVIDIA backend,
+    or None where it is missing."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.isfile(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        proc = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", proc.stdout)
+    return f"REG:{m.group(1)} STACK:{m.group(2)}" if m else None
+
+
+def compile_check(capability=90, out=print, blocks=None, warps=None):
     """Compile every kernel variant (method x precision, and scaled or not for the backward)
     for an NVIDIA GPU of the given compute capability, without one: catches what the
-    interpreter lets through (types, loop-carried values)."""
+    interpreter lets through (types, loop-carried values). Reports each variant's registers
+    per thread and stack bytes (spills) when cuobjdump is at hand. ``blocks`` / ``warps``
+    (forward, backward) default to the GPU settings, ``BLOCKS['cuda']`` and ``NUM_WARPS``."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -553,17 +576,20 @@ def compile_check(capability=90, out=print):
     fwd = {k: ptr for k in ("zs", "ls", "T", "coef")} | {k: "i32" for k in ("n", "N", "R", "WIDTH")}
     bwd = ({k: ptr for k in ("zs", "gzs", "gls", "T", "coef", "az", "al", "part", "stats")}
            | {k: "i32" for k in ("n", "N", "R", "WIDTH", "S_rows")} | {"target": "fp32", "max_attempts": "i32"})
-    fb, bb = BLOCKS["cuda"]
+    fb, bb = blocks or BLOCKS["cuda"]
+    fw, bw = warps or NUM_WARPS
     variants = []
     for method in METHOD_CODES.values():
         for low in LOW_CODES.values():
             c = dict(D=2, DP=2, WP=128, METHOD=method, LOW=low)
-            variants.append((_forward_kernel, fwd, c | dict(BLOCK=fb), NUM_WARPS[0]))
-            variants.append((_backward_kernel, bwd, c | dict(BLOCK=bb, SCALED=low == 2), NUM_WARPS[1]))
-    for fn, sig, consts, warps in variants:
+            variants.append((_forward_kernel, fwd, c | dict(BLOCK=fb), fw))
+            variants.append((_backward_kernel, bwd, c | dict(BLOCK=bb, SCALED=low == 2), bw))
+    for fn, sig, consts, nw in variants:
         src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in consts}, constexprs=consts)
-        k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
-        out(f"{fn.__name__} {consts}: {len(k.asm['cubin'])} bytes of cubin")
+        k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": nw})
+        usage = _resource_usage(k.asm["cubin"])
+        out(f"{fn.__name__} {consts} warps={nw}: {len(k.asm['cubin'])} bytes of cubin"
+            + (f", {usage}" if usage else ""))
 
 
 if __name__ == "__main__":
@@ -571,9 +597,16 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description="Compile-check the fused kernels for a GPU architecture (no GPU needed).")
     p.add_argument("--compile", type=int, default=90, metavar="SM", help="compute capability, e.g. 90 for H100/H200")
+    p.add_argument("--blocks", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
+                   help=f"samples per program (default {BLOCKS['cuda']})")
+    p.add_argument("--warps", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
+                   help=f"warps per program (default {NUM_WARPS})")
     a = p.parse_args()
     if triton is None:
         p.error("triton is not installed")
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    compile_check(a.compile)
+    for name, v in (("--blocks", a.blocks), ("--warps", a.warps)):
+        if v and any(x < 1 or x & (x - 1) for x in v):
+            p.error(f"{name} takes powers of 2")
+    compile_check(a.compile, blocks=a.blocks, warps=a.warps)
