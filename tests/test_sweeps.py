@@ -256,10 +256,22 @@ def test_local_cells_are_spread_over_gpus_at_most_k_each(tmp_path):
 
 
 def _require_slurm():
+    """Skip without a SLURM that answers (fail with REQUIRE_SLURM=1): sbatch on the PATH
+    and a controller that responds to sinfo."""
+    why = None
     if shutil.which("sbatch") is None:
+        why = "no sbatch on the PATH"
+    else:
+        try:
+            ok = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if not ok:
+            why = "sbatch is on the PATH but the SLURM controller does not answer sinfo"
+    if why:
         if os.environ.get("REQUIRE_SLURM") == "1":
-            pytest.fail("REQUIRE_SLURM=1 but sbatch is not on the PATH (did .ci/slurm-local.sh up run?)")
-        pytest.skip("no sbatch on the PATH (start one with: bash .ci/slurm-local.sh up)")
+            pytest.fail(f"REQUIRE_SLURM=1 but {why} (did .ci/slurm-local.sh up run?)")
+        pytest.skip(f"{why} (start one with: bash .ci/slurm-local.sh up)")
 
 
 SLURM_OPTS = ["--wait", "--gpus", "0", "--cpus", "1", "--mem", "1G", "--time", "00:10:00"]
