@@ -348,6 +348,10 @@ def train(args, run, state, backend_note=""):
         tr.load_state_dict(state)
         rows = [r for r in ex.read_csv(run.csv) if r["iter"] <= tr.iter] if os.path.exists(run.csv) else []
         log.print(f"# resumed {run.name} at iteration {tr.iter} (to {args.niters})")
+        # args.csv holds the config the run has now (--niters, --backend, ... may have changed);
+        # the log keeps every segment's
+        ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device),
+                                    "resumed_at_iter": tr.iter})
     log.print("config: " + " ".join(f"--{k} {v}" for k, v in sorted(config.items())))
     log.print(f"device {_device_name(device)}, torch {torch.__version__}, runtime: {tuned}"
               + (f"; {tr.prec.note}" if tr.prec.note else ""))

@@ -137,9 +137,12 @@ def test_resume_continues_bitwise(tmp_path, extra):
     code, part = run_inprocess(tmp_path / "b", *common[:-len(extra) - 3], "--niters", "4", "--ckpt_freq", "2",
                                "--no-viz", *extra)
     assert code == 0
+    assert ex.read_args(os.path.join(part, "args.csv"))["niters"] == "4"
     code = cnf.main(["--resume", part, "--niters", "6"])
     assert code == 0
     assert run_dirs(tmp_path / "b") == [part]  # same folder, no new one
+    saved = ex.read_args(os.path.join(part, "args.csv"))  # the config the run has now
+    assert (saved["niters"], saved["resumed_at_iter"]) == ("6", "4")
     pa, pb = _params(full), _params(part)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     pd.testing.assert_frame_equal(_rows(full), _rows(part))
