@@ -83,9 +83,10 @@ def explicit_flags(argv):
     return set(vars(quiet.parse_args(argv)))
 
 
-def validate(args):
+def validate(args, self_test=True):
     """Raise ValueError with a one-line message for bad values. Resolves --device
-    and --backend in place; returns a note on the backend for the log."""
+    and --backend in place; returns a note on the backend for the log. Without
+    ``self_test`` the fused kernels' self-test waits for the run's final config."""
     positive = ("num_timesteps", "hidden_dim", "width", "niters", "num_samples", "num_samples_val",
                 "num_samples_test", "test_freq", "ckpt_freq", "viz_samples", "viz_timesteps")
     for k in positive:
@@ -122,7 +123,7 @@ def validate(args):
     use_dynamic = scaler_flags(args.odeint, args.precision, args.no_grad_scaler, args.no_dynamic_scaler,
                                args.grad_scaler)[1]
     probe = dict(width=args.width, method=args.method, low=PRECISIONS[args.precision], scaled=use_dynamic)
-    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe)
+    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe if self_test else None)
     if args.backend == "triton" and args.precision == "tfloat32":
         note += "; tfloat32: the fused kernels have no matmul, so they run plain float32"
     if args.resume is None and args.run_dir is None:
@@ -196,13 +197,19 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     requested_backend = args.backend
+    # a run that may resume takes its config (width, precision, ...) from its checkpoint:
+    # the kernels' self-test (a compile on a GPU) waits for that config
+    deferred = args.resume is not None or args.run_dir is not None
     try:
-        backend_note = validate(args)
+        backend_note = validate(args, self_test=not deferred)
         explicit = explicit_flags(argv)
         run, state = resolve_run(args, explicit)
         if state is not None:
             args.backend = requested_backend  # resolved afresh on this machine
             backend_note = merge_resumed_config(args, explicit, state)
+        elif deferred:
+            args.backend = requested_backend
+            backend_note = validate(args)
     except (ValueError, ex.CheckpointError) as e:
         parser.error(str(e))
     if run is None:

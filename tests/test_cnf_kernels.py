@@ -389,3 +389,23 @@ def test_cnf_backend_bad_input_and_auto(tmp_path):
         import experiment as ex
 
         assert ex.read_args(os.path.join(folder, "args.csv"))["backend"] == "torch"
+
+
+def test_resume_self_tests_the_kernels_once_with_the_runs_config(tmp_path, monkeypatch):
+    """On --resume the self-test (a compile on a GPU) runs once, with the checkpoint's width,
+    not also with the command line's defaults."""
+    need_triton(interpreted=True)
+    import cnf
+    import model
+    from test_cnf import TINY, run_dirs
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = ["--device", "cuda"] if torch.cuda.is_available() else ["--device", "cpu"]
+    assert cnf.main([*TINY, "--no-viz", "--backend", "triton", *device, "--results_dir", str(tmp_path)]) == 0
+    (folder,) = run_dirs(tmp_path)
+    widths = []
+    real = model.fused_self_test
+    monkeypatch.setattr(model, "fused_self_test", lambda dev, **kw: widths.append(kw["width"]) or real(dev, **kw))
+    assert cnf.main(["--resume", folder, "--niters", "6", "--backend", "triton", *device]) == 0
+    assert widths == [8]  # TINY's width, from the checkpoint; once
