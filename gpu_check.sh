@@ -17,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 out=${1:-results/gpu_check_$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-py=${PYTHON:-python}
+py=${PYTHON:-$(command -v python || command -v python3)}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
