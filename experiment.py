@@ -138,13 +138,24 @@ class RunDir:
     def file(self, name):
         return os.path.join(self.path, name)
 
+    def _named(self, ext, other_files=()):
+        """The run's own ``<folder name><ext>``. In a folder renamed after the run wrote
+        it, the one file with that extension (``other_files`` aside) that it left, so a
+        renamed run keeps its history (resume appends to it, summaries read it)."""
+        own = self.file(f"{self.name}{ext}")
+        if not os.path.exists(own) and os.path.isdir(self.path):
+            left = [f for f in os.listdir(self.path) if f.endswith(ext) and f not in other_files]
+            if len(left) == 1:
+                return self.file(left[0])
+        return own
+
     @property
     def log(self):
-        return self.file(f"{self.name}.txt")
+        return self._named(".txt")
 
     @property
     def csv(self):
-        return self.file(f"{self.name}.csv")
+        return self._named(".csv", other_files=("args.csv",))
 
     @property
     def ckpt(self):

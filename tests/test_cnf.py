@@ -288,3 +288,21 @@ def test_default_test_set_size_gives_a_small_standard_error(tmp_path):
     final = json.load(open(ex.RunDir(folder).status))["final"]
     # untrained, the NLL spreads more than a trained model's; still well under 0.05 nats
     assert final["test_loss_se"] < 0.05 and final["val_loss_se"] > 4 * final["test_loss_se"]
+
+
+def test_a_renamed_run_folder_keeps_its_history(tmp_path):
+    """Files named after the folder (the CSV, the log) are found after the folder is renamed:
+    a resume continues them instead of starting new ones without the history."""
+    code, folder = run_inprocess(tmp_path, "--niters", "4", "--no-viz")
+    assert code == 0
+    moved = str(tmp_path / "renamed_by_hand")
+    os.rename(folder, moved)
+    run = ex.RunDir(moved)
+    assert os.path.basename(run.csv) == os.path.basename(folder) + ".csv"
+    before = pd.read_csv(run.csv)
+    assert cnf.main(["--resume", moved, "--niters", "8"]) == 0
+    assert sorted(f for f in os.listdir(moved) if f.endswith((".csv", ".txt"))) == sorted(
+        [os.path.basename(folder) + ".csv", os.path.basename(folder) + ".txt", "args.csv"])
+    after = pd.read_csv(run.csv)
+    assert list(after["iter"]) == [2, 4, 6, 8] and list(before["iter"]) == [2, 4]
+    assert "# resumed renamed_by_hand at iteration 4" in open(run.log).read()
