@@ -362,15 +362,20 @@ if triton is not None:
         tl.store(base + (2 * D + 2) * WIDTH + cd, gub, mask=cd < D)
 
     @triton.jit
+    def _block(pid, n, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's samples: indices [B], their mask, the state mask [B, DP] and the
+        state offsets [B, DP] within one [n, D] slice."""
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        cd = tl.arange(0, DP)
+        mrow = rows < n
+        return rows, mrow, mrow[:, None] & (cd[None, :] < D), rows[:, None] * D + cd[None, :]
+
+    @triton.jit
     def _forward_kernel(zs, ls, T, coef, n, N, R, WIDTH,
                         D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
                         METHOD: tl.constexpr, LOW: tl.constexpr):
         pid = tl.program_id(0)
-        rows = pid * BLOCK + tl.arange(0, BLOCK)
-        cd = tl.arange(0, DP)
-        mrow = rows < n
-        mz = mrow[:, None] & (cd[None, :] < D)
-        offz = rows[:, None] * D + cd[None, :]
+        rows, mrow, mz, offz = _block(pid, n, D, DP, BLOCK)
         z = tl.load(zs + offz, mask=mz, other=0.0)  # [B, DP], state in registers
         lp = tl.load(ls + rows, mask=mrow, other=0.0)  # [B]
         for i in range(N):
@@ -404,11 +409,7 @@ if triton is not None:
                          D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
                          METHOD: tl.constexpr, LOW: tl.constexpr, SCALED: tl.constexpr):
         pid = tl.program_id(0)
-        rows = pid * BLOCK + tl.arange(0, BLOCK)
-        cd = tl.arange(0, DP)
-        mrow = rows < n
-        mz = mrow[:, None] & (cd[None, :] < D)
-        offz = rows[:, None] * D + cd[None, :]
+        rows, mrow, mz, offz = _block(pid, n, D, DP, BLOCK)
         a_z = tl.load(gzs + N * n * D + offz, mask=mz, other=0.0)  # the adjoint, float32
         a_l = tl.load(gls + N * n + rows, mask=mrow, other=0.0)
         part = part + pid * S_rows * R

@@ -4,8 +4,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
+from test_cnf_kernels import need_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 1800  # seconds; generous, since a busy machine is slow, not broken
@@ -29,21 +28,9 @@ def test_bench_rejects_bad_input():
     assert proc.returncode == 2
 
 
-def need_interpreter():
-    """Skip without triton, or when its interpreter cannot run the kernels here (one line);
-    with REQUIRE_TRITON=1 the run below fails instead."""
-    if os.environ.get("REQUIRE_TRITON") == "1":
-        return
-    pytest.importorskip("triton")
-    import cnf_kernels
-
-    if not torch.cuda.is_available() and cnf_kernels._interpreter_problem():
-        pytest.skip(cnf_kernels._interpreter_problem())
-
-
 def test_bench_triton_paths_run(tmp_path):
     """The fused paths in bench.py (in Triton's interpreter without a GPU: correctness, not speed)."""
-    need_interpreter()
+    need_triton(interpreted=True)
     out = tmp_path / "b.json"
     env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
     proc = subprocess.run([sys.executable, "bench.py", "--quick", "--iters", "1", "--json", str(out), "--paths",
@@ -60,7 +47,7 @@ def test_bench_triton_paths_run(tmp_path):
 def test_bench_tools_for_a_gpu_slot(tmp_path):
     """--no-kernels (the host side alone), --kernel-sweep and --profile run end to end
     (on the CPU: the interpreter, tiny sizes), so a GPU slot is not spent finding their bugs."""
-    need_interpreter()
+    need_triton(interpreted=True)
     env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
     out = tmp_path / "b.json"
     proc = subprocess.run([sys.executable, "bench.py", "--quick", "--iters", "1", "--json", str(out), "--paths",
