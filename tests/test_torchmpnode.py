@@ -287,6 +287,30 @@ def test_shrinking_adjoint_grows_the_scale():
     assert scaler.overflow_steps == 0
 
 
+def test_scaling_is_exact():
+    """Powers of 2 scale exactly: a scaler aiming 10 times lower gives the same float16
+    gradient bit for bit, and a loss 2^-60 times smaller gives it 2^-60 times smaller, bit
+    for bit, far below float16's range. The scaler adds no rounding of its own."""
+
+    class LowTarget(DynamicScaler):
+        def target(self, numel_per_sample):
+            return super().target(numel_per_sample) / 10
+
+    f = Contracting(k=30.0)
+    y = torch.randn(8, 4, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 33)
+
+    def grad(k, scaler):
+        with torch.autocast("cpu", dtype=torch.float16):
+            sol = odeint(f, y, t, loss_scaler=scaler)
+        return torch.autograd.grad(2.0**-k * 1e-3 * (sol[-1] ** 2).sum(), y)[0]
+
+    base, low, tiny = DynamicScaler(), LowTarget(), DynamicScaler()
+    g0 = grad(0, base)
+    assert torch.equal(grad(0, low), g0) and low.scale <= base.scale / 8
+    assert torch.equal(grad(60, tiny) * 2.0**60, g0) and tiny.scale == base.scale * 2.0**60
+
+
 def test_auto_scaler_only_for_float16():
     f = Contracting(k=30.0)
     y = torch.randn(8, 4, requires_grad=True)

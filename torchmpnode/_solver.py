@@ -305,7 +305,7 @@ def _add(u, v):
 class ODEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pb, t, n_y, *tensors):
-        y0, params = tensors[:n_y], tensors[n_y:]
+        y0 = tensors[:n_y]
         sol = solve_forward(pb, y0)
         ctx.pb, ctx.n_y = pb, n_y
         ctx.save_for_backward(t, *sol)
