@@ -1,8 +1,10 @@
 """Fused Triton solve of the hypernetwork CNF with the exact trace.
 
-One launch runs the whole forward solve, one the whole backward sweep. Each
-program owns a block of samples and keeps its state (z, logp) and, in the
-backward sweep, its adjoint in registers across all steps. The time-only part
+One launch runs the whole forward solve; the backward sweep runs in a few
+launches of many steps each (as many as keep its partial buffer within
+``PARTIAL_MB``). Each program owns a block of samples and keeps its state
+(z, logp) and, in the backward sweep, its adjoint in registers across all
+the steps of a launch (between launches, in a float32 buffer). The time-only part
 (the hypernetwork) stays in torch: ``CNF.grid_params`` evaluates it once per
 grid, and its table is read here row by row (rows in torchmpnode's stage-time
 layout: rk4 step i reads rows 2i, 2i+1, 2i+1, 2i+2; euler step i reads row i).
@@ -54,9 +56,10 @@ scaler then reports the smallest final block scale and the total number of
 block-step retries.
 
 Determinism: each program writes its parameter-cotangent partials for each
-stage-time row once (stage 3 of step i and stage 0 of step i+1 are summed in
-registers first), into its own slice of a [programs, rows, R] buffer, which
-torch then sums over programs. No atomics: identical runs give identical bits.
+stage-time row of a launch once (stage 3 of step i and stage 0 of step i+1 are
+summed in registers first), into its own slice of a [programs, rows, R]
+buffer, which torch then sums over programs; the row two launches share gets
+the two sums in a fixed order. No atomics: identical runs give identical bits.
 Saved for backward: the states only, as in the torch path.
 """
 import functools
@@ -73,14 +76,22 @@ except ImportError:  # the torch backend still works; see unavailable_reason()
 METHOD_CODES = {"euler": 0, "rk4": 1}
 LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Samples per program (forward, backward), by device type. On a GPU: 4 in the forward
-# (the fastest of 4/8/16/32 in the issue's H200 forward-only measurement); 8 in the
-# backward. The backward block also sets the partial buffer, n/8 x rows x R float32
-# (100 MB at batch 1024, width 128, 128 points); 4 would spill nothing but double it.
-# Registers and spills of each choice: `python cnf_kernels.py --compile 90` (BENCHMARKS.md).
+# (the fastest of 4/8/16/32 in the issue's H200 forward-only measurement) and 4 in the
+# backward, where ptxas for sm_90 spills at most 16 bytes in any variant (triton 3.6 and
+# 3.9) against up to 304 with 8: `python cnf_kernels.py --compile 90` (BENCHMARKS.md).
 # Not yet timed on a GPU (`bench.py --kernel-sweep`). The CPU interpreter's cost is per
 # program, so it takes large blocks.
-BLOCKS = {"cuda": (4, 8), "cpu": (64, 32)}
+BLOCKS = {"cuda": (4, 4), "cpu": (64, 32)}
+# The backward sweep runs in as many launches as keep its partial buffer [programs,
+# rows, R] float32 within this many MB: at the standard size (256 programs, 255 rows of
+# R = 770) 4 launches of 32 steps and 51 MB instead of one of 201 MB. The buffer then no
+# longer grows with the number of steps.
+PARTIAL_MB = 64
 NUM_WARPS = (4, 4)  # warps per program (forward, backward); ``bench.py --kernel-sweep`` times the choices
+# Fused multiply-adds on (Triton's default up to 3.9; 3.10 turns it off): pinned, so the
+# kernels' float32 rounding does not change with the Triton version. nvcc fuses the same
+# way in torch's own CUDA kernels.
+FP_FUSION = True
 
 
 class KernelError(RuntimeError):
@@ -89,7 +100,7 @@ class KernelError(RuntimeError):
 
 def _launch(name, kernel, grid, *args, **kw):
     try:
-        kernel[grid](*args, **kw)
+        kernel[grid](*args, enable_fp_fusion=FP_FUSION, **kw)
     except Exception as e:  # compile errors, out of resources, launch failures
         msg = str(e).strip().splitlines()
         raise KernelError(f"the fused {name} kernel failed: {type(e).__name__}: {msg[-1] if msg else ''}") from e
@@ -226,6 +237,15 @@ def solve_forward(P, z0, logp0, spec):
     return zs, ls
 
 
+def _chunk_steps(N, programs, R, rows_per_step):
+    """Steps per backward launch: as many as keep the partial buffer [programs, rows, R]
+    float32 within ``PARTIAL_MB``, spread evenly over the launches."""
+    budget_rows = int(PARTIAL_MB * 2**20) // max(1, 4 * programs * R)
+    most = max(1, (budget_rows - 1) // rows_per_step)
+    launches = -(-N // most)
+    return -(-N // launches)
+
+
 def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
     """The adjoint sweep over the whole grid.
 
@@ -234,6 +254,12 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
     adjoint of logp0 [n, 1], dP) with dP the float32 cotangents of the parameter
     rows, shaped like ``P``. A ``scaler`` (DynamicScaler) switches on per-block
     loss scaling and is updated (``scale``, ``overflow_steps``).
+
+    The sweep runs in chunks of steps, one launch each, from the end of the grid
+    down; each program carries its adjoint and scale from one chunk to the next
+    through ``az``, ``al`` and ``stats``. A chunk's partials are summed over the
+    programs before the next launch reuses the buffer; the row that two chunks
+    share (rk4: the grid point between them) gets both sums, in a fixed order.
     """
     low, coef = check_spec(spec, zs[0], grads_l[0], P)
     N1, n, d = zs.shape
@@ -244,20 +270,28 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
     R = table.shape[1]
     block = BLOCKS[zs.device.type][1]
     programs = triton.cdiv(n, block) if n else 0
-    az = torch.empty(n, d, dtype=torch.float32, device=zs.device)
-    al = torch.empty(n, 1, dtype=torch.float32, device=zs.device)
-    part = torch.empty(programs, S_rows, R, dtype=torch.float32, device=zs.device)
-    stats = torch.empty(programs, 3, dtype=torch.float32, device=zs.device)  # final scale, retries, failed step
-    if programs:
+    az = grads_z[N].contiguous().clone()  # the adjoint enters the first chunk as the gradient at t_N
+    al = grads_l[N].contiguous().clone()
+    dP = table.new_zeros(S_rows, R)
+    per_step = 2 if spec.method == "rk4" else 1
+    steps = _chunk_steps(N, programs, R, per_step) if programs and N else 0
+    part = torch.empty(programs, per_step * steps + 1, R, dtype=torch.float32, device=zs.device)
+    stats = torch.empty(programs, 3, dtype=torch.float32, device=zs.device)  # scale, retries, failed step
+    if steps:
+        gz, gl = grads_z.contiguous(), grads_l.contiguous()
         target = scaler.target(d + 1) if scaler is not None else 1.0
         max_attempts = scaler.max_attempts if scaler is not None else 1
-        _launch(
-            "backward", _backward_kernel, (programs,), zs, grads_z.contiguous(), grads_l.contiguous(), table, coef, az, al, part, stats,
-            n, N, R, w, S_rows, float(target), int(max_attempts),
-            D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
-            METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, num_warps=NUM_WARPS[1],
-        )
-    if scaler is not None and programs:
+        for hi in range(N, 0, -steps):
+            lo = max(0, hi - steps)
+            _launch(
+                "backward", _backward_kernel, (programs,), zs, gz, gl, table, coef, az, al, part, stats,
+                n, N, lo, hi, R, w, part.shape[1], float(target), int(max_attempts),
+                D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
+                METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, num_warps=NUM_WARPS[1],
+            )
+            rows = per_step * (hi - lo) + 1
+            dP[per_step * lo:per_step * lo + rows] += part[:, :rows].sum(0)
+    if scaler is not None and steps:
         st = stats.cpu()  # one host sync per sweep
         failed = st[:, 2]
         if bool((failed >= 0).any()):
@@ -269,8 +303,7 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
             )
         scaler.scale = float(st[:, 0].min())
         scaler.overflow_steps += int(st[:, 1].sum())
-    dP = unpack_params(part.sum(0) if programs else table.new_zeros(S_rows, R), d, w)
-    return az, al, dP
+    return az, al, unpack_params(dP, d, w)
 
 
 if triton is not None:
@@ -405,27 +438,37 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(zs, gzs, gls, T, coef, az, al, part, stats,
-                         n, N, R, WIDTH, S_rows, target, max_attempts,
+                         n, N, lo, hi, R, WIDTH, CH_ROWS, target, max_attempts,
                          D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
                          METHOD: tl.constexpr, LOW: tl.constexpr, SCALED: tl.constexpr):
+        """Steps hi-1, ..., lo of the sweep. The adjoint enters and leaves through az, al
+        (the launcher puts the incoming gradient at t_N there for the first chunk), and the
+        scaler state through stats. Parameter rows r(lo)..r(hi) go to this program's slice of
+        ``part``, row r(lo) first (r(i) = 2i for rk4, i for euler)."""
         pid = tl.program_id(0)
         rows, mrow, mz, offz = _block(pid, n, D, DP, BLOCK)
-        a_z = tl.load(gzs + N * n * D + offz, mask=mz, other=0.0)  # the adjoint, float32
-        a_l = tl.load(gls + N * n + rows, mask=mrow, other=0.0)
-        part = part + pid * S_rows * R
+        a_z = tl.load(az + offz, mask=mz, other=0.0)  # the adjoint, float32
+        a_l = tl.load(al + rows, mask=mrow, other=0.0)
+        part = part + pid * CH_ROWS * R
+        r0 = lo * (1 + METHOD)  # the first parameter row of this chunk
         scale = target * 0.0 + 1.0  # a float32 scalar tensor (a literal would be a constexpr)
-        if SCALED:
-            amax = tl.maximum(tl.max(tl.max(tl.abs(a_z), axis=1), axis=0), tl.max(tl.abs(a_l), axis=0))
-            if amax == 0.0:  # no gradient at the end: anchor on the largest incoming one (as the torch path)
-                for j in range(N):
-                    gz_j = tl.load(gzs + j * n * D + offz, mask=mz, other=0.0)
-                    gl_j = tl.load(gls + j * n + rows, mask=mrow, other=0.0)
-                    amax = tl.maximum(amax, tl.maximum(tl.max(tl.max(tl.abs(gz_j), axis=1), axis=0),
-                                                       tl.max(tl.abs(gl_j), axis=0)))
-            if (amax > 0.0) & (amax < float("inf")):
-                scale = _pow2_floor(tl.minimum(target / amax, MAX_SCALE))
         retries = target * 0.0  # block-step retries
         failed = target * 0.0 - 1.0  # the step where the scale ran out of halvings, or -1
+        if SCALED:
+            if hi < N:  # a later chunk: go on with the scale (and counts) the previous one left
+                scale = tl.load(stats + pid * 3)
+                retries = tl.load(stats + pid * 3 + 1)
+                failed = tl.load(stats + pid * 3 + 2)
+            else:
+                amax = tl.maximum(tl.max(tl.max(tl.abs(a_z), axis=1), axis=0), tl.max(tl.abs(a_l), axis=0))
+                if amax == 0.0:  # no gradient at the end: anchor on the largest incoming one (as the torch path)
+                    for j in range(N):
+                        gz_j = tl.load(gzs + j * n * D + offz, mask=mz, other=0.0)
+                        gl_j = tl.load(gls + j * n + rows, mask=mrow, other=0.0)
+                        amax = tl.maximum(amax, tl.maximum(tl.max(tl.max(tl.abs(gz_j), axis=1), axis=0),
+                                                           tl.max(tl.abs(gl_j), axis=0)))
+                if (amax > 0.0) & (amax < float("inf")):
+                    scale = _pow2_floor(tl.minimum(target / amax, MAX_SCALE))
         # cotangents of the row shared by stage 3 of step i and stage 0 of step i+1 (rk4),
         # carried in registers so each row is written once
         cW = tl.zeros([DP, WP], tl.float32)
@@ -433,8 +476,8 @@ if triton is not None:
         cU = tl.zeros([DP, WP], tl.float32)
         cc = tl.zeros([WP], tl.float32)
         cub = tl.zeros([DP], tl.float32)
-        for ii in range(N):
-            i = N - 1 - ii
+        for ii in range(hi - lo):
+            i = hi - 1 - ii
             c = coef + i * 8
             z_i = tl.load(zs + i * n * D + offz, mask=mz, other=0.0)
             g_z = tl.load(gzs + i * n * D + offz, mask=mz, other=0.0)
@@ -507,12 +550,12 @@ if triton is not None:
                     a_l = new_l
                     if METHOD == 1:
                         # row 2i+2: stage 0 of step i+1 (carried) + stage 3 of step i
-                        _store_row(part, 2 * i + 2, R, WIDTH, cW + gW3 * inv, cB + gB3 * inv, cU + gU3 * inv,
+                        _store_row(part, 2 * i + 2 - r0, R, WIDTH, cW + gW3 * inv, cB + gB3 * inv, cU + gU3 * inv,
                                    cc + gc3 * inv, cub + gu3 * inv, D, DP, WP)
-                        _store_row(part, 2 * i + 1, R, WIDTH, mW * inv, mB * inv, mU * inv, mc * inv, mu * inv,
+                        _store_row(part, 2 * i + 1 - r0, R, WIDTH, mW * inv, mB * inv, mU * inv, mc * inv, mu * inv,
                                    D, DP, WP)
                     else:
-                        _store_row(part, i, R, WIDTH, gW0 * inv, gB0 * inv, gU0 * inv, gc0 * inv, gu0 * inv, D, DP, WP)
+                        _store_row(part, i - r0, R, WIDTH, gW0 * inv, gB0 * inv, gU0 * inv, gc0 * inv, gu0 * inv, D, DP, WP)
                     cW = gW0 * inv
                     cB = gB0 * inv
                     cU = gU0 * inv
@@ -535,8 +578,8 @@ if triton is not None:
                         a_l = new_l
         if METHOD == 1:
             _store_row(part, 0, R, WIDTH, cW, cB, cU, cc, cub, D, DP, WP)
-        else:  # euler never reads the last row
-            _store_row(part, N, R, WIDTH, cW * 0.0, cB * 0.0, cU * 0.0, cc * 0.0, cub * 0.0, D, DP, WP)
+        else:  # the chunk's last row belongs to the next step up (euler reads no row N)
+            _store_row(part, hi - lo, R, WIDTH, cW * 0.0, cB * 0.0, cU * 0.0, cc * 0.0, cub * 0.0, D, DP, WP)
         tl.store(az + offz, a_z, mask=mz)
         tl.store(al + rows, a_l, mask=mrow)
         tl.store(stats + pid * 3, scale)
@@ -576,7 +619,7 @@ def compile_check(capability=90, out=print, blocks=None, warps=None):
     ptr = "*fp32"
     fwd = {k: ptr for k in ("zs", "ls", "T", "coef")} | {k: "i32" for k in ("n", "N", "R", "WIDTH")}
     bwd = ({k: ptr for k in ("zs", "gzs", "gls", "T", "coef", "az", "al", "part", "stats")}
-           | {k: "i32" for k in ("n", "N", "R", "WIDTH", "S_rows")} | {"target": "fp32", "max_attempts": "i32"})
+           | {k: "i32" for k in ("n", "N", "lo", "hi", "R", "WIDTH", "CH_ROWS")} | {"target": "fp32", "max_attempts": "i32"})
     fb, bb = blocks or BLOCKS["cuda"]
     fw, bw = warps or NUM_WARPS
     variants = []
@@ -587,7 +630,8 @@ def compile_check(capability=90, out=print, blocks=None, warps=None):
             variants.append((_backward_kernel, bwd, c | dict(BLOCK=bb, SCALED=low == 2), bw))
     for fn, sig, consts, nw in variants:
         src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in consts}, constexprs=consts)
-        k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": nw})
+        k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                           options={"num_warps": nw, "enable_fp_fusion": FP_FUSION})
         usage = _resource_usage(k.asm["cubin"])
         out(f"{fn.__name__} {consts} warps={nw}: {len(k.asm['cubin'])} bytes of cubin"
             + (f", {usage}" if usage else ""))

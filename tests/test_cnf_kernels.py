@@ -287,6 +287,83 @@ def test_identical_runs_give_identical_bits(device):
         assert torch.equal(u, v)
 
 
+def _one_step_per_launch(monkeypatch):
+    """Make every backward launch a single step (a partial buffer budget of ~0), and count
+    the launches."""
+    import cnf_kernels
+
+    launches = []
+    launch = cnf_kernels._launch
+
+    def counting(name, *args, **kw):
+        launches.append(name)
+        return launch(name, *args, **kw)
+
+    monkeypatch.setattr(cnf_kernels, "PARTIAL_MB", 1e-9)
+    monkeypatch.setattr(cnf_kernels, "_launch", counting)
+    return launches
+
+
+@pytest.mark.parametrize("method,low", [("rk4", None), ("euler", None), ("rk4", torch.float16)])
+def test_backward_in_chunks_matches_one_launch(device, monkeypatch, method, low):
+    """The sweep split into one launch per step (as a long grid or a small memory budget
+    splits it): the adjoint and the scaler state pass between launches unchanged, so the
+    input gradient is the same bit for bit; the parameter rows agree to float32 roundoff
+    (the row two chunks share is summed in another order; euler shares only a zero row)."""
+    cnf, x, points = make(device, 2)
+    sc_one, sc_many = (DynamicScaler(), DynamicScaler()) if low else (False, False)
+    one = solve(cnf, x, points, method, "triton", low, sc_one)
+    launches = _one_step_per_launch(monkeypatch)
+    many = solve(cnf, x, points, method, "triton", low, sc_many)
+    assert launches.count("backward") == points - 1
+    for a, b in zip(one[:3], many[:3]):  # states, logp, dL/dx
+        assert torch.equal(a, b)
+    for a, b in zip(one[3:], many[3:]):
+        assert (torch.equal(a, b) if method == "euler" else rel(b, a) < 1e-6), rel(b, a)
+    if low:
+        assert (sc_one.scale, sc_one.overflow_steps) == (sc_many.scale, sc_many.overflow_steps)
+
+
+def test_partial_buffer_stays_within_budget():
+    """The backward's partial buffer [programs, rows, R] float32 stays within PARTIAL_MB
+    (or one step, if even that is larger), whatever the grid, in few even launches."""
+    import cnf_kernels
+
+    budget = cnf_kernels.PARTIAL_MB * 2**20
+    assert cnf_kernels._chunk_steps(127, 256, 770, 2) == 32  # the standard size: 4 launches, 51 MB
+    for N in (1, 7, 127, 1000):
+        for programs in (1, 128, 256, 4096):
+            for per_step in (1, 2):
+                steps = cnf_kernels._chunk_steps(N, programs, 770, per_step)
+                size = programs * (per_step * steps + 1) * 770 * 4
+                assert 1 <= steps <= N and (size <= budget or steps == 1), (N, programs, steps, size)
+                launches = -(-N // steps)
+                assert launches == 1 or programs * (per_step * -(-N // (launches - 1)) + 1) * 770 * 4 > budget
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_chunks_carry_retries_and_failures(device, monkeypatch):
+    """A retried step, and a step that runs out of halvings, keep their effect across launches."""
+    cnf = contracting_cnf(k=4.0, eps=2.0**-8, device=device)  # overflows float16 at the anchored scale
+    z0 = torch.randn(40, 2, generator=torch.Generator().manual_seed(1)).to(device)
+    t = torch.linspace(0.0, 1.0, 4, device=device)
+    one_sc = DynamicScaler()
+    one = _solve_grad(cnf, z0, t, "triton", torch.float16, scaler=one_sc)[0]
+    _one_step_per_launch(monkeypatch)
+    many_sc = DynamicScaler()
+    many = _solve_grad(cnf, z0, t, "triton", torch.float16, scaler=many_sc)[0]
+    assert one_sc.overflow_steps >= 1 and torch.equal(one, many)
+    assert (one_sc.scale, one_sc.overflow_steps) == (many_sc.scale, many_sc.overflow_steps)
+    with pytest.raises(RuntimeError, match=r"step 2 .*3 halvings"):  # the last step fails, in the first launch
+        cnf_nan, x, _ = make(device)
+        cnf_nan.backend = "triton"
+        xl = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.float16):
+            zs, _ = torchmpnode.odeint(cnf_nan, (xl, torch.zeros(x.shape[0], 1, device=device)), t,
+                                       loss_scaler=DynamicScaler(max_attempts=3))
+        (zs[-1].sum() * float("nan")).backward()
+
+
 def test_saves_only_the_states(device):
     """What autograd keeps for the fused solve: the grid and the states, no activations."""
     cnf, x, points = make(device)
