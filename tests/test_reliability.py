@@ -44,10 +44,17 @@ def wait_for_rows(run_parent, n, proc, timeout=TIMEOUT):
     raise TimeoutError
 
 
+NITERS = 300
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_signal_checkpoints_and_resume_is_bitwise(tmp_path, sig):
-    full = cnf(*TINY, "--niters", "60", "--results_dir", str(tmp_path / "full"))
-    part = cnf(*TINY, "--niters", "60", "--results_dir", str(tmp_path / "part"))
+    # the signal, sent at the second CSV row (iteration 50), must land before the run ends
+    # even when a loaded CI machine delays this process: 250 iterations left (~1.2 s idle;
+    # with 60 iterations and rows every 5, ~0.25 s were left)
+    args = [*TINY, "--niters", str(NITERS), "--test_freq", "25"]
+    full = cnf(*args, "--results_dir", str(tmp_path / "full"))
+    part = cnf(*args, "--results_dir", str(tmp_path / "part"))
     run = wait_for_rows(tmp_path / "part", 2, part)
     part.send_signal(sig)
     _, err = part.communicate(timeout=TIMEOUT)
@@ -55,9 +62,9 @@ def test_signal_checkpoints_and_resume_is_bitwise(tmp_path, sig):
     status = json.load(open(run.status))
     assert status["status"] == "interrupted" and signal.Signals(sig).name in status["exit_reason"]
     stopped_at = ex.load_checkpoint(run.ckpt)["iter"]
-    assert 10 <= stopped_at < 60 and status["iter"] == stopped_at
+    assert 10 <= stopped_at < NITERS and status["iter"] == stopped_at
     assert "interrupted" in open(run.log).read()
-    resumed = cnf("--resume", run.path, "--niters", "60")
+    resumed = cnf("--resume", run.path, "--niters", str(NITERS))
     _, err = resumed.communicate(timeout=TIMEOUT)
     assert resumed.returncode == 0, err[-2000:]
     _, err = full.communicate(timeout=TIMEOUT)
