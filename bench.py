@@ -232,7 +232,8 @@ def kernel_sweep(device, cfg, out=print):
         captured.update(P=P, z0=z0, logp0=logp0, spec=spec)
         return solve(P, z0, logp0, spec)
 
-    defaults = dict(blocks=cnf_kernels.BLOCKS[device.type], warps=cnf_kernels.NUM_WARPS)
+    defaults = dict(blocks=cnf_kernels.BLOCKS[device.type], warps=cnf_kernels.NUM_WARPS, partial_mb=cnf_kernels.PARTIAL_MB)
+    budgets = (16, 64, 1024) if cuda else (0.002, 64)
     fwd_choices = [(b, w) for b in (2, 4, 8, 16) for w in (1, 2, 4, 8)] if cuda else [(16, 4), (64, 4)]
     bwd_choices = [(b, w) for b in (4, 8, 16) for w in (2, 4, 8)] if cuda else [(16, 4), (32, 4)]
     out(f"| precision | kernel | samples/program | warps | ms (median) | max rel. diff vs default {defaults} |")
@@ -277,9 +278,22 @@ def kernel_sweep(device, cfg, out=print):
                         diff, ms = float("nan"), f"failed: {str(e).splitlines()[0][:80]}"
                     out(f"| {precision} | {kernel} | {block} | {warps} | {ms} | {diff:.2g} |")
                 cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults["blocks"], defaults["warps"]
+            # the backward's memory budget: fewer, longer launches against a bigger partial buffer
+            block, warps = defaults["blocks"][1], defaults["warps"][1]
+            programs, R = -(-zs.shape[1] // block), cnf_kernels.pack_params(P).shape[1]
+            for mb in budgets:
+                cnf_kernels.PARTIAL_MB = mb
+                steps = cnf_kernels._chunk_steps(len(spec.h), programs, R, 2)
+                res = bwd()
+                diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                           for a, b in zip((res[0], res[1], *res[2]), (ref_b[0], ref_b[1], *ref_b[2])))
+                out(f"| {precision} | backward, PARTIAL_MB {mb:g}: {-(-len(spec.h) // steps)} launches | {block} | {warps} "
+                    f"| {timed(bwd):.3f} | {diff:.2g} |")
+            cnf_kernels.PARTIAL_MB = defaults["partial_mb"]
     finally:
         cnf_kernels.solve_forward = solve
         cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults["blocks"], defaults["warps"]
+        cnf_kernels.PARTIAL_MB = defaults["partial_mb"]
 
 
 # --- driver ----------------------------------------------------------------------

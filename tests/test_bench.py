@@ -60,7 +60,8 @@ def test_bench_tools_for_a_gpu_slot(tmp_path):
                            cwd=ROOT, timeout=TIMEOUT, env=env)
     assert sweep.returncode == 0, sweep.stderr[-2000:]
     rows = [l.split("|") for l in sweep.stdout.splitlines() if l.startswith("| float")]
-    assert len(rows) == 8 and all(float(r[5]) > 0 and float(r[6]) < 1e-5 for r in rows), sweep.stdout
+    assert len(rows) == 12 and all(float(r[5]) > 0 and float(r[6]) < 1e-5 for r in rows), sweep.stdout
+    assert sum("PARTIAL_MB 0.002: 7 launches" in r[2] for r in rows) == 2, sweep.stdout  # one step per launch
     prof = subprocess.run([sys.executable, "bench.py", "--quick", "--profile", "triton", "--iters", "1"],
                           capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, env=env)
     assert prof.returncode == 0 and "Self CPU" in prof.stdout, prof.stderr[-2000:]
