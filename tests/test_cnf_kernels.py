@@ -309,7 +309,8 @@ def test_backward_in_chunks_matches_one_launch(device, monkeypatch, method, low)
     """The sweep split into one launch per step (as a long grid or a small memory budget
     splits it): the adjoint and the scaler state pass between launches unchanged, so the
     input gradient is the same bit for bit; the parameter rows agree to float32 roundoff
-    (the row two chunks share is summed in another order; euler shares only a zero row)."""
+    (torch sums smaller buffers over the programs, and rk4's row shared by two chunks in
+    another order)."""
     cnf, x, points = make(device, 2)
     sc_one, sc_many = (DynamicScaler(), DynamicScaler()) if low else (False, False)
     one = solve(cnf, x, points, method, "triton", low, sc_one)
@@ -319,7 +320,7 @@ def test_backward_in_chunks_matches_one_launch(device, monkeypatch, method, low)
     for a, b in zip(one[:3], many[:3]):  # states, logp, dL/dx
         assert torch.equal(a, b)
     for a, b in zip(one[3:], many[3:]):
-        assert (torch.equal(a, b) if method == "euler" else rel(b, a) < 1e-6), rel(b, a)
+        assert rel(b, a) < 1e-5, rel(b, a)
     if low:
         assert (sc_one.scale, sc_one.overflow_steps) == (sc_many.scale, sc_many.overflow_steps)
 
