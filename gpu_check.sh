@@ -39,7 +39,7 @@ step() {  # step NAME SECONDS CMD...
   [ "$rc" -eq 0 ] || status=1
 }
 
-step pytest 120 "$py" -m pytest -q -m cuda -p no:cacheprovider
+step pytest 150 "$py" -m pytest -q -m cuda -p no:cacheprovider
 step bench 110 "$py" bench.py --device cuda --iters 10 --json "$out/bench.json" --paths \
   torchmpnode triton torchmpnode-tf32 triton-tf32 torchmpnode-bf16 triton-bf16 torchmpnode-fp16 triton-fp16
 step cnf 75 "$py" cnf.py --results_dir "$out/runs"
