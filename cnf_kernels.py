@@ -436,7 +436,9 @@ if triton is not None:
             tl.store(zs + (i + 1) * n * D + offz, z, mask=mz)
             tl.store(ls + (i + 1) * n + rows, lp, mask=mrow)
 
-    @triton.jit
+    # lo and hi change from launch to launch; specializing on them (Triton specializes an
+    # integer that is 1 or a multiple of 16) would compile the kernel again for some chunks
+    @triton.jit(do_not_specialize=["lo", "hi"])
     def _backward_kernel(zs, gzs, gls, T, coef, az, al, part, stats,
                          n, N, lo, hi, R, WIDTH, CH_ROWS, target, max_attempts,
                          D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
