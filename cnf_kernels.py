@@ -84,7 +84,7 @@ LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 BLOCKS = {"cuda": (4, 4), "cpu": (64, 32)}
 # The backward sweep runs in as many launches as keep its partial buffer [programs,
 # rows, R] float32 within this many MB: at the standard size (256 programs, 255 rows of
-# R = 770) 4 launches of 32 steps and 51 MB instead of one of 201 MB. The buffer then no
+# R = 770) 4 launches of up to 32 steps and 51 MB instead of one of 201 MB. The buffer then no
 # longer grows with the number of steps.
 PARTIAL_MB = 64
 NUM_WARPS = (4, 4)  # warps per program (forward, backward); ``bench.py --kernel-sweep`` times the choices
