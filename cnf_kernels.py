@@ -78,7 +78,7 @@ LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Samples per program (forward, backward), by device type. On a GPU: 4 in the forward
 # (the fastest of 4/8/16/32 in the issue's H200 forward-only measurement) and 4 in the
 # backward, where ptxas for sm_90 spills at most 16 bytes in any variant (triton 3.6 and
-# 3.9) against up to 304 with 8: `python cnf_kernels.py --compile 90` (BENCHMARKS.md).
+# 3.9) against up to 304 with 8: `python kernel_report.py --compile 90` (BENCHMARKS.md).
 # Not yet timed on a GPU (`bench.py --kernel-sweep`). The CPU interpreter's cost is per
 # program, so it takes large blocks.
 BLOCKS = {"cuda": (4, 4), "cpu": (64, 32)}
@@ -88,6 +88,12 @@ BLOCKS = {"cuda": (4, 4), "cpu": (64, 32)}
 # longer grows with the number of steps.
 PARTIAL_MB = 64
 NUM_WARPS = (4, 4)  # warps per program (forward, backward); ``bench.py --kernel-sweep`` times the choices
+# Pad each parameter row of the table (and of the backward's partial buffer) to a multiple
+# of 16 floats. A row of R = 2dw + 2w + d floats (770 at the standard size) then starts
+# 64-byte aligned, and Triton, which specializes an integer argument that is a multiple of
+# 16, can use vector loads and stores for it. Off until ``bench.py --kernel-sweep options``
+# has timed both settings on a GPU; the results are the same bits either way.
+PAD_ROWS = False
 # Fused multiply-adds on (Triton's default up to 3.9; 3.10 turns it off): pinned, so the
 # kernels' float32 rounding does not change with the Triton version. nvcc fuses the same
 # way in torch's own CUDA kernels.
@@ -146,18 +152,29 @@ def _next_pow2(x):
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def row_stride(d, w):
+    """Floats per row of the parameter table: R = 2dw + 2w + d, rounded up to a multiple of
+    16 with ``PAD_ROWS``."""
+    R = 2 * d * w + 2 * w + d
+    return -(-R // 16) * 16 if PAD_ROWS else R
+
+
 def pack_params(P):
     """``fused_params`` rows (W2T [S,d,w], B2 [S,w], Uw2T [S,d,w], ub [S,d,1], c4 [S,w])
-    -> one float32 table [S, R], R = 2dw + 2w + d: [W2T | B2 | Uw2T | c4 | ub]."""
+    -> one float32 table [S, row_stride(d, w)]: [W2T | B2 | Uw2T | c4 | ub | zeros]."""
     W2T, B2, Uw2T, ub, c4 = P
-    S = W2T.shape[0]
-    return torch.cat([W2T.reshape(S, -1), B2, Uw2T.reshape(S, -1), c4, ub.reshape(S, -1)], 1).float().contiguous()
+    S, d, w = W2T.shape
+    cols = [W2T.reshape(S, -1), B2, Uw2T.reshape(S, -1), c4, ub.reshape(S, -1)]
+    pad = row_stride(d, w) - (2 * d * w + 2 * w + d)
+    if pad:
+        cols.append(B2.new_zeros(S, pad))
+    return torch.cat(cols, 1).float().contiguous()
 
 
 def unpack_params(T, d, w):
     """Inverse of ``pack_params`` (float32, for the cotangent table)."""
     S = T.shape[0]
-    W2T, B2, Uw2T, c4, ub = torch.split(T, [d * w, w, d * w, w, d], 1)
+    W2T, B2, Uw2T, c4, ub = torch.split(T[:, :2 * d * w + 2 * w + d], [d * w, w, d * w, w, d], 1)
     return W2T.reshape(S, d, w), B2, Uw2T.reshape(S, d, w), ub.reshape(S, d, 1), c4
 
 
@@ -232,7 +249,7 @@ def solve_forward(P, z0, logp0, spec):
     _launch(
         "forward", _forward_kernel, grid, zs, ls, table, coef, n, N, table.shape[1], w,
         D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
-        METHOD=METHOD_CODES[spec.method], LOW=low, num_warps=NUM_WARPS[0],
+        METHOD=METHOD_CODES[spec.method], LOW=low, MASK_W=w != _next_pow2(w), num_warps=NUM_WARPS[0],
     )
     return zs, ls
 
@@ -287,7 +304,8 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
                 "backward", _backward_kernel, (programs,), zs, gz, gl, table, coef, az, al, part, stats,
                 n, N, lo, hi, R, w, part.shape[1], float(target), int(max_attempts),
                 D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
-                METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, num_warps=NUM_WARPS[1],
+                METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, MASK_W=w != _next_pow2(w),
+                num_warps=NUM_WARPS[1],
             )
             rows = per_step * (hi - lo) + 1
             dP[per_step * lo:per_step * lo + rows] += part[:, :rows].sum(0)
@@ -309,17 +327,25 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
 if triton is not None:
     MAX_SCALE = tl.constexpr(2.0**126)  # the per-block scale stays a finite float32 power of 2
 
+    # A parameter row is the tuple (W2T [DP, WP], B2 [WP], Uw2T [DP, WP], c4 [WP], ub [DP]),
+    # zero padded; its cotangent has the same shape.
+
     @triton.jit
     def _round(x, LOW: tl.constexpr):
-        """Round float32 x to the low precision (and back): 1 bfloat16, 2 float16.
-        bfloat16 rounds to nearest even by its bits, as torch does (the Triton
-        interpreter's cast truncates)."""
+        """Round float32 x to the low precision and back (1 bfloat16, 2 float16), to nearest
+        even as torch's casts do: NaN stays NaN, +-inf stays +-inf, and a value past the
+        largest finite one becomes +-inf. bfloat16 by its bits, since the interpreter's cast
+        truncates: adding 0x7FFF plus the lowest kept bit carries into the kept bits exactly
+        when the dropped half is above one half, or one half and the kept bits odd. A NaN
+        skips the carry (it would turn the GPU's NaN 0x7FFFFFFF into -0.0, and 0x7F800001
+        into inf) and keeps its sign and top payload bits, quieted, as a bfloat16 NaN."""
         if LOW == 1:
             b = x.to(tl.uint32, bitcast=True)
-            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-            y = b.to(tl.float32, bitcast=True)
+            rounded = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            nan = ((b | 0x400000) >> 16) << 16
+            y = tl.where((b & 0x7FFFFFFF) > 0x7F800000, nan, rounded).to(tl.float32, bitcast=True)
         elif LOW == 2:
-            y = x.to(tl.float16).to(tl.float32)
+            y = x.to(tl.float16).to(tl.float32)  # the conversion rounds to nearest even, in both modes
         else:
             y = x
         return y
@@ -331,68 +357,135 @@ if triton is not None:
         return ((b >> 23) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _load_row(T, row, R, WIDTH, D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr):
-        """One parameter row: W2T [DP, WP], B2 [WP], Uw2T [DP, WP], c4 [WP], ub [DP] (zero padded)."""
+    def _amax(a_z, a_l):
+        """max |x| over a block's state-shaped a_z [B, DP] and logp-shaped a_l [B]."""
+        return tl.maximum(tl.max(tl.max(tl.abs(a_z), axis=1), axis=0), tl.max(tl.abs(a_l), axis=0))
+
+    @triton.jit
+    def _row_ptrs(base, WIDTH, D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr):
+        """Pointers to the five parts of the row starting at ``base``, [W2T | B2 | Uw2T | c4 | ub],
+        and their masks (the padding of DP and WP is masked out)."""
         cd = tl.arange(0, DP)
         cw = tl.arange(0, WP)
         mw = cw < WIDTH
-        m2 = (cd[:, None] < D) & mw[None, :]
-        base = T + row * R
-        W2T = tl.load(base + cd[:, None] * WIDTH + cw[None, :], mask=m2, other=0.0)
-        B2 = tl.load(base + D * WIDTH + cw, mask=mw, other=0.0)
-        U = tl.load(base + (D + 1) * WIDTH + cd[:, None] * WIDTH + cw[None, :], mask=m2, other=0.0)
-        c4 = tl.load(base + (2 * D + 1) * WIDTH + cw, mask=mw, other=0.0)
-        ub = tl.load(base + (2 * D + 2) * WIDTH + cd, mask=cd < D, other=0.0)
-        return W2T, B2, U, c4, ub
+        md = cd < D
+        m2 = md[:, None] & mw[None, :]
+        ptrs = (base + cd[:, None] * WIDTH + cw[None, :], base + D * WIDTH + cw,
+                base + (D + 1) * WIDTH + cd[:, None] * WIDTH + cw[None, :], base + (2 * D + 1) * WIDTH + cw,
+                base + (2 * D + 2) * WIDTH + cd)
+        return ptrs, (m2, mw, m2, mw, md)
 
     @triton.jit
-    def _activations(W2T, B2, z, LOW: tl.constexpr):
-        """z [B, DP] -> the rounded state zl, s = sigmoid(a) and terms = s - s^2 [B, WP]."""
+    def _load_row(T, row, R, WIDTH, D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr):
+        """Row ``row`` of the table T [S, R] as a parameter row tuple."""
+        ptrs, masks = _row_ptrs(T + row * R, WIDTH, D, DP, WP)
+        return (tl.load(ptrs[0], mask=masks[0], other=0.0), tl.load(ptrs[1], mask=masks[1], other=0.0),
+                tl.load(ptrs[2], mask=masks[2], other=0.0), tl.load(ptrs[3], mask=masks[3], other=0.0),
+                tl.load(ptrs[4], mask=masks[4], other=0.0))
+
+    @triton.jit
+    def _store_row(part, row, R, WIDTH, g, D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr):
+        """Write the row cotangent tuple g as row ``row`` of part [rows, R]."""
+        ptrs, masks = _row_ptrs(part + row * R, WIDTH, D, DP, WP)
+        tl.store(ptrs[0], g[0], mask=masks[0])
+        tl.store(ptrs[1], g[1], mask=masks[1])
+        tl.store(ptrs[2], g[2], mask=masks[2])
+        tl.store(ptrs[3], g[3], mask=masks[3])
+        tl.store(ptrs[4], g[4], mask=masks[4])
+
+    @triton.jit
+    def _row_add(a, b):
+        return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4]
+
+    @triton.jit
+    def _row_mul(a, x):
+        return a[0] * x, a[1] * x, a[2] * x, a[3] * x, a[4] * x
+
+    @triton.jit
+    def _row_zeros(DP: tl.constexpr, WP: tl.constexpr):
+        return (tl.zeros([DP, WP], tl.float32), tl.zeros([WP], tl.float32), tl.zeros([DP, WP], tl.float32),
+                tl.zeros([WP], tl.float32), tl.zeros([DP], tl.float32))
+
+    @triton.jit
+    def _finite_zero(g):
+        """0 when every entry of the row cotangent g is finite, else NaN (x * 0 is NaN for
+        NaN and +-inf x)."""
+        return (tl.sum(tl.sum(g[0] * 0.0, axis=1), axis=0) + tl.sum(tl.sum(g[2] * 0.0, axis=1), axis=0)
+                + tl.sum(g[1] * 0.0, axis=0) + tl.sum(g[3] * 0.0, axis=0) + tl.sum(g[4] * 0.0, axis=0))
+
+    @triton.jit
+    def _activations(p, z, WIDTH, LOW: tl.constexpr, WP: tl.constexpr, MASK_W: tl.constexpr):
+        """z [B, DP] -> the rounded state zl, s = sigmoid(a) and terms = s - s^2 [B, WP].
+        With a width below WP (MASK_W), the padding columns get a = 0: their zero weights
+        times an infinite state would be NaN, which the width sums would carry into every
+        output of the sample."""
         zl = _round(z, LOW)
-        a = _round(tl.sum(zl[:, :, None] * W2T[None, :, :], axis=1) + B2[None, :], LOW)  # [B, WP]
+        a = _round(tl.sum(zl[:, :, None] * p[0][None, :, :], axis=1) + p[1][None, :], LOW)  # [B, WP]
+        if MASK_W:
+            a = tl.where((tl.arange(0, WP) < WIDTH)[None, :], a, 0.0)
         s = _round(tl.sigmoid(a), LOW)
         terms = _round(s - s * s, LOW)
         return zl, s, terms
 
     @triton.jit
-    def _field(W2T, B2, U, c4, ub, z, LOW: tl.constexpr):
-        """Field and trace of a block: z [B, DP] -> f [B, DP], tr [B]."""
-        zl, s, terms = _activations(W2T, B2, z, LOW)
-        f = _round(tl.sum(s[:, None, :] * U[None, :, :], axis=2) + ub[None, :], LOW)  # [B, DP]
-        tr = tl.sum(_round(terms * c4[None, :], LOW), axis=1)  # [B]
+    def _field(p, z, WIDTH, LOW: tl.constexpr, WP: tl.constexpr, MASK_W: tl.constexpr):
+        """Field and trace of a block at parameter row p: z [B, DP] -> f [B, DP], tr [B]."""
+        zl, s, terms = _activations(p, z, WIDTH, LOW, WP, MASK_W)
+        f = _round(tl.sum(s[:, None, :] * p[2][None, :, :], axis=2) + p[4][None, :], LOW)  # [B, DP]
+        tr = tl.sum(_round(terms * p[3][None, :], LOW), axis=1)  # [B]
         return f, tr
 
     @triton.jit
-    def _field_vjp(W2T, B2, U, c4, ub, z, Kz, Kl, LOW: tl.constexpr):
+    def _field_vjp(p, z, Kz, Kl, WIDTH, D: tl.constexpr, LOW: tl.constexpr, WP: tl.constexpr,
+                   MASK_W: tl.constexpr):
         """VJP of one stage for cotangents Kz [B, DP] of f and Kl [B] of dlogp = -tr.
-        Returns gz [B, DP] and the block's parameter cotangents (float32 sums over samples):
-        gW2T [DP, WP], gB2 [WP], gU [DP, WP], gc4 [WP], gub [DP]."""
-        zl, s, terms = _activations(W2T, B2, z, LOW)
+        Returns gz [B, DP] and the block's row cotangent (float32 sums over samples):
+        (gW2T [DP, WP], gB2 [WP], gU [DP, WP], gc4 [WP], gub [DP])."""
+        W2T = p[0]
+        zl, s, terms = _activations(p, z, WIDTH, LOW, WP, MASK_W)
         gf = _round(Kz, LOW)
         gtr = _round(-Kl, LOW)
-        gs = _round(tl.sum(gf[:, :, None] * U[None, :, :], axis=1) + gtr[:, None] * c4[None, :], LOW)
-        O = _round(gtr[:, None] * c4[None, :], LOW)
+        gs = _round(tl.sum(gf[:, :, None] * p[2][None, :, :], axis=1) + gtr[:, None] * p[3][None, :], LOW)
+        O = _round(gtr[:, None] * p[3][None, :], LOW)
         ga = _round(_round(gs - 2.0 * s * O, LOW) * terms, LOW)  # [B, WP]
+        if MASK_W:  # an infinite gf makes gs NaN in the padding columns (zero weights)
+            ga = tl.where((tl.arange(0, WP) < WIDTH)[None, :], ga, 0.0)
         gz = _round(tl.sum(ga[:, None, :] * W2T[None, :, :], axis=2), LOW)  # [B, DP]
-        gW = tl.sum(zl[:, :, None] * ga[:, None, :], axis=0)
-        gB = tl.sum(ga, axis=0)
-        gU = tl.sum(gf[:, :, None] * s[:, None, :], axis=0)
-        gc = tl.sum(gtr[:, None] * terms, axis=0)
-        gub = tl.sum(gf, axis=0)
-        return gz, gW, gB, gU, gc, gub
+        if W2T.shape[0] != D:  # likewise an infinite ga in the padding rows of the state
+            gz = tl.where((tl.arange(0, W2T.shape[0]) < D)[None, :], gz, 0.0)
+        g = (tl.sum(zl[:, :, None] * ga[:, None, :], axis=0), tl.sum(ga, axis=0),
+             tl.sum(gf[:, :, None] * s[:, None, :], axis=0), tl.sum(gtr[:, None] * terms, axis=0), tl.sum(gf, axis=0))
+        return gz, g
 
     @triton.jit
-    def _store_row(part, row, R, WIDTH, gW, gB, gU, gc, gub, D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr):
-        cd = tl.arange(0, DP)
-        cw = tl.arange(0, WP)
-        mw = cw < WIDTH
-        m2 = (cd[:, None] < D) & mw[None, :]
-        base = part + row * R
-        tl.store(base + cd[:, None] * WIDTH + cw[None, :], gW, mask=m2)
-        tl.store(base + D * WIDTH + cw, gB, mask=mw)
-        tl.store(base + (D + 1) * WIDTH + cd[:, None] * WIDTH + cw[None, :], gU, mask=m2)
-        tl.store(base + (2 * D + 1) * WIDTH + cw, gc, mask=mw)
-        tl.store(base + (2 * D + 2) * WIDTH + cd, gub, mask=cd < D)
+    def _rk4_stage_inputs(p0, pm, z, c, WIDTH, LOW: tl.constexpr, WP: tl.constexpr, MASK_W: tl.constexpr):
+        """Stages 0-2 of the rk4 step from z [B, DP] with coefficients c (rows p0 at t_i and pm
+        at t_i + h/2): the slopes k0, k1, k2 [B, DP] with their traces t0, t1, t2 [B], and the
+        stage inputs Y1, Y2, Y3 (Y_{k+1} = z + h a_{k+1,k} k_k), whose slope k3 needs row t_{i+1}."""
+        k0, t0 = _field(p0, z, WIDTH, LOW, WP, MASK_W)
+        Y1 = z + tl.load(c) * k0
+        k1, t1 = _field(pm, Y1, WIDTH, LOW, WP, MASK_W)
+        Y2 = z + tl.load(c + 1) * k1
+        k2, t2 = _field(pm, Y2, WIDTH, LOW, WP, MASK_W)
+        Y3 = z + tl.load(c + 2) * k2
+        return k0, t0, k1, t1, k2, t2, Y1, Y2, Y3
+
+    @triton.jit
+    def _rk4_step_vjp(p0, pm, p1, z, Y1, Y2, Y3, c, cz, cl, WIDTH,
+                      D: tl.constexpr, LOW: tl.constexpr, WP: tl.constexpr, MASK_W: tl.constexpr):
+        """VJP of one rk4 step (rows p0 at t_i, pm at t_i + h/2, p1 at t_{i+1}) for the
+        cotangents cz [B, DP], cl [B] of its output, in reverse through the tableau:
+        Kbar_k = h b_k cot + h a_{k+1,k} Ybar_{k+1}. Returns the cotangent of z summed over
+        the stages in float32 in the torch path's order, and the row cotangents of the step's
+        rows: g0 (stage 0), gm (stages 2 + 1) and g1 (stage 3)."""
+        g3, q3 = _field_vjp(p1, Y3, tl.load(c + 6) * cz, tl.load(c + 6) * cl, WIDTH, D, LOW, WP, MASK_W)
+        g2, q2 = _field_vjp(pm, Y2, tl.load(c + 5) * cz + tl.load(c + 2) * g3, tl.load(c + 5) * cl, WIDTH, D, LOW, WP,
+                            MASK_W)
+        g1, q1 = _field_vjp(pm, Y1, tl.load(c + 4) * cz + tl.load(c + 1) * g2, tl.load(c + 4) * cl, WIDTH, D, LOW, WP,
+                            MASK_W)
+        g0, q0 = _field_vjp(p0, z, tl.load(c + 3) * cz + tl.load(c) * g1, tl.load(c + 3) * cl, WIDTH, D, LOW, WP,
+                            MASK_W)
+        return ((g3 + g2) + g1) + g0, q0, _row_add(q2, q1), q3
 
     @triton.jit
     def _block(pid, n, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr):
@@ -406,7 +499,7 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(zs, ls, T, coef, n, N, R, WIDTH,
                         D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
-                        METHOD: tl.constexpr, LOW: tl.constexpr):
+                        METHOD: tl.constexpr, LOW: tl.constexpr, MASK_W: tl.constexpr):
         pid = tl.program_id(0)
         rows, mrow, mz, offz = _block(pid, n, D, DP, BLOCK)
         z = tl.load(zs + offz, mask=mz, other=0.0)  # [B, DP], state in registers
@@ -414,13 +507,10 @@ if triton is not None:
         for i in range(N):
             c = coef + i * 8
             if METHOD == 1:
-                W2T, B2, U, c4, ub = _load_row(T, 2 * i, R, WIDTH, D, DP, WP)
-                k0, t0 = _field(W2T, B2, U, c4, ub, z, LOW)
-                W2T, B2, U, c4, ub = _load_row(T, 2 * i + 1, R, WIDTH, D, DP, WP)
-                k1, t1 = _field(W2T, B2, U, c4, ub, z + tl.load(c) * k0, LOW)
-                k2, t2 = _field(W2T, B2, U, c4, ub, z + tl.load(c + 1) * k1, LOW)
-                W2T, B2, U, c4, ub = _load_row(T, 2 * i + 2, R, WIDTH, D, DP, WP)
-                k3, t3 = _field(W2T, B2, U, c4, ub, z + tl.load(c + 2) * k2, LOW)
+                k0, t0, k1, t1, k2, t2, Y1, Y2, Y3 = _rk4_stage_inputs(
+                    _load_row(T, 2 * i, R, WIDTH, D, DP, WP), _load_row(T, 2 * i + 1, R, WIDTH, D, DP, WP), z, c,
+                    WIDTH, LOW, WP, MASK_W)
+                k3, t3 = _field(_load_row(T, 2 * i + 2, R, WIDTH, D, DP, WP), Y3, WIDTH, LOW, WP, MASK_W)
                 b0 = tl.load(c + 3)
                 b1 = tl.load(c + 4)
                 b2 = tl.load(c + 5)
@@ -428,8 +518,7 @@ if triton is not None:
                 z = z + (((b0 * k0 + b1 * k1) + b2 * k2) + b3 * k3)
                 lp = lp + (((b0 * -t0 + b1 * -t1) + b2 * -t2) + b3 * -t3)
             else:
-                W2T, B2, U, c4, ub = _load_row(T, i, R, WIDTH, D, DP, WP)
-                k0, t0 = _field(W2T, B2, U, c4, ub, z, LOW)
+                k0, t0 = _field(_load_row(T, i, R, WIDTH, D, DP, WP), z, WIDTH, LOW, WP, MASK_W)
                 h = tl.load(c + 3)
                 z = z + h * k0
                 lp = lp + h * -t0
@@ -442,7 +531,7 @@ if triton is not None:
     def _backward_kernel(zs, gzs, gls, T, coef, az, al, part, stats,
                          n, N, lo, hi, R, WIDTH, CH_ROWS, target, max_attempts,
                          D: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr, BLOCK: tl.constexpr,
-                         METHOD: tl.constexpr, LOW: tl.constexpr, SCALED: tl.constexpr):
+                         METHOD: tl.constexpr, LOW: tl.constexpr, SCALED: tl.constexpr, MASK_W: tl.constexpr):
         """Steps hi-1, ..., lo of the sweep. The adjoint enters and leaves through az, al
         (the launcher puts the incoming gradient at t_N there for the first chunk), and the
         scaler state through stats. Parameter rows r(lo)..r(hi) go to this program's slice of
@@ -453,52 +542,36 @@ if triton is not None:
         a_l = tl.load(al + rows, mask=mrow, other=0.0)
         part = part + pid * CH_ROWS * R
         r0 = lo * (1 + METHOD)  # the first parameter row of this chunk
-        scale = target * 0.0 + 1.0  # a float32 scalar tensor (a literal would be a constexpr)
-        retries = target * 0.0  # block-step retries
-        failed = target * 0.0 - 1.0  # the step where the scale ran out of halvings, or -1
+        scale = tl.full([], 1.0, tl.float32)
+        retries = tl.full([], 0.0, tl.float32)  # block-step retries
+        failed = tl.full([], -1.0, tl.float32)  # the step where the scale ran out of halvings, or -1
         if SCALED:
             if hi < N:  # a later chunk: go on with the scale (and counts) the previous one left
                 scale = tl.load(stats + pid * 3)
                 retries = tl.load(stats + pid * 3 + 1)
                 failed = tl.load(stats + pid * 3 + 2)
             else:
-                amax = tl.maximum(tl.max(tl.max(tl.abs(a_z), axis=1), axis=0), tl.max(tl.abs(a_l), axis=0))
+                amax = _amax(a_z, a_l)
                 if amax == 0.0:  # no gradient at the end: anchor on the largest incoming one (as the torch path)
                     for j in range(N):
-                        gz_j = tl.load(gzs + j * n * D + offz, mask=mz, other=0.0)
-                        gl_j = tl.load(gls + j * n + rows, mask=mrow, other=0.0)
-                        amax = tl.maximum(amax, tl.maximum(tl.max(tl.max(tl.abs(gz_j), axis=1), axis=0),
-                                                           tl.max(tl.abs(gl_j), axis=0)))
+                        amax = tl.maximum(amax, _amax(tl.load(gzs + j * n * D + offz, mask=mz, other=0.0),
+                                                      tl.load(gls + j * n + rows, mask=mrow, other=0.0)))
                 if (amax > 0.0) & (amax < float("inf")):
                     scale = _pow2_floor(tl.minimum(target / amax, MAX_SCALE))
-        # cotangents of the row shared by stage 3 of step i and stage 0 of step i+1 (rk4),
+        # the cotangent of the row shared by stage 3 of step i and stage 0 of step i+1 (rk4),
         # carried in registers so each row is written once
-        cW = tl.zeros([DP, WP], tl.float32)
-        cB = tl.zeros([WP], tl.float32)
-        cU = tl.zeros([DP, WP], tl.float32)
-        cc = tl.zeros([WP], tl.float32)
-        cub = tl.zeros([DP], tl.float32)
+        carry = _row_zeros(DP, WP)
         for ii in range(hi - lo):
             i = hi - 1 - ii
             c = coef + i * 8
             z_i = tl.load(zs + i * n * D + offz, mask=mz, other=0.0)
             g_z = tl.load(gzs + i * n * D + offz, mask=mz, other=0.0)
             g_l = tl.load(gls + i * n + rows, mask=mrow, other=0.0)
+            p0 = _load_row(T, (1 + METHOD) * i, R, WIDTH, D, DP, WP)
             if METHOD == 1:  # the stage inputs, recomputed once per step (they do not depend on the scale)
-                ha1 = tl.load(c)
-                ha2 = tl.load(c + 1)
-                ha3 = tl.load(c + 2)
-                W0, B0, U0, C0, u0 = _load_row(T, 2 * i, R, WIDTH, D, DP, WP)
-                Wm, Bm, Um, Cm, um = _load_row(T, 2 * i + 1, R, WIDTH, D, DP, WP)
-                W1, B1, U1, C1, u1 = _load_row(T, 2 * i + 2, R, WIDTH, D, DP, WP)
-                k0, _ = _field(W0, B0, U0, C0, u0, z_i, LOW)
-                Y1 = z_i + ha1 * k0
-                k1, _ = _field(Wm, Bm, Um, Cm, um, Y1, LOW)
-                Y2 = z_i + ha2 * k1
-                k2, _ = _field(Wm, Bm, Um, Cm, um, Y2, LOW)
-                Y3 = z_i + ha3 * k2
-            else:
-                W0, B0, U0, C0, u0 = _load_row(T, i, R, WIDTH, D, DP, WP)
+                pm = _load_row(T, 2 * i + 1, R, WIDTH, D, DP, WP)
+                p1 = _load_row(T, 2 * i + 2, R, WIDTH, D, DP, WP)
+                _, _, _, _, _, _, Y1, Y2, Y3 = _rk4_stage_inputs(p0, pm, z_i, c, WIDTH, LOW, WP, MASK_W)
             done = 0
             attempts = 0
             while done == 0:  # one pass, or more when a scaled step overflows
@@ -506,45 +579,18 @@ if triton is not None:
                 cz = a_z * scale
                 cl = a_l * scale
                 if METHOD == 1:
-                    # reverse through the tableau: Kbar_k = h b_k cot + h a_{k+1,k} Ybar_{k+1}
-                    g3, gW3, gB3, gU3, gc3, gu3 = _field_vjp(W1, B1, U1, C1, u1, Y3, tl.load(c + 6) * cz,
-                                                             tl.load(c + 6) * cl, LOW)
-                    g2, gW2, gB2, gU2, gc2, gu2 = _field_vjp(Wm, Bm, Um, Cm, um, Y2, tl.load(c + 5) * cz + ha3 * g3,
-                                                             tl.load(c + 5) * cl, LOW)
-                    g1, gW1, gB1, gU1, gc1, gu1 = _field_vjp(Wm, Bm, Um, Cm, um, Y1, tl.load(c + 4) * cz + ha2 * g2,
-                                                             tl.load(c + 4) * cl, LOW)
-                    g0, gW0, gB0, gU0, gc0, gu0 = _field_vjp(W0, B0, U0, C0, u0, z_i, tl.load(c + 3) * cz + ha1 * g1,
-                                                             tl.load(c + 3) * cl, LOW)
-                    ybar = ((g3 + g2) + g1) + g0  # the sum over stages in float32, as the torch path
-                    # this step's cotangents for its three rows
-                    mW = gW2 + gW1
-                    mB = gB2 + gB1
-                    mU = gU2 + gU1
-                    mc = gc2 + gc1
-                    mu = gu2 + gu1
+                    ybar, q0, qm, q1 = _rk4_step_vjp(p0, pm, p1, z_i, Y1, Y2, Y3, c, cz, cl, WIDTH, D, LOW, WP, MASK_W)
                 else:
                     h = tl.load(c + 3)
-                    ybar, gW0, gB0, gU0, gc0, gu0 = _field_vjp(W0, B0, U0, C0, u0, z_i, h * cz, h * cl, LOW)
-                    gW3 = gW0 * 0.0
-                    gB3 = gB0 * 0.0
-                    gU3 = gU0 * 0.0
-                    gc3 = gc0 * 0.0
-                    gu3 = gu0 * 0.0
-                    mW = gW3
-                    mB = gB3
-                    mU = gU3
-                    mc = gc3
-                    mu = gu3
+                    ybar, q0 = _field_vjp(p0, z_i, h * cz, h * cl, WIDTH, D, LOW, WP, MASK_W)
                 new_z = a_z + ybar * inv + g_z
                 new_l = a_l + g_l
                 ok = True
                 if SCALED:
                     # x * 0 is 0 for finite x and NaN otherwise: one sum checks everything this step made
-                    chk = tl.sum(tl.sum(new_z * 0.0, axis=1), axis=0) + tl.sum(new_l * 0.0, axis=0)
-                    chk += tl.sum(tl.sum((gW0 + gW3 + mW) * 0.0, axis=1), axis=0)
-                    chk += tl.sum(tl.sum((gU0 + gU3 + mU) * 0.0, axis=1), axis=0)
-                    chk += tl.sum((gB0 + gB3 + mB + gc0 + gc3 + mc) * 0.0, axis=0)
-                    chk += tl.sum((gu0 + gu3 + mu) * 0.0, axis=0)
+                    chk = tl.sum(tl.sum(new_z * 0.0, axis=1), axis=0) + tl.sum(new_l * 0.0, axis=0) + _finite_zero(q0)
+                    if METHOD == 1:
+                        chk += _finite_zero(qm) + _finite_zero(q1)
                     ok = (chk == 0.0) | (failed >= 0.0)  # after a failure, stop retrying
                 if ok:
                     done = 1
@@ -552,19 +598,13 @@ if triton is not None:
                     a_l = new_l
                     if METHOD == 1:
                         # row 2i+2: stage 0 of step i+1 (carried) + stage 3 of step i
-                        _store_row(part, 2 * i + 2 - r0, R, WIDTH, cW + gW3 * inv, cB + gB3 * inv, cU + gU3 * inv,
-                                   cc + gc3 * inv, cub + gu3 * inv, D, DP, WP)
-                        _store_row(part, 2 * i + 1 - r0, R, WIDTH, mW * inv, mB * inv, mU * inv, mc * inv, mu * inv,
-                                   D, DP, WP)
+                        _store_row(part, 2 * i + 2 - r0, R, WIDTH, _row_add(carry, _row_mul(q1, inv)), D, DP, WP)
+                        _store_row(part, 2 * i + 1 - r0, R, WIDTH, _row_mul(qm, inv), D, DP, WP)
                     else:
-                        _store_row(part, i - r0, R, WIDTH, gW0 * inv, gB0 * inv, gU0 * inv, gc0 * inv, gu0 * inv, D, DP, WP)
-                    cW = gW0 * inv
-                    cB = gB0 * inv
-                    cU = gU0 * inv
-                    cc = gc0 * inv
-                    cub = gu0 * inv
+                        _store_row(part, i - r0, R, WIDTH, _row_mul(q0, inv), D, DP, WP)
+                    carry = _row_mul(q0, inv)
                     if SCALED:
-                        amax = tl.maximum(tl.max(tl.max(tl.abs(a_z), axis=1), axis=0), tl.max(tl.abs(a_l), axis=0))
+                        amax = _amax(a_z, a_l)
                         if amax > 0.0:
                             grown = _pow2_floor(tl.minimum(target / amax, MAX_SCALE))
                             if grown > scale:
@@ -579,81 +619,11 @@ if triton is not None:
                         a_z = new_z
                         a_l = new_l
         if METHOD == 1:
-            _store_row(part, 0, R, WIDTH, cW, cB, cU, cc, cub, D, DP, WP)
-        else:  # the chunk's last row belongs to the next step up (euler reads no row N)
-            _store_row(part, hi - lo, R, WIDTH, cW * 0.0, cB * 0.0, cU * 0.0, cc * 0.0, cub * 0.0, D, DP, WP)
+            _store_row(part, 0, R, WIDTH, carry, D, DP, WP)
+        else:  # the chunk's last row belongs to the next step up (euler reads no row N): adds nothing
+            _store_row(part, hi - lo, R, WIDTH, _row_zeros(DP, WP), D, DP, WP)
         tl.store(az + offz, a_z, mask=mz)
         tl.store(al + rows, a_l, mask=mrow)
         tl.store(stats + pid * 3, scale)
         tl.store(stats + pid * 3 + 1, retries)
         tl.store(stats + pid * 3 + 2, failed)
-
-
-def _resource_usage(cubin):
-    """'REG:n STACK:b' of a cubin, by the cuobjdump that ships with Triton's NVIDIA backend,
-    or None where it is missing."""
-    import re
-    import shutil
-    import subprocess
-    import tempfile
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    tool = tool if os.path.isfile(tool) else shutil.which("cuobjdump")
-    if tool is None:
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        proc = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
-    m = re.search(r"REG:(\d+) STACK:(\d+)", proc.stdout)
-    return f"REG:{m.group(1)} STACK:{m.group(2)}" if m else None
-
-
-def compile_check(capability=90, out=print, blocks=None, warps=None):
-    """Compile every kernel variant (method x precision, and scaled or not for the backward)
-    for an NVIDIA GPU of the given compute capability, without one: catches what the
-    interpreter lets through (types, loop-carried values). Reports each variant's registers
-    per thread and stack bytes (spills) when cuobjdump is at hand. ``blocks`` / ``warps``
-    (forward, backward) default to the GPU settings, ``BLOCKS['cuda']`` and ``NUM_WARPS``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ptr = "*fp32"
-    fwd = {k: ptr for k in ("zs", "ls", "T", "coef")} | {k: "i32" for k in ("n", "N", "R", "WIDTH")}
-    bwd = ({k: ptr for k in ("zs", "gzs", "gls", "T", "coef", "az", "al", "part", "stats")}
-           | {k: "i32" for k in ("n", "N", "lo", "hi", "R", "WIDTH", "CH_ROWS")} | {"target": "fp32", "max_attempts": "i32"})
-    fb, bb = blocks or BLOCKS["cuda"]
-    fw, bw = warps or NUM_WARPS
-    variants = []
-    for method in METHOD_CODES.values():
-        for low in LOW_CODES.values():
-            c = dict(D=2, DP=2, WP=128, METHOD=method, LOW=low)
-            variants.append((_forward_kernel, fwd, c | dict(BLOCK=fb), fw))
-            variants.append((_backward_kernel, bwd, c | dict(BLOCK=bb, SCALED=low == 2), bw))
-    for fn, sig, consts, nw in variants:
-        src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in consts}, constexprs=consts)
-        k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                           options={"num_warps": nw, "enable_fp_fusion": FP_FUSION})
-        usage = _resource_usage(k.asm["cubin"])
-        out(f"{fn.__name__} {consts} warps={nw}: {len(k.asm['cubin'])} bytes of cubin"
-            + (f", {usage}" if usage else ""))
-
-
-if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description="Compile-check the fused kernels for a GPU architecture (no GPU needed).")
-    p.add_argument("--compile", type=int, default=90, metavar="SM", help="compute capability, e.g. 90 for H100/H200")
-    p.add_argument("--blocks", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
-                   help=f"samples per program (default {BLOCKS['cuda']})")
-    p.add_argument("--warps", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
-                   help=f"warps per program (default {NUM_WARPS})")
-    a = p.parse_args()
-    if triton is None:
-        p.error("triton is not installed")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        p.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    for name, v in (("--blocks", a.blocks), ("--warps", a.warps)):
-        if v and any(x < 1 or x & (x - 1) for x in v):
-            p.error(f"{name} takes powers of 2")
-    compile_check(a.compile, blocks=a.blocks, warps=a.warps)
