@@ -3,7 +3,14 @@
 Without CUDA these run in Triton's interpreter on CPU tensors at tiny sizes
 (conftest.py sets TRITON_INTERPRET=1). With CUDA, ``pytest -m cuda`` runs the
 same checks compiled on the GPU at the standard size (batch 1024, width 128,
-128 grid points). REQUIRE_TRITON=1 turns a missing triton into a failure.
+128 grid points), and at batch 1023 with width 100 so the sample and width masks
+run compiled. REQUIRE_TRITON=1 turns a missing triton into a failure.
+
+Bitwise and near-bitwise checks run in the interpreter only, where the two paths do
+the same arithmetic by construction. Compiled, the kernels fuse multiply-adds and
+take Triton's sigmoid while the torch path sums with cuBLAS: last-bit float32
+differences flip a low-precision rounding now and then, so there the checks are
+statistics against float64.
 """
 import os
 import subprocess
@@ -17,9 +24,12 @@ from model import CNF, Integrator, flow_to_base, fused_self_test, resolve_backen
 from torchmpnode import DynamicScaler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# width 6 is not a power of 2, so the kernels' width masks are exercised; n=40 spans two
-# backward programs on the CPU (32 samples each), so the cross-program sum is too
+# "standard": on the CPU width 6 is not a power of 2, so the kernels' width masks are
+# exercised, and n=40 spans two backward programs (32 samples each), so the cross-program
+# sum is too; on CUDA the standard size of bench.py. "odd": a partial last block of samples
+# and a masked width, on CUDA at full size (tiny on the CPU, where "standard" has both).
 SIZES = {"cpu": dict(n=40, hidden=8, width=6, points=5), "cuda": dict(n=1024, hidden=32, width=128, points=128)}
+ODD_SIZES = {"cpu": dict(n=7, hidden=8, width=5, points=4), "cuda": dict(n=1023, hidden=32, width=100, points=128)}
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -41,22 +51,34 @@ def need_triton(interpreted=False):
             (pytest.fail if os.environ.get("REQUIRE_TRITON") == "1" else pytest.skip)(reason)
 
 
-@pytest.fixture(params=[pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
-def device(request):
+def _kernel_device(kind):
     need_triton()
-    if request.param == "cuda" and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if request.param == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         if not torch.cuda.is_available():  # conftest.py sets it without CUDA: the CPU checks must run
             pytest.fail("no CUDA and TRITON_INTERPRET is not 1: the kernel checks would not run")
         pytest.skip("TRITON_INTERPRET is off (CUDA present): these checks run on the GPU under -m cuda")
-    if request.param == "cpu":
+    if kind == "cpu":
         need_triton(interpreted=True)  # an old triton's interpreter: one line (REQUIRE_TRITON=1: fail)
-    return torch.device(request.param)
+    return torch.device(kind)
 
 
-def make(device, seed=0, dtype=torch.float32):
-    sz = SIZES[device.type]
+@pytest.fixture(params=[pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """The kernels interpreted on the CPU, and compiled on CUDA (marked ``cuda``)."""
+    return _kernel_device(request.param)
+
+
+@pytest.fixture
+def interpreter():
+    """The CPU with the kernels interpreted: for the checks that hold only where both paths
+    do the same arithmetic."""
+    return _kernel_device("cpu")
+
+
+def make(device, seed=0, dtype=torch.float32, shape="standard"):
+    sz = (ODD_SIZES if shape == "odd" else SIZES)[device.type]
     torch.manual_seed(seed)
     cnf = CNF(2, sz["hidden"], sz["width"]).to(device, dtype)
     x = (torch.randn(sz["n"], 2, generator=torch.Generator().manual_seed(seed + 100)) * 1.5).to(device, dtype)
@@ -85,9 +107,10 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("shape", ["standard", "odd"])
 @pytest.mark.parametrize("method", ["rk4", "euler"])
-def test_float32_parity_with_torch_fast_path(device, method):
-    cnf, x, points = make(device)
+def test_float32_matches_torch_path_to_roundoff_and_float64_within_2x(device, method, shape):
+    cnf, x, points = make(device, shape=shape)
     fused = solve(cnf, x, points, method, "triton")
     torch32 = solve(cnf, x, points, method, "torch")
     ref = solve(cnf.double(), x.double(), points, method, "torch")
@@ -105,30 +128,54 @@ def nrel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def differing(a, b, eps):
+    """The fraction of values of a more than one low-precision rounding step (eps) away from
+    b's, relative to the larger of |b| and b's RMS."""
+    a, b = a.double(), b.double()
+    scale = torch.maximum(b.abs(), b.pow(2).mean().sqrt())
+    return ((a - b).abs() > eps * scale).double().mean().item()
+
+
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_rounding_points_match_torch_autocast(device, low):
-    """Near-bitwise agreement with the autocast torch path, and over several seeds no larger
-    error against float64 than the torch path's (within 2x)."""
+def test_low_precision_reproduces_autocast_rounding_points_interpreted(interpreter, low):
+    """The forward and the state cotangent agree with the autocast torch path to float32
+    sum-order roundoff, far below one low-precision step: every rounding point is the
+    torch path's. The parameter cotangents agree within two steps: the torch path rounds
+    each stage's batch sum to the low precision, the kernels keep it float32 (documented)."""
+    eps = EPS[low]
+    for seed in range(3):
+        cnf, x, points = make(interpreter, seed)
+        z_f, l_f, dx_f, *p_f = solve(cnf, x, points, "rk4", "triton", low)
+        z_t, l_t, dx_t, *p_t = solve(cnf, x, points, "rk4", "torch", low)
+        assert rel(z_f, z_t) < 1e-5 and rel(l_f, l_t) < 1e-5, (rel(z_f, z_t), rel(l_f, l_t))
+        assert rel(dx_f, dx_t) < eps / 4, rel(dx_f, dx_t)
+        for a, b in zip(p_f, p_t):
+            assert rel(a, b) < 2 * eps, rel(a, b)
+
+
+@pytest.mark.parametrize("shape", ["standard", "odd"])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_error_vs_float64_at_most_2x_torch_path_and_few_values_differ(device, low, shape):
+    """Over several seeds the fused path's error against float64 is at most twice the
+    torch path's (states, log-densities, input gradient, parameter gradients), and at most
+    one value in 1000 of the states, log-densities and input gradient is more than one
+    rounding step from the torch path's. Compiled, last-bit float32 differences flip a
+    rounding now and then; a flip moves the outputs by a fraction of a step (in the
+    interpreter, moving every value by one float32 step before each rounding, at batch 256,
+    width 128 and 64 steps, moved none by more than a third of a step). Garbage from a wrong
+    sample or width mask (the partial block holds 3 of 1023 samples) fails the count."""
     eps = EPS[low]
     groups = ("z_t", "logp_t", "dx", "params")
     err = {(g, who): 0.0 for g in groups for who in ("fused", "torch")}
     seeds = range(3)
     for seed in seeds:
-        cnf, x, points = make(device, seed)
+        cnf, x, points = make(device, seed, shape=shape)
         fused = solve(cnf, x, points, "rk4", "triton", low)
         torch_lp = solve(cnf, x, points, "rk4", "torch", low)
         ref = solve(cnf.double(), x.double(), points, "rk4", "torch")
         cnf.float()
-        z_f, l_f, dx_f, *p_f = fused
-        z_t, l_t, dx_t, *p_t = torch_lp
-        # the forward and the state cotangent reproduce every rounding point: differences are
-        # float32-sum-order ones, far below one step of the low precision
-        assert rel(z_f, z_t) < 1e-5 and rel(l_f, l_t) < 1e-5, (rel(z_f, z_t), rel(l_f, l_t))
-        assert rel(dx_f, dx_t) < eps / 4, rel(dx_f, dx_t)
-        # parameter cotangents: the torch path rounds each stage's batch sum to the low
-        # precision, the kernels keep it float32 (documented): within a rounding step
-        for a, b in zip(p_f, p_t):
-            assert rel(a, b) < 2 * eps, rel(a, b)
+        for g, f, t in zip(groups, fused[:3], torch_lp[:3]):
+            assert differing(f, t, eps) <= 1e-3, (g, seed, differing(f, t, eps))
         parts = lambda s: ([s[0]], [s[1]], [s[2]], s[3:])  # noqa: E731
         for g, f, t, r in zip(groups, parts(fused), parts(torch_lp), parts(ref)):
             err[g, "fused"] += nrel(f, r) / len(seeds)
@@ -140,14 +187,15 @@ def test_low_precision_rounding_points_match_torch_autocast(device, low):
         assert err[g, "fused"] <= 2 * err[g, "torch"], (g, err[g, "fused"], err[g, "torch"])
 
 
-def test_euler_low_precision_is_bitwise_equal(device):
+def test_euler_bfloat16_is_bitwise_equal_interpreted(interpreter):
     """With one stage per row even the parameter cotangents match the torch path bit for bit
-    (both round them to bfloat16 before the hypernetwork's backward)."""
-    cnf, x, points = make(device, 3)
+    (both round them to bfloat16 before the hypernetwork's backward): states, log-densities
+    and every gradient."""
+    cnf, x, points = make(interpreter, 3)
     fused = solve(cnf, x, points, "euler", "triton", torch.bfloat16)
     torch_lp = solve(cnf, x, points, "euler", "torch", torch.bfloat16)
-    for a, b in zip(fused[1:], torch_lp[1:]):  # logp and every gradient
-        assert rel(a, b) < 1e-6, rel(a, b)
+    for name, a, b in zip(["z_t", "logp_t", "dx"] + ["param"] * (len(fused) - 3), fused, torch_lp):
+        assert torch.equal(a, b), (name, rel(a, b))
 
 
 # --- DynamicScaler in the fused backward ---------------------------------------------------------------
@@ -325,6 +373,23 @@ def test_backward_in_chunks_matches_one_launch(device, monkeypatch, method, low)
         assert (sc_one.scale, sc_one.overflow_steps) == (sc_many.scale, sc_many.overflow_steps)
 
 
+@pytest.mark.parametrize("method,low,scaled", [("rk4", torch.float16, True), ("euler", torch.bfloat16, False),
+                                               ("rk4", None, False)])
+def test_padded_parameter_rows_give_the_same_bits(device, monkeypatch, method, low, scaled):
+    """PAD_ROWS changes where each parameter row starts (a multiple of 16 floats), not what
+    is computed: states, log-densities and every gradient are the same bits either way."""
+    import cnf_kernels
+
+    cnf, x, points = make(device, 4)
+    plain = solve(cnf, x, points, method, "triton", low, DynamicScaler() if scaled else False)
+    monkeypatch.setattr(cnf_kernels, "PAD_ROWS", True)
+    R = 2 * 2 * cnf.width + 2 * cnf.width + 2
+    assert R % 16 and cnf_kernels.row_stride(2, cnf.width) == R + 16 - R % 16  # the rows really move
+    padded = solve(cnf, x, points, method, "triton", low, DynamicScaler() if scaled else False)
+    for a, b in zip(plain, padded):
+        assert torch.equal(a, b)
+
+
 def test_partial_buffer_stays_within_budget():
     """The backward's partial buffer [programs, rows, R] float32 stays within PARTIAL_MB
     (or one step, if even that is larger), whatever the grid, in few even launches."""
@@ -464,11 +529,11 @@ def test_no_triton_or_no_gpu_is_one_line(monkeypatch):
 
 def test_kernels_compile_for_hopper():
     """The interpreter does not type-check like the compiler: compile every kernel variant
-    to a cubin for sm_90 (H100/H200), which needs no GPU. In a subprocess, since this
-    session decorated the kernels for the interpreter."""
+    to a cubin for sm_90 (H100/H200), which needs no GPU. In a subprocess, since the test
+    process has the kernels decorated for the interpreter."""
     need_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "cnf_kernels.py", "--compile", "90"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "kernel_report.py", "--compile", "90"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("cubin") == 12, proc.stdout
