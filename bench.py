@@ -2,7 +2,7 @@
 
     python bench.py [--device cpu|cuda] [--iters N] [--quick] [--paths ...] [--json FILE]
     python bench.py --device cuda --profile triton     # where one iteration's time goes
-    python bench.py --device cuda --kernel-sweep       # time the fused kernels' block sizes
+    python bench.py --device cuda --kernel-sweep [PART ...]  # time the fused kernels' launch choices
     python bench.py --paths triton --no-kernels        # everything but the kernels (CPU too)
 
 Each path runs in a fresh subprocess: warm-up, then the median over --iters
@@ -23,6 +23,7 @@ Paths:
   need TRITON_INTERPRET=1 and --paths, and time the interpreter, not a GPU).
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -198,30 +199,26 @@ def profile(path, device, cfg, iters, top=25):
     print(json.dumps(r))
 
 
-def kernel_sweep(device, cfg, out=print):
-    """The fused forward and backward kernels alone, over samples per program and warps
-    per program, on one standard solve (float32, and float16 with a DynamicScaler). Each
-    choice's results are checked against the current default's before it is timed."""
+SWEEP_BLOCKS = (1, 2, 4, 8, 16)  # samples per program
+SWEEP_WARPS = (1, 2, 4)  # warps per program
+SWEEP_PARTIAL_MB = (16, 64, 1024)  # the backward's partial-buffer budget (1024: one launch at the standard size)
+SWEEP_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # float16 with a DynamicScaler
+# A part is one kernel at one precision (15 compiles), or the options at all three (padded
+# rows and partial-buffer budgets: 6 compiles), each sized for ~100 s on a cold Triton cache.
+SWEEP_PARTS = tuple(f"{k}-{p}" for k in ("forward", "backward") for p in SWEEP_PRECISIONS) + ("options",)
+
+
+def _sweep_problem(device, cfg, precision):
+    """The fused kernels' inputs on one standard solve at ``precision``: closures running
+    the forward and the backward kernels with the current settings of ``cnf_kernels``
+    (the backward from the end of the grid, float16 with a fresh DynamicScaler), and the
+    backward's (programs per block, R) bookkeeping inputs."""
     import cnf_kernels
     from model import CNF, Integrator, log_prob
     from torchmpnode import DynamicScaler
 
     device = torch.device(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        from triton.testing import do_bench
-
-        def timed(fn):
-            return do_bench(fn, warmup=25, rep=200, return_mode="median")
-    else:
-        def timed(fn):
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(1e3 * (time.perf_counter() - t0))
-            return statistics.median(ts)
-
+    low = SWEEP_PRECISIONS[precision]
     torch.manual_seed(0)
     model = CNF(2, cfg["hidden"], cfg["width"], backend="triton").to(device)
     x = torch.randn(cfg["batch"], 2, device=device) * 1.5
@@ -232,68 +229,164 @@ def kernel_sweep(device, cfg, out=print):
         captured.update(P=P, z0=z0, logp0=logp0, spec=spec)
         return solve(P, z0, logp0, spec)
 
-    defaults = dict(blocks=cnf_kernels.BLOCKS[device.type], warps=cnf_kernels.NUM_WARPS, partial_mb=cnf_kernels.PARTIAL_MB)
-    budgets = (16, 64, 1024) if cuda else (0.002, 64)
-    fwd_choices = [(b, w) for b in (2, 4, 8, 16) for w in (1, 2, 4, 8)] if cuda else [(16, 4), (64, 4)]
-    bwd_choices = [(b, w) for b in (4, 8, 16) for w in (2, 4, 8)] if cuda else [(16, 4), (32, 4)]
-    out(f"| precision | kernel | samples/program | warps | ms (median) | max rel. diff vs default {defaults} |")
-    out("|---|---|---:|---:|---:|---:|")
     cnf_kernels.solve_forward = record
     try:
-        for precision, low in (("float32", None), ("float16+DynamicScaler", torch.float16)):
-            with torch.no_grad(), torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
-                log_prob(model, x, Integrator("torchmpnode", "rk4", cfg["num_timesteps"]))
-            P, z0, logp0, spec = (captured[k] for k in ("P", "z0", "logp0", "spec"))
-            zs, ls = solve(P, z0, logp0, spec)
-            g = torch.Generator(device=device).manual_seed(1)
-            gz = torch.zeros_like(zs)
-            gl = torch.zeros_like(ls)
-            gz[-1] = torch.randn(zs.shape[1:], generator=g, device=device) / zs.shape[1]
-            gl[-1] = -1.0 / zs.shape[1]
-            scaler = DynamicScaler() if low is not None else None
-
-            def fwd():
-                return solve(P, z0, logp0, spec)
-
-            def bwd():
-                if scaler is not None:
-                    scaler.scale = 1.0
-                return cnf_kernels.solve_backward(P, zs, gz, gl, spec, scaler)
-
-            ref_f, ref_b = fwd(), bwd()
-            for kernel, fn, choices, slot in (("forward", fwd, fwd_choices, 0), ("backward", bwd, bwd_choices, 1)):
-                ref = ref_f if slot == 0 else (ref_b[0], ref_b[1], *ref_b[2])
-                for block, warps in choices:
-                    blocks = list(defaults["blocks"])
-                    blocks[slot] = block
-                    nw = list(defaults["warps"])
-                    nw[slot] = warps
-                    cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = tuple(blocks), tuple(nw)
-                    try:
-                        res = fn()
-                        res = res if slot == 0 else (res[0], res[1], *res[2])
-                        diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(res, ref))
-                        ms = f"{timed(fn):.3f}"
-                    except Exception as e:  # out of resources, say: report it and go on
-                        diff, ms = float("nan"), f"failed: {str(e).splitlines()[0][:80]}"
-                    out(f"| {precision} | {kernel} | {block} | {warps} | {ms} | {diff:.2g} |")
-                cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults["blocks"], defaults["warps"]
-            # the backward's memory budget: fewer, longer launches against a bigger partial buffer
-            block, warps = defaults["blocks"][1], defaults["warps"][1]
-            programs, R = -(-zs.shape[1] // block), cnf_kernels.pack_params(P).shape[1]
-            for mb in budgets:
-                cnf_kernels.PARTIAL_MB = mb
-                steps = cnf_kernels._chunk_steps(len(spec.h), programs, R, 2)
-                res = bwd()
-                diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                           for a, b in zip((res[0], res[1], *res[2]), (ref_b[0], ref_b[1], *ref_b[2])))
-                out(f"| {precision} | backward, PARTIAL_MB {mb:g}: {-(-len(spec.h) // steps)} launches | {block} | {warps} "
-                    f"| {timed(bwd):.3f} | {diff:.2g} |")
-            cnf_kernels.PARTIAL_MB = defaults["partial_mb"]
+        with torch.no_grad(), torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
+            log_prob(model, x, Integrator("torchmpnode", "rk4", cfg["num_timesteps"]))
     finally:
         cnf_kernels.solve_forward = solve
-        cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults["blocks"], defaults["warps"]
-        cnf_kernels.PARTIAL_MB = defaults["partial_mb"]
+    P, z0, logp0, spec = (captured[k] for k in ("P", "z0", "logp0", "spec"))
+    zs, _ = solve(P, z0, logp0, spec)
+    g = torch.Generator(device=device).manual_seed(1)
+    gz = torch.zeros_like(zs)
+    gl = torch.zeros(zs.shape[0], zs.shape[1], 1, device=device)
+    gz[-1] = torch.randn(zs.shape[1:], generator=g, device=device) / zs.shape[1]
+    gl[-1] = -1.0 / zs.shape[1]
+
+    def fwd():
+        return solve(P, z0, logp0, spec)
+
+    def bwd():
+        az, al, dP = cnf_kernels.solve_backward(P, zs, gz, gl, spec, DynamicScaler() if low == torch.float16 else None)
+        return (az, al, *dP)
+
+    return fwd, bwd, spec
+
+
+def _sweep_settings(kernel, block=None, warps=None, pad=None, partial_mb=None):
+    """Apply one choice to ``cnf_kernels`` (the other kernel and the other knobs keep
+    their defaults); returns a function restoring the defaults."""
+    import cnf_kernels
+
+    saved = dict(BLOCKS=dict(cnf_kernels.BLOCKS), NUM_WARPS=cnf_kernels.NUM_WARPS, PAD_ROWS=cnf_kernels.PAD_ROWS,
+                 PARTIAL_MB=cnf_kernels.PARTIAL_MB)
+    slot = 0 if kernel == "forward" else 1
+    for dev in ("cuda", "cpu"):
+        if block is not None:
+            b = list(cnf_kernels.BLOCKS[dev])
+            b[slot] = block
+            cnf_kernels.BLOCKS[dev] = tuple(b)
+    if warps is not None:
+        w = list(cnf_kernels.NUM_WARPS)
+        w[slot] = warps
+        cnf_kernels.NUM_WARPS = tuple(w)
+    if pad is not None:
+        cnf_kernels.PAD_ROWS = pad
+    if partial_mb is not None:
+        cnf_kernels.PARTIAL_MB = partial_mb
+
+    def restore():
+        for k, v in saved.items():
+            setattr(cnf_kernels, k, v)
+
+    return restore
+
+
+def _sweep_choices(part, cuda):
+    """(precision, kernel, settings) of one part. On the CPU (the interpreter: a smoke
+    test of the sweep, not a measurement) a few choices only."""
+    if part == "options":
+        pads = SWEEP_PRECISIONS if cuda else ("float32",)
+        budgets = [(p, mb) for p in SWEEP_PRECISIONS for mb in SWEEP_PARTIAL_MB] if cuda else [("float16", 0.002), ("float16", 64)]
+        return [(p, k, dict(pad=pad)) for p in pads for k in ("forward", "backward") for pad in (False, True)] \
+            + [(p, "backward", dict(partial_mb=mb)) for p, mb in budgets]
+    kernel, precision = part.split("-")
+    blocks, warps = (SWEEP_BLOCKS, SWEEP_WARPS) if cuda else ((16,), (4,))
+    return [(precision, kernel, dict(block=b, warps=w)) for b in blocks for w in warps]
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_problem(device, cfg_items, precision):
+    return _sweep_problem(device, dict(cfg_items), precision)
+
+
+def _compile_choice(job):
+    """In a worker process: run one choice once, so its kernel compiles into Triton's cache."""
+    device, cfg_items, precision, kernel, settings = job
+    fwd, bwd, _ = _cached_problem(device, cfg_items, precision)
+    restore = _sweep_settings(kernel, **settings)
+    try:
+        (fwd if kernel == "forward" else bwd)()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:  # reported when the main process runs it
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    finally:
+        restore()
+    return ""
+
+
+def kernel_sweep(device, cfg, out=print, parts=SWEEP_PARTS, precompile=None):
+    """The fused forward and backward kernels alone, on one standard solve, over their
+    launch choices; one markdown table, a row appended (``out``) as each result comes.
+
+    Parts (``SWEEP_PARTS``): ``forward-<precision>`` and ``backward-<precision>`` time 1, 2,
+    4, 8 and 16 samples per program with 1, 2 and 4 warps per program (15 compiles each);
+    ``options`` times parameter rows padded to 16 floats against not, for both kernels,
+    and the backward's partial-buffer budgets, at every precision (6 compiles). Each part is
+    sized for ~100 s on a cold Triton cache: on CUDA its kernels first compile in parallel
+    processes (one per core, up to 8; the backward's largest variants take ptxas 10-30 s
+    alone), then each choice runs once, is checked against the defaults' results (max rel.
+    diff) and timed (median of ``triton.testing.do_bench``, ~0.3 s each). ``precompile``
+    (default: on CUDA) switches the parallel compile step.
+
+    On the CPU (the interpreter) a few choices stand in for each part and each runs once:
+    a check that the sweep works, not a measurement."""
+    import cnf_kernels
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        from triton.testing import do_bench
+
+        def timed(fn):
+            return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    else:  # the interpreter: one run shows the choice works; its time means nothing for a GPU
+        def timed(fn):
+            t0 = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t0)
+
+    defaults = dict(blocks=cnf_kernels.BLOCKS[device.type], warps=cnf_kernels.NUM_WARPS, pad_rows=cnf_kernels.PAD_ROWS,
+                    partial_mb=cnf_kernels.PARTIAL_MB)
+    out(f"| precision | kernel | samples/program | warps | padded rows | PARTIAL_MB: launches | ms (median) "
+        f"| max rel. diff vs defaults {defaults} |")
+    out("|---|---|---:|---:|---|---|---:|---:|")
+    cfg_items = tuple(sorted(cfg.items()))
+    for part in parts:
+        choices = _sweep_choices(part, cuda)
+        for precision in dict.fromkeys(p for p, _, _ in choices):
+            fwd, bwd, spec = _cached_problem(str(device), cfg_items, precision)
+            ref = {"forward": fwd(), "backward": bwd()}
+            mine = [c for c in choices if c[0] == precision]
+            if (cuda if precompile is None else precompile) and len(mine) > 1:
+                import concurrent.futures
+                import multiprocessing
+
+                jobs = min(8, os.cpu_count() or 1, len(mine))
+                with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+                    list(ex.map(_compile_choice, [(str(device), cfg_items, p, k, s) for p, k, s in mine]))
+            for _, kernel, settings in mine:
+                restore = _sweep_settings(kernel, **settings)
+                fn = fwd if kernel == "forward" else bwd
+                try:
+                    block = cnf_kernels.BLOCKS[device.type][kernel == "backward"]
+                    warps = cnf_kernels.NUM_WARPS[kernel == "backward"]
+                    launches = ""
+                    if kernel == "backward":
+                        programs = -(-cfg["batch"] // block)
+                        R = cnf_kernels.row_stride(2, cfg["width"])
+                        launches = f"{cnf_kernels.PARTIAL_MB:g}: {-(-len(spec.h) // cnf_kernels._chunk_steps(len(spec.h), programs, R, 2))}"
+                    res = fn()
+                    diff = max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+                               for a, b in zip(res, ref[kernel]))
+                    ms = f"{timed(fn):.3f}"
+                except Exception as e:  # out of resources, say: report it and go on
+                    diff, ms = float("nan"), f"failed: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}"
+                finally:
+                    restore()
+                out(f"| {precision} | {kernel} | {block} | {warps} | {'yes' if settings.get('pad', defaults['pad_rows']) else 'no'} "
+                    f"| {launches} | {ms} | {diff:.2g} |")
 
 
 # --- driver ----------------------------------------------------------------------
@@ -324,7 +417,9 @@ def parse_args(argv=None):
     p.add_argument("--paths", nargs="+", default=None, help=f"subset of {PATHS + CUDA_PATHS}")
     p.add_argument("--json", default=None, help="output file (default results/bench_<device>_<time>.json)")
     p.add_argument("--profile", default=None, metavar="PATH", help="profile one path's iterations (torch.profiler) instead")
-    p.add_argument("--kernel-sweep", action="store_true", help="time the fused kernels alone over block sizes and warps")
+    p.add_argument("--kernel-sweep", nargs="*", default=None, choices=SWEEP_PARTS, metavar="PART",
+                   help=f"time the fused kernels alone over their launch choices: parts {', '.join(SWEEP_PARTS)} "
+                        "(each ~100 s on a cold cache; none named: all)")
     p.add_argument("--no-kernels", action="store_true",
                    help="triton paths with the kernel launches made no-ops: the host-side cost alone (results meaningless)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -345,8 +440,8 @@ def main(argv=None):
     if args.profile:
         profile(args.profile, args.device, cfg, args.iters)
         return 0
-    if args.kernel_sweep:
-        kernel_sweep(args.device, cfg, out=lambda line: print(line, flush=True))
+    if args.kernel_sweep is not None:
+        kernel_sweep(args.device, cfg, out=lambda line: print(line, flush=True), parts=args.kernel_sweep or SWEEP_PARTS)
         return 0
     paths = args.paths or (PATHS + (CUDA_PATHS if args.device.startswith("cuda") else ()))
     rows = []
