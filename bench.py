@@ -325,9 +325,11 @@ def kernel_sweep(device, cfg, out=print, parts=SWEEP_PARTS, precompile=None):
     ``options`` times parameter rows padded to 16 floats against not, for both kernels,
     and the backward's partial-buffer budgets, at every precision (6 compiles). Each part is
     sized for ~100 s on a cold Triton cache: on CUDA its kernels first compile in parallel
-    processes (one per core, up to 8; the backward's largest variants take ptxas 10-30 s
-    alone), then each choice runs once, is checked against the defaults' results (max rel.
-    diff) and timed (median of ``triton.testing.do_bench``, ~0.3 s each). ``precompile``
+    processes (one per core, up to 8, the slowest first), then each choice runs once, is
+    checked against the defaults' results (max rel. diff) and timed (median of
+    ``triton.testing.do_bench``, ~0.3 s each). The compiles dominate: for sm_90 on two busy
+    CPU cores the float16 backward's 15 variants took 3-82 s each (332 s in all; 16 samples
+    with 1 warp the slowest), the float32 forward's 2.5-15 s (91 s). ``precompile``
     (default: on CUDA) switches the parallel compile step.
 
     On the CPU (the interpreter) a few choices stand in for each part and each runs once:
@@ -365,7 +367,8 @@ def kernel_sweep(device, cfg, out=print, parts=SWEEP_PARTS, precompile=None):
 
                 jobs = min(8, os.cpu_count() or 1, len(mine))
                 with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-                    list(ex.map(_compile_choice, [(str(device), cfg_items, p, k, s) for p, k, s in mine]))
+                    slowest_first = sorted(mine, key=lambda c: (-c[2].get("block", 0), c[2].get("warps", 0)))
+                    list(ex.map(_compile_choice, [(str(device), cfg_items, p, k, s) for p, k, s in slowest_first]))
             for _, kernel, settings in mine:
                 restore = _sweep_settings(kernel, **settings)
                 fn = fwd if kernel == "forward" else bwd

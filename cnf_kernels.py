@@ -61,6 +61,12 @@ summed in registers first), into its own slice of a [programs, rows, R]
 buffer, which torch then sums over programs; the row two launches share gets
 the two sums in a fixed order. No atomics: identical runs give identical bits.
 Saved for backward: the states only, as in the torch path.
+
+NaN and +-inf: every rounding point keeps them as torch's casts do, and the padding
+columns of a width below a power of 2 are zeroed where an infinite state or cotangent
+would turn their zero weights into NaN; so a NaN or inf reaches the outputs exactly where
+the torch path puts it (``tests/test_kernel_nonfinite.py``). The compile check and register
+report for a GPU architecture are ``kernel_report.py``.
 """
 import functools
 import os
@@ -75,10 +81,9 @@ except ImportError:  # the torch backend still works; see unavailable_reason()
 
 METHOD_CODES = {"euler": 0, "rk4": 1}
 LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Samples per program (forward, backward), by device type. On a GPU: 4 in the forward
-# (the fastest of 4/8/16/32 in the issue's H200 forward-only measurement) and 4 in the
-# backward, where ptxas for sm_90 spills at most 16 bytes in any variant (triton 3.6 and
-# 3.9) against up to 304 with 8: `python kernel_report.py --compile 90` (BENCHMARKS.md).
+# Samples per program (forward, backward), by device type. On a GPU 4 and 4: with 4 warps
+# ptxas for sm_90 spills at most 16 bytes in any variant (triton 3.9), against 248 in the
+# float16 backward with 8 samples (`python kernel_report.py --compile 90 [--blocks F B]`).
 # Not yet timed on a GPU (`bench.py --kernel-sweep`). The CPU interpreter's cost is per
 # program, so it takes large blocks.
 BLOCKS = {"cuda": (4, 4), "cpu": (64, 32)}
