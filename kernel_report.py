@@ -40,14 +40,14 @@ def resource_usage(cubin):
     return f"REG:{m.group(1)} STACK:{m.group(2)}" if m else None
 
 
-def _standard_ints(pad_rows):
+def _standard_ints(pad_rows, backward_block):
     """The integer arguments of both kernels at the standard size (the backward's chunking
-    as ``solve_backward`` picks it with the default PARTIAL_MB and BLOCKS)."""
+    as ``solve_backward`` picks it with this block and the default PARTIAL_MB)."""
     n, w, points, d = STANDARD["n"], STANDARD["width"], STANDARD["points"], STANDARD["d"]
     N = points - 1
     R = 2 * d * w + 2 * w + d
     R = -(-R // 16) * 16 if pad_rows else R
-    programs = -(-n // cnf_kernels.BLOCKS["cuda"][1])
+    programs = -(-n // backward_block)
     steps = cnf_kernels._chunk_steps(N, programs, R, 2)
     return dict(n=n, N=N, R=R, WIDTH=w, CH_ROWS=2 * steps + 1, max_attempts=40)  # DynamicScaler's default
 
@@ -66,8 +66,8 @@ def compile_check(capability=90, out=print, blocks=None, warps=None, pad_rows=Fa
     fwd = {k: ptr for k in ("zs", "ls", "T", "coef")} | {k: "i32" for k in ("n", "N", "R", "WIDTH")}
     bwd = ({k: ptr for k in ("zs", "gzs", "gls", "T", "coef", "az", "al", "part", "stats")}
            | {k: "i32" for k in ("n", "N", "lo", "hi", "R", "WIDTH", "CH_ROWS")} | {"target": "fp32", "max_attempts": "i32"})
-    ints = _standard_ints(pad_rows)
     fb, bb = blocks or cnf_kernels.BLOCKS["cuda"]
+    ints = _standard_ints(pad_rows, bb)
     fw, bw = warps or cnf_kernels.NUM_WARPS
     w = ints["WIDTH"]
     variants = []
