@@ -1,12 +1,13 @@
 """Compile the fused kernels of ``cnf_kernels.py`` for an NVIDIA GPU without one, and report
 each variant's registers and spills.
 
-    python kernel_report.py --compile 90 [--blocks F B] [--warps F B] [--pad-rows]
+    python kernel_report.py --compile 90 [--blocks F B] [--warps F B] [--pad-rows] [--width W]
 
 Every variant a run can use (method x precision, and for the backward scaled in float16)
 is compiled to a cubin by Triton's own toolchain (ptxas), which catches what the
 interpreter lets through (types, loop-carried values). Each variant is specialized as a
-launch at the standard size specializes it (batch 1024, width 128, 128 grid points):
+launch at the standard size specializes it (batch 1024, width 128, 128 grid points; or
+another width):
 16-byte aligned tensors, and the integer arguments that are multiples of 16 marked so.
 With cuobjdump at hand (it ships with Triton's NVIDIA backend) each line reports
 registers per thread and stack bytes (spills).
@@ -40,10 +41,11 @@ def resource_usage(cubin):
     return f"REG:{m.group(1)} STACK:{m.group(2)}" if m else None
 
 
-def _standard_ints(pad_rows, backward_block):
-    """The integer arguments of both kernels at the standard size (the backward's chunking
-    as ``solve_backward`` picks it with this block and the default PARTIAL_MB)."""
-    n, w, points, d = STANDARD["n"], STANDARD["width"], STANDARD["points"], STANDARD["d"]
+def _standard_ints(pad_rows, backward_block, width):
+    """The integer arguments of both kernels at the standard size with this width (the
+    backward's chunking as ``solve_backward`` picks it with this block and the default
+    PARTIAL_MB)."""
+    n, w, points, d = STANDARD["n"], width, STANDARD["points"], STANDARD["d"]
     N = points - 1
     R = 2 * d * w + 2 * w + d
     R = -(-R // 16) * 16 if pad_rows else R
@@ -52,7 +54,8 @@ def _standard_ints(pad_rows, backward_block):
     return dict(n=n, N=N, R=R, WIDTH=w, CH_ROWS=2 * steps + 1, max_attempts=40)  # DynamicScaler's default
 
 
-def compile_check(capability=90, out=print, blocks=None, warps=None, pad_rows=False, specialize=True):
+def compile_check(capability=90, out=print, blocks=None, warps=None, pad_rows=False, specialize=True,
+                  width=STANDARD["width"]):
     """Compile every kernel variant for compute capability ``capability`` and report it (one
     line each). ``blocks`` / ``warps`` (forward, backward) default to the GPU settings,
     ``cnf_kernels.BLOCKS['cuda']`` and ``cnf_kernels.NUM_WARPS``; ``pad_rows`` compiles as
@@ -67,7 +70,7 @@ def compile_check(capability=90, out=print, blocks=None, warps=None, pad_rows=Fa
     bwd = ({k: ptr for k in ("zs", "gzs", "gls", "T", "coef", "az", "al", "part", "stats")}
            | {k: "i32" for k in ("n", "N", "lo", "hi", "R", "WIDTH", "CH_ROWS")} | {"target": "fp32", "max_attempts": "i32"})
     fb, bb = blocks or cnf_kernels.BLOCKS["cuda"]
-    ints = _standard_ints(pad_rows, bb)
+    ints = _standard_ints(pad_rows, bb, width)
     fw, bw = warps or cnf_kernels.NUM_WARPS
     w = ints["WIDTH"]
     variants = []
@@ -96,6 +99,8 @@ def main(argv=None):
     p.add_argument("--warps", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
                    help=f"warps per program (default {cnf_kernels.NUM_WARPS})")
     p.add_argument("--pad-rows", action="store_true", help="parameter rows padded to 16 floats (cnf_kernels.PAD_ROWS)")
+    p.add_argument("--width", type=int, default=STANDARD["width"],
+                   help="hidden width (not a power of 2: the masked variants)")
     a = p.parse_args(argv)
     if cnf_kernels.triton is None:
         p.error("triton is not installed")
@@ -104,7 +109,9 @@ def main(argv=None):
     for name, v in (("--blocks", a.blocks), ("--warps", a.warps)):
         if v and any(x < 1 or x & (x - 1) for x in v):
             p.error(f"{name} takes powers of 2")
-    compile_check(a.compile, blocks=a.blocks, warps=a.warps, pad_rows=a.pad_rows)
+    if a.width < 1:
+        p.error("--width must be >= 1")
+    compile_check(a.compile, blocks=a.blocks, warps=a.warps, pad_rows=a.pad_rows, width=a.width)
     return 0
 
 

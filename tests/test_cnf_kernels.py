@@ -529,14 +529,17 @@ def test_no_triton_or_no_gpu_is_one_line(monkeypatch):
 
 def test_kernels_compile_for_hopper():
     """The interpreter does not type-check like the compiler: compile every kernel variant
-    to a cubin for sm_90 (H100/H200), which needs no GPU. In a subprocess, since the test
+    to a cubin for sm_90 (H100/H200), which needs no GPU, at the standard width and at a
+    masked one (width 100) with padded parameter rows. In a subprocess, since the test
     process has the kernels decorated for the interpreter."""
     need_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "kernel_report.py", "--compile", "90"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("cubin") == 12, proc.stdout
+    for extra in ([], ["--width", "100", "--pad-rows"]):
+        proc = subprocess.run([sys.executable, "kernel_report.py", "--compile", "90", *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("cubin") == 12, proc.stdout
+        assert proc.stdout.count("'MASK_W': True") == (12 if extra else 0), proc.stdout
 
 
 # --- cnf.py with the fused backend -------------------------------------------------------------------------
