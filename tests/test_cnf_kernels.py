@@ -130,9 +130,9 @@ def nrel(a, b):
 
 def differing(a, b, eps):
     """The fraction of values of a more than one low-precision rounding step (eps) away from
-    b's, relative to the larger of |b| and b's RMS."""
+    b's, relative to |b| plus b's RMS."""
     a, b = a.double(), b.double()
-    scale = torch.maximum(b.abs(), b.pow(2).mean().sqrt())
+    scale = b.abs() + b.pow(2).mean().sqrt()
     return ((a - b).abs() > eps * scale).double().mean().item()
 
 
