@@ -375,12 +375,13 @@ def test_backward_in_chunks_matches_one_launch(device, monkeypatch, method, low)
 
 @pytest.mark.parametrize("method,low,scaled", [("rk4", torch.float16, True), ("euler", torch.bfloat16, False),
                                                ("rk4", None, False)])
-def test_padded_parameter_rows_give_the_same_bits(device, monkeypatch, method, low, scaled):
+def test_padded_parameter_rows_give_the_same_bits(interpreter, monkeypatch, method, low, scaled):
     """PAD_ROWS changes where each parameter row starts (a multiple of 16 floats), not what
-    is computed: states, log-densities and every gradient are the same bits either way."""
+    is computed: states, log-densities and every gradient are the same bits either way.
+    (On a GPU ``bench.py --kernel-sweep options`` compares the two settings as it times them.)"""
     import cnf_kernels
 
-    cnf, x, points = make(device, 4)
+    cnf, x, points = make(interpreter, 4)
     plain = solve(cnf, x, points, method, "triton", low, DynamicScaler() if scaled else False)
     monkeypatch.setattr(cnf_kernels, "PAD_ROWS", True)
     R = 2 * 2 * cnf.width + 2 * cnf.width + 2
