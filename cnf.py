@@ -57,6 +57,8 @@ def build_parser():
            "auto = triton on CUDA when it can run, else torch")
     a("--niters", type=int, default=2000, help="training iterations")
     a("--lr", type=float, default=1e-2, help="Adam learning rate (x0.1 every 1000 iterations)")
+    a("--fused_adam", action="store_true",
+      help="torch's fused (single-kernel) Adam; CUDA only, --device cpu refuses it (exit 2)")
     a("--num_samples", type=int, default=1024, help="training batch size")
     a("--num_samples_val", type=int, default=1024, help="validation set size (fixed, drawn once from the seed)")
     a("--num_samples_test", type=int, default=20000,
@@ -122,6 +124,8 @@ def validate(args, self_test=True):
         raise ValueError(f"--device {args.device} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if args.fused_adam and dev.type != "cuda":
+        raise ValueError(f"--fused_adam is torch's fused CUDA Adam; it needs --device cuda, not {args.device}")
     use_dynamic = scaler_flags(args.odeint, args.precision, args.no_grad_scaler, args.no_dynamic_scaler,
                                args.grad_scaler)[1]
     probe = dict(width=args.width, method=args.method, low=PRECISIONS[args.precision], scaled=use_dynamic)
@@ -238,7 +242,8 @@ class Trainer:
             import cnf_kernels
 
             self.kernel_errors = (cnf_kernels.KernelError,)
-        self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr)
+        # fused: one kernel for every parameter's update (CUDA); its step counters live on the GPU
+        self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr, fused=True if args.fused_adam else None)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1000, gamma=0.1)
         streams = toy_data.seed_streams(args.seed)
         self.data_rng = streams["train"]
@@ -424,7 +429,7 @@ def train(args, run, state, backend_note=""):
             plots.plot_optimization(run.csv, run.file("optimization_stats.png"), toy_data.ENTROPY[args.data], run.name)
             plots.plot_mmd(run.csv, run.file("mmd_plot.png"))
         final = {k: v for k, v in rows[-1].items() if k not in ex.TIMING_COLUMNS} if rows else {}
-        ex.write_status(run, status, reason, tr.iter, final)
+        ex.write_status(run, status, reason, tr.iter, final, backend=args.backend, backend_note=backend_note)
         log.print(f"{status}: {reason}")
         log.close()
         return code
