@@ -55,21 +55,25 @@ def compile_one(device, width, n, method, precision, kernel=None, block=None, wa
     from torchmpnode import DynamicScaler
 
     device = torch.device(device)
-    if kernel is not None:
+    defaults = cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS
+    if kernel is not None:  # as the sweep sets them; restored after (a pool process runs many variants)
         slot = 0 if kernel == "forward" else 1
-        blocks, nw = list(cnf_kernels.BLOCKS[device.type]), list(cnf_kernels.NUM_WARPS)
+        blocks, nw = list(defaults[0]), list(defaults[1])
         blocks[slot], nw[slot] = block, warps
         cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = tuple(blocks), tuple(nw)
-    torch.manual_seed(0)
-    model = CNF(2, HIDDEN, width, backend="triton").to(device)
-    x = torch.randn(n, 2, device=device)
-    low = LOW[precision]
-    scaler = DynamicScaler() if precision.endswith("+scaler") else False
-    with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
-        loss = -log_prob(model, x, Integrator("torchmpnode", method, POINTS, loss_scaler=scaler)).mean()
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    try:
+        torch.manual_seed(0)
+        model = CNF(2, HIDDEN, width, backend="triton").to(device)
+        x = torch.randn(n, 2, device=device)
+        low = LOW[precision]
+        scaler = DynamicScaler() if precision.endswith("+scaler") else False
+        with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
+            loss = -log_prob(model, x, Integrator("torchmpnode", method, POINTS, loss_scaler=scaler)).mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults
 
 
 def _worker(job):

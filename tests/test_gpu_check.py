@@ -168,3 +168,29 @@ def test_results_are_never_overwritten(tmp_path):
 def test_step_tools_parse(name):
     proc = subprocess.run([sys.executable, name, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_warm_kernels_variants_run(monkeypatch):
+    """The compile step's variants: what the later steps launch, and with --tune the
+    sweep's 5 block sizes x 3 warp counts per kernel and precision. Each runs the
+    production solve and backward (here in Triton's interpreter, at a tiny size)."""
+    import warm_kernels
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels in Triton's interpreter")
+    import cnf_kernels
+
+    if cnf_kernels.unavailable_reason("cpu"):
+        pytest.skip(cnf_kernels.unavailable_reason("cpu"))
+    base, tuned = warm_kernels.variants(), warm_kernels.variants(tune=True)
+    assert len(base) == 16 and len(tuned) == 16 + 2 * 2 * 15
+    assert len({name for name, _ in tuned}) == len(tuned)
+    monkeypatch.setattr(warm_kernels, "POINTS", 3)
+    monkeypatch.setattr(warm_kernels, "HIDDEN", 4)
+    blocks, warps = dict(cnf_kernels.BLOCKS), cnf_kernels.NUM_WARPS
+    for settings in (dict(width=6, n=5, method="rk4", precision="float16+scaler"),
+                     dict(width=6, n=5, method="euler", precision="bfloat16"),
+                     dict(width=6, n=5, method="rk4", precision="float32", kernel="backward", block=2, warps=1)):
+        name, secs, err = warm_kernels._worker(("cpu", "tiny", settings))
+        assert err is None, err
+    assert cnf_kernels.BLOCKS == blocks and cnf_kernels.NUM_WARPS == warps  # the sweep's settings do not leak
