@@ -8,8 +8,9 @@
 #   3. bench    bench.py: torch vs triton in every precision, the CUDA-graph and fused-Adam
 #               options; one row per path is written to bench.json and bench_table.md as
 #               soon as that path finishes
-#   4. cnf      one default `cnf.py` run: which backend ran, its ms/iter and wall time; a
-#               run that fell back to the torch backend is a failed step, with the reason
+#   4. cnf      one default `cnf.py` run on an empty Triton cache of its own (its wall time
+#               is the cold-cache figure): which backend ran, its ms/iter; a run that
+#               fell back to the torch backend is a failed step, with the reason
 #   GPU_CHECK_TUNE=1 adds:
 #   5. sweep    bench.py --kernel-sweep: the fused kernels' samples and warps per program
 #   6. profile  bench.py --profile triton: where an iteration's time goes
@@ -109,7 +110,7 @@ step pytest "$limit_pytest" "$py" -m pytest -q -m cuda -p no:cacheprovider
 step bench "$limit_bench" "$py" bench.py --device cuda --iters 10 --json "$out/bench.json" --table "$out/bench_table.md" \
   --paths torchmpnode triton torchmpnode-bf16 triton-bf16 torchmpnode-fp16 triton-fp16 \
   triton+graph triton-bf16+graph triton+fused_adam
-step cnf "$limit_cnf" "$py" cnf.py --results_dir "$work/runs"
+TRITON_CACHE_DIR=$work/cold_triton_cache step cnf "$limit_cnf" "$py" cnf.py --results_dir "$work/runs"
 # which backend the default run used, and how fast: a fallback to torch is a failed step
 "$py" run_report.py "$work/runs" --expect-backend triton --log-tail "$out/cnf_log_tail.txt" \
   >> "$out/summary.txt" 2>&1 || status=1
@@ -121,6 +122,7 @@ if [ "$tune" = 1 ]; then
 fi
 
 find "$work" -name 'ckpt.pth*' -delete
+rm -rf "$work/cold_triton_cache"
 tar -czf "$out/everything.tar.gz" -C "$work" . && rm -rf "$work"
 echo "gpu_check: $([ "$status" = 0 ] && echo 'every step passed' || echo 'a step failed or timed out; see above')" \
   | tee -a "$out/summary.txt"

@@ -45,7 +45,7 @@ def make_stubs(tmp_path, backend="triton", probe_rc=0):
     note = "" if backend == "triton" else "backend auto -> torch: the fused kernels failed their self-test: z differs"
     status = json.dumps({"status": "completed", "exit_reason": "trained 4 iterations", "iter": 4, "final": {},
                          "backend": backend, "backend_note": note})
-    _script(d / "cnf", _arg("--results_dir") + 'run=$v/r1; mkdir -p "$run"\n'
+    _script(d / "cnf", _arg("--results_dir") + 'run=$v/r1; mkdir -p "$run"; echo "triton cache $TRITON_CACHE_DIR"\n'
             f"echo '{status}' > \"$run/status.json\"\n"
             'printf "iter,time_fwd,time_bwd\\n2,0.001,0.002\\n4,0.001,0.003\\n" > "$run/r1.csv"\n'
             'for i in $(seq 1 60); do echo "log line $i"; done > "$run/r1.txt"\n'
@@ -97,6 +97,8 @@ def test_steps_failures_timeouts_and_results(tmp_path):
         names = tar.getnames()
     assert {"./compile.log", "./pytest.log", "./bench.log", "./cnf.log", "./sweep.log", "./profile.log"} <= set(names)
     assert "./runs/r1/status.json" in names and not [n for n in names if "ckpt" in n], names
+    with tarfile.open(out / "everything.tar.gz") as tar:  # the cnf run had an empty Triton cache of its own
+        assert "cold_triton_cache" in tar.extractfile("./cnf.log").read().decode()
 
 
 def test_default_steps_fit_six_minutes(tmp_path):
