@@ -238,7 +238,7 @@ def _graphed(model, loss_fn, opt, prec, batch, device, iters):
     torch.cuda.current_stream(device).wait_stream(side)
     twin = copy.deepcopy(model)
     twin_opt = torch.optim.Adam(twin.parameters(), lr=opt.defaults["lr"], capturable=True)
-    twin_opt.load_state_dict(opt.state_dict())
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own moments, not views of the graph's
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):

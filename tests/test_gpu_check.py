@@ -196,3 +196,24 @@ def test_warm_kernels_variants_run(monkeypatch):
         name, secs, err = warm_kernels._worker(("cpu", "tiny", settings))
         assert err is None, err
     assert cnf_kernels.BLOCKS == blocks and cnf_kernels.NUM_WARPS == warps  # the sweep's settings do not leak
+
+
+def test_run_report_on_a_real_run(tmp_path):
+    """status.json says which backend ran; run_report.py reads it with the CSV's speed,
+    and a run on another backend than expected fails with the log's reason."""
+    import cnf
+    import run_report
+    from test_cnf import TINY
+
+    assert cnf.main([*TINY, "--no-viz", "--device", "cpu", "--results_dir", str(tmp_path)]) == 0
+    run = run_report.find_run(str(tmp_path))
+    status = json.load(open(os.path.join(run, "status.json")))
+    assert status["backend"] == "torch" and status["backend_note"] == ""
+    line, ok = run_report.report(run)
+    assert ok and line.startswith("cnf run: completed, backend torch, 4 iterations at ") and "(median of 2 rows)" in line
+    line, ok = run_report.report(run, expect_backend="triton")
+    assert not ok and line.startswith("cnf-run FAILED") and "ran backend torch, not triton" in line
+    tail = tmp_path / "tail.txt"
+    assert run_report.main([str(tmp_path), "--log-tail", str(tail)]) == 0
+    assert "completed: trained 4 iterations" in tail.read_text()
+    assert run_report.main([str(tmp_path / "none")]) == 2
