@@ -294,7 +294,7 @@ class Trainer:
         then checks the iterations since the last settled one, and rolls back and
         replays them checked if one failed."""
         a, s, dev = self.args, self.scalers, self.device
-        checked = self.checked if checked is None else checked
+        checked = (self.checked if checked is None else checked) or s.grad.is_enabled()  # GradScaler reads anyway
         x = torch.from_numpy(toy_data.inf_train_gen(a.data, a.num_samples, self.data_rng))
         # a pageable host-to-GPU copy waits for the device; a pinned one does not
         x = x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x.to(dev)

@@ -34,13 +34,14 @@ stubs=${GPU_CHECK_STUBS:-}
 scale=${GPU_CHECK_TIME_SCALE:-1}
 tune=${GPU_CHECK_TUNE:-0}
 
-# Step limits in seconds. Default: 70 + 105 + 100 + 75 = 350 <= 360; with tuning the
-# compile step also builds the sweep's variants: 110 + 105 + 100 + 75 + 60 + 25 = 475 <= 480.
-limit_compile=70
-[ "$tune" = 1 ] && limit_compile=110
+# Step limits in seconds, leaving ~20 s of the slot for the probe, versions.txt, the
+# report and the archive. Default: 65 + 105 + 100 + 70 = 340 <= 360; with tuning the
+# compile step also builds the sweep's variants: 105 + 105 + 100 + 70 + 60 + 25 = 465 <= 480.
+limit_compile=65
+[ "$tune" = 1 ] && limit_compile=105
 limit_pytest=105
 limit_bench=100
-limit_cnf=75
+limit_cnf=70
 limit_sweep=60
 limit_profile=25
 
