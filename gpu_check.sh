@@ -45,16 +45,16 @@ limit_cnf=70
 limit_sweep=60
 limit_profile=25
 
-py=${PYTHON:-}
+candidates=(python3 python)
+[ -n "${PYTHON:-}" ] && candidates=("$PYTHON")  # PYTHON: that one only
+py=
+for candidate in "${candidates[@]}"; do
+  if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" > /dev/null 2>&1; then
+    py=$(command -v "$candidate")
+    break
+  fi
+done
 if [ -z "$py" ]; then
-  for candidate in python3 python; do
-    if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" > /dev/null 2>&1; then
-      py=$(command -v "$candidate")
-      break
-    fi
-  done
-fi
-if [ -z "$py" ] || ! "$py" -c "import torch" > /dev/null 2>&1; then
   echo "gpu_check.sh: no Python here imports torch (tried ${PYTHON:-python3, python}; set PYTHON=...)" >&2
   exit 2
 fi
