@@ -338,9 +338,10 @@ class Trainer:
     def settle(self, failure=None):
         """Read the losses and flags of the iterations since the last settled one (one host
         read), fold the losses into the running loss, and mark this state good. If one of
-        them failed, or ``failure`` (raised by the iteration after them) is given, roll
-        back to the last good state and replay checked. Returns the failure or None;
-        after a failure the state is that of the last good iteration."""
+        them failed, roll back to the last good state and replay them checked, stopping
+        at the first failure. ``failure``: what the iteration after them raised (it
+        updated nothing). Returns the failure or None; after a failure the state is that
+        of the last good iteration, as if every iteration had been checked."""
         target = self.iter + (failure is not None)
         grad_scaled = self.scalers.grad.is_enabled()  # then a non-finite gradient only skips the step
         values = host_read(torch.stack([torch.cat([lv.double().reshape(1), f.double()]) for lv, f in self.pending])) \
