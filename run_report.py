@@ -20,18 +20,20 @@ import experiment as ex
 
 
 def find_run(path):
-    """``path`` itself if it holds status.json, else its one run folder with one."""
-    if os.path.isfile(os.path.join(path, "status.json")):
+    """``path`` itself if it holds status.json or args.csv, else its one run folder."""
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("status.json", "args.csv")):
         return path
-    runs = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(path, "*", "status.json")))
+    runs = sorted(d for d in glob.glob(os.path.join(path, "*")) if os.path.isdir(d))
     if len(runs) != 1:
-        raise ValueError(f"{path}: expected one run folder with a status.json, found {len(runs)}")
+        raise ValueError(f"{path}: expected one run folder, found {len(runs)}")
     return runs[0]
 
 
 def report(run, expect_backend=None):
     """(line, ok)."""
     folder = ex.RunDir(run)
+    if not os.path.isfile(folder.status):
+        return f"cnf-run FAILED: {run} has no status.json: the run was stopped before it ended", False
     status = json.load(open(folder.status))
     backend, note = status.get("backend", "unknown"), status.get("backend_note", "")
     speed = ""

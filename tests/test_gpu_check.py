@@ -217,3 +217,7 @@ def test_run_report_on_a_real_run(tmp_path):
     assert run_report.main([str(tmp_path), "--log-tail", str(tail)]) == 0
     assert "completed: trained 4 iterations" in tail.read_text()
     assert run_report.main([str(tmp_path / "none")]) == 2
+    os.remove(os.path.join(run, "status.json"))  # a run stopped by its time limit: the log's tail still comes back
+    tail.unlink()
+    assert run_report.main([str(tmp_path), "--log-tail", str(tail)]) == 1
+    assert tail.read_text() and "no status.json" in run_report.report(run)[0]
