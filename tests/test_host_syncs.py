@@ -162,11 +162,15 @@ def _run(tmp_path, monkeypatch, checked, *flags):
     ["--lr", "1e30", "--data", "checkerboard", "--niters", "40", "--test_freq", "10", "--ckpt_freq", "20"],
     ["--precision", "float16", "--lr", "1", "--niters", "12", "--test_freq", "4", "--num_samples", "64",
      "--width", "16", "--num_timesteps", "8"],
-], ids=["diverges", "float16-overflows"])
+    ["--backend", "triton", "--precision", "float16", "--niters", "6", "--test_freq", "3", "--ckpt_freq", "6"],
+], ids=["diverges", "float16-overflows", "fused-float16"])
 def test_deferred_checks_match_checking_every_iteration(tmp_path, monkeypatch, flags):
     """Checks deferred to the rows (rolled back and replayed on a failure) give the rows,
     the status, and the checkpoint (parameters, optimizer, scaler, RNG) of a run that
-    checks every iteration, including where it diverges."""
+    checks every iteration, including where it diverges; on the fused path too, whose
+    scaler state waits on the device until a row reads it."""
+    if "triton" in flags:
+        need_interpreter()
     lazy = _run(tmp_path / "lazy", monkeypatch, False, *flags)
     each = _run(tmp_path / "each", monkeypatch, True, *flags)
     assert lazy[0] == each[0]
@@ -182,6 +186,8 @@ def test_deferred_checks_match_checking_every_iteration(tmp_path, monkeypatch, f
     if "1e30" in flags:
         assert lazy[1]["status"] == "diverged" and "non-finite" in lazy[1]["exit_reason"]
         assert all(torch.isfinite(v).all() for v in a["model"].values())
+    elif "triton" in flags:
+        assert lazy[0] == 0 and "backend triton" in lazy[4] and a["dynamic_scaler"]["scale"] > 1
     else:
         assert lazy[0] == 0 and lazy[2]["overflow_steps"].iloc[-1] > 0
         assert "DynamicScaler retried" in lazy[4]
