@@ -21,8 +21,22 @@ Paths:
 - triton[-bf16|-fp16|-tf32]: the same torchmpnode runs with the fused Triton
   solve (``cnf.py --backend triton``); by default on CUDA only (on the CPU they
   need TRITON_INTERPRET=1 and --paths, and time the interpreter, not a GPU).
+
+Options, measured beside the default path, never switched on by it (CUDA only; the
+CPU refuses them with one line):
+- PATH+fused_adam: ``torch.optim.Adam(fused=True)`` (``cnf.py --fused_adam``);
+- triton[-bf16|-tf32]+graph: the whole iteration (hypernetwork, kernels, hypernetwork
+  backward, Adam with ``capturable=True``) captured once in a CUDA graph and replayed.
+  The row also says whether the replayed run's parameters equal bit for bit those of
+  the same iterations run uncaptured. float16 cannot be captured: its DynamicScaler
+  decides each sweep's retries on the host.
+
+The table's rows and the JSON are written as each path finishes (``--table``, ``--json``),
+so a run stopped early keeps the paths it measured.
 """
 import argparse
+import contextlib
+import copy
 import functools
 import json
 import os
@@ -38,6 +52,8 @@ STANDARD = dict(batch=1024, width=128, hidden=32, num_timesteps=128)
 QUICK = dict(batch=64, width=16, hidden=8, num_timesteps=8)
 PATHS = ("original", "seed", "torchdiffeq", "torchmpnode", "torchmpnode-bf16", "torchmpnode-fp16")
 CUDA_PATHS = ("torchmpnode-tf32", "torchdiffeq-fp16", "triton", "triton-tf32", "triton-bf16", "triton-fp16")
+OPTIONS = ("fused_adam", "graph")  # PATH+OPTION, CUDA only
+GRAPH_PATHS = ("triton", "triton-tf32", "triton-bf16")  # float16's scaler reads the host each sweep
 
 
 # --- reference fields, written as the two predecessor scripts build them -----------
@@ -132,6 +148,7 @@ def run_worker(path, device, cfg, iters, no_kernels=False):
         _stub_kernels(device)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
+    path, _, option = path.partition("+")
     solver, _, prec_tag = path.partition("-")
     precision = {"": "float32", "bf16": "bfloat16", "fp16": "float16", "tf32": "tfloat32"}[prec_tag]
     prec = Precision(precision, device)
@@ -154,13 +171,24 @@ def run_worker(path, device, cfg, iters, no_kernels=False):
         def nll(x):
             return -log_prob(model, x, integ).mean()
 
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True if option == "fused_adam" else None,
+                           capturable=option == "graph")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
+
+    def batch():  # a pinned host buffer: the copy to the GPU does not wait for the device
+        x = torch.from_numpy(toy_data.inf_train_gen("8gaussians", cfg["batch"], rng))
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+
+    if option == "graph":
+        r = _graphed(model, lambda m, x: -log_prob(m, x, integ).mean(), opt, prec, batch, device, iters)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        return dict(path=f"{path}+{option}", precision=precision, backend=model.backend, peak_mb=peak,
+                    growth_mb=peak - base_mb, **r)
     times = []
     for it in range(iters + 2):  # two warm-up iterations
-        x = torch.from_numpy(toy_data.inf_train_gen("8gaussians", cfg["batch"], rng)).to(device)
+        x = batch()
         _sync(device)
         t0 = time.perf_counter()
         with prec.autocast():
@@ -180,9 +208,55 @@ def run_worker(path, device, cfg, iters, no_kernels=False):
     else:
         peak = _peak_rss_mb()
     fwd, bwd = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
-    return dict(path=path, precision=precision, backend=getattr(model, "backend", "torch"), ms_iter=1e3 * statistics.median(a + b for a, b in times),
+    return dict(path=path + (f"+{option}" if option else ""), precision=precision, backend=getattr(model, "backend", "torch"),
+                ms_iter=1e3 * statistics.median(a + b for a, b in times),
                 ms_fwd=1e3 * fwd, ms_bwd=1e3 * bwd, peak_mb=peak, growth_mb=peak - base_mb,
                 loss=float(loss.detach()))
+
+
+def _graphed(model, loss_fn, opt, prec, batch, device, iters):
+    """The whole iteration captured in one CUDA graph (PyTorch's whole-network recipe:
+    warm-up on a side stream, grads set to None before the capture so the graph owns
+    them) and replayed on fresh batches copied into its static input. An uncaptured
+    twin (same state after the warm-up, same batches) checks the replay bit for bit."""
+    autocast = (torch.autocast(device.type, dtype=prec.low, cache_enabled=False) if prec.low is not None
+                else contextlib.nullcontext())  # the autocast cache does not survive a capture
+
+    def iteration(m, o, x, loss_fn):
+        o.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(m, x)
+        loss.backward()
+        o.step()
+        return loss
+
+    static_x = batch()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile, grid plan, Adam's state, on a side stream as capture needs
+            iteration(model, opt, static_x, loss_fn)
+    torch.cuda.current_stream(device).wait_stream(side)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=opt.defaults["lr"], capturable=True)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own moments, not views of the graph's
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = iteration(model, opt, static_x, loss_fn)
+    times = []
+    for _ in range(iters):
+        x = batch()
+        _sync(device)
+        t0 = time.perf_counter()
+        static_x.copy_(x)
+        graph.replay()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        iteration(twin, twin_opt, x, loss_fn)
+    bitwise = all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    return dict(ms_iter=1e3 * statistics.median(times), ms_fwd=None, ms_bwd=None, loss=float(static_loss.detach()),
+                graph_bitwise_vs_uncaptured=bitwise)
 
 
 def profile(path, device, cfg, iters, top=25):
@@ -394,31 +468,62 @@ def kernel_sweep(device, cfg, out=print, parts=SWEEP_PARTS, precompile=None):
 
 # --- driver ----------------------------------------------------------------------
 def _ms(x):
+    if x is None:  # a CUDA graph replays forward and backward as one
+        return ""
     return f"{x:.0f}" if x >= 100 else f"{x:.2f}"
 
 
-def table(rows, device):
-    orig = next((r["ms_iter"] for r in rows if r["path"] == "original" and "ms_iter" in r), None)
+def table_header(device):
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
-    lines = [f"| path | precision | ms/iter | fwd ms | bwd ms | speedup vs original | {mem} | growth MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['path']} | | failed: {r['error']} | | | | | |")
-            continue
-        sp = f"{orig / r['ms_iter']:.1f}x" if orig else "n/a"
-        lines.append(f"| {r['path']} | {r['precision']} | {_ms(r['ms_iter'])} | {_ms(r['ms_fwd'])} | {_ms(r['ms_bwd'])} "
-                     f"| {sp} | {r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
-    return "\n".join(lines)
+    return [f"| path | precision | ms/iter | fwd ms | bwd ms | speedup vs original | {mem} | growth MB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+
+def table_row(r, rows):
+    """One path's line; the speedup is over ``original`` among ``rows`` (measured before it)."""
+    if "error" in r:
+        return f"| {r['path']} | | failed: {r['error']} | | | | | |"
+    orig = next((o["ms_iter"] for o in rows if o["path"] == "original" and "ms_iter" in o), None)
+    sp = f"{orig / r['ms_iter']:.1f}x" if orig else "n/a"
+    if "graph_bitwise_vs_uncaptured" in r:
+        sp += "; graph " + ("bitwise equal to" if r["graph_bitwise_vs_uncaptured"] else "DIFFERS from") + " uncaptured"
+    return (f"| {r['path']} | {r['precision']} | {_ms(r['ms_iter'])} | {_ms(r['ms_fwd'])} | {_ms(r['ms_bwd'])} "
+            f"| {sp} | {r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
+
+
+def _write_json(out, args, cfg, rows):
+    """The results so far, replacing the file in one step (never half written)."""
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(device=args.device, config=cfg, iters=args.iters, torch=torch.__version__, rows=rows), f, indent=1)
+    os.replace(tmp, out)
+
+
+def _check_path(path, device):
+    """None, or why ``path`` is not a bench path on ``device`` (one line)."""
+    base, _, option = path.partition("+")
+    if base not in PATHS + CUDA_PATHS:
+        return f"unknown path {base!r}; choose from: {', '.join(PATHS + CUDA_PATHS)}"
+    if option and option not in OPTIONS:
+        return f"unknown option +{option} in {path!r}; choose from: {', '.join('+' + o for o in OPTIONS)}"
+    if option and not device.startswith("cuda"):
+        return f"{path}: +{option} is a CUDA option; run it with --device cuda"
+    if option == "graph" and base not in GRAPH_PATHS:
+        return f"{path}: +graph applies to {', '.join(GRAPH_PATHS)} (float16's scaler reads the host each sweep)"
+    return None
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from experiment import OneLineParser  # errors: one line, exit 2
+
+    p = OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per path (after 2 warm-ups)")
     p.add_argument("--quick", action="store_true", help="tiny problem, for a smoke test")
-    p.add_argument("--paths", nargs="+", default=None, help=f"subset of {PATHS + CUDA_PATHS}")
+    p.add_argument("--paths", nargs="+", default=None,
+                   help=f"subset of {PATHS + CUDA_PATHS}, each optionally with +{' or +'.join(OPTIONS)} (CUDA)")
     p.add_argument("--json", default=None, help="output file (default results/bench_<device>_<time>.json)")
+    p.add_argument("--table", default=None, metavar="FILE", help="also write the markdown table here, row by row")
     p.add_argument("--profile", default=None, metavar="PATH", help="profile one path's iterations (torch.profiler) instead")
     p.add_argument("--kernel-sweep", nargs="*", default=None, choices=SWEEP_PARTS, metavar="PART",
                    help=f"time the fused kernels alone over their launch choices: parts {', '.join(SWEEP_PARTS)} "
@@ -431,6 +536,12 @@ def parse_args(argv=None):
         p.error("--iters must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but CUDA is not available")
+    for path in args.paths or ():
+        problem = _check_path(path, args.device)
+        if problem:
+            p.error(problem)
+    if args.profile and _check_path(args.profile, args.device):
+        p.error(_check_path(args.profile, args.device))
     return args
 
 
@@ -447,6 +558,16 @@ def main(argv=None):
         kernel_sweep(args.device, cfg, out=lambda line: print(line, flush=True), parts=args.kernel_sweep or SWEEP_PARTS)
         return 0
     paths = args.paths or (PATHS + (CUDA_PATHS if args.device.startswith("cuda") else ()))
+    device = args.device.split(":")[0]
+    out = args.json or os.path.join("results", f"bench_{args.device.replace(':', '')}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    print(f"device={args.device} config={cfg} iters={args.iters} torch={torch.__version__} threads={torch.get_num_threads()}"
+          + (" no-kernels (fused launches are no-ops: host-side cost only)" if args.no_kernels else ""), flush=True)
+    header = table_header(device)
+    print("\n".join(header), flush=True)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write("\n".join(header) + "\n")
     rows = []
     for path in paths:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--device", args.device,
@@ -457,15 +578,12 @@ def main(argv=None):
         else:
             err = (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
             rows.append(dict(path=path, error=err[:120]))
-        print(f"{path}: {rows[-1].get('ms_iter', rows[-1].get('error'))}", file=sys.stderr)
-    md = table(rows, args.device.split(":")[0])
-    print(f"device={args.device} config={cfg} iters={args.iters} torch={torch.__version__} threads={torch.get_num_threads()}"
-          + (" no-kernels (fused launches are no-ops: host-side cost only)" if args.no_kernels else ""))
-    print(md)
-    out = args.json or os.path.join("results", f"bench_{args.device.replace(':', '')}_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(dict(device=args.device, config=cfg, iters=args.iters, torch=torch.__version__, rows=rows), f, indent=1)
+        line = table_row(rows[-1], rows)
+        print(line, flush=True)
+        if args.table:
+            with open(args.table, "a") as f:
+                f.write(line + "\n")
+        _write_json(out, args, cfg, rows)
     print(f"wrote {out}")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -6,6 +6,7 @@ Writes a self-contained run folder (see README). Exit codes: 0 completed,
 2 bad input, 3 diverged, 4 interrupted (SIGTERM/SIGINT/SIGUSR1; resumable).
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import toy_data
 from model import BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, resolve_backend
 from precision import PRECISIONS, Precision, Scalers, scaler_flags
 from torchmpnode import METHODS
+from torchmpnode._host import host_read
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
@@ -55,6 +57,8 @@ def build_parser():
            "auto = triton on CUDA when it can run, else torch")
     a("--niters", type=int, default=2000, help="training iterations")
     a("--lr", type=float, default=1e-2, help="Adam learning rate (x0.1 every 1000 iterations)")
+    a("--fused_adam", action="store_true",
+      help="torch's fused (single-kernel) Adam; CUDA only, --device cpu refuses it (exit 2)")
     a("--num_samples", type=int, default=1024, help="training batch size")
     a("--num_samples_val", type=int, default=1024, help="validation set size (fixed, drawn once from the seed)")
     a("--num_samples_test", type=int, default=20000,
@@ -120,6 +124,8 @@ def validate(args, self_test=True):
         raise ValueError(f"--device {args.device} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if args.fused_adam and dev.type != "cuda":
+        raise ValueError(f"--fused_adam is torch's fused CUDA Adam; it needs --device cuda, not {args.device}")
     use_dynamic = scaler_flags(args.odeint, args.precision, args.no_grad_scaler, args.no_dynamic_scaler,
                                args.grad_scaler)[1]
     probe = dict(width=args.width, method=args.method, low=PRECISIONS[args.precision], scaled=use_dynamic)
@@ -236,7 +242,8 @@ class Trainer:
             import cnf_kernels
 
             self.kernel_errors = (cnf_kernels.KernelError,)
-        self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr)
+        # fused: one kernel for every parameter's update (CUDA); its step counters live on the GPU
+        self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr, fused=True if args.fused_adam else None)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1000, gamma=0.1)
         streams = toy_data.seed_streams(args.seed)
         self.data_rng = streams["train"]
@@ -244,6 +251,13 @@ class Trainer:
         self.x_val = torch.from_numpy(x_val).to(device)  # fixed validation set
         self.noise_gen = torch.Generator().manual_seed(args.seed + 1)  # Hutchinson noise
         self.iter, self.running, self.sums = 0, None, [0.0, 0.0]  # sums: forward, backward seconds
+        # GradScaler's step reads its inf check on the host every iteration anyway: those runs
+        # check each iteration; the others read the device only at rows and checkpoints
+        self.checked = self.scalers.grad.is_enabled()
+        self.pending = []  # (loss, [loss finite, gradient finite]) of each iteration not yet settled
+        self.events = []  # log lines for the loop to print
+        self.seen = (0, 0)  # (iteration, DynamicScaler retries) at the last settled state
+        self.good = None  # the last settled state, unless every iteration is checked
 
     def state_dict(self, config):
         s = self.scalers
@@ -268,52 +282,96 @@ class Trainer:
         self.noise_gen.set_state(state["rng"]["noise"])
         torch.set_rng_state(state["rng"]["torch"])
         self.iter, self.running, self.sums = state["iter"], state["running_loss"], list(state["time_sums"])
+        self.seen = (self.iter, self.scalers.overflow_steps())
 
-    def step(self):
-        """One iteration. Returns (forward s, backward s, scaler events, failure or None).
-        On failure (a non-finite loss, or gradient no scaler handled) nothing is
-        updated, so the parameters stay those of the last good iteration."""
+    def step(self, checked=None):
+        """One iteration. Returns (forward s, backward s, failure or None).
+
+        ``checked`` (default: ``self.checked``) reads whether the loss and the gradient
+        are finite before the update, and on failure updates nothing, so the parameters
+        stay those of the last good iteration. Unchecked, the iteration reads nothing
+        from the device (no host sync on a GPU besides the timing's own); ``settle``
+        then checks the iterations since the last settled one, and rolls back and
+        replays them checked if one failed."""
         a, s, dev = self.args, self.scalers, self.device
-        x = torch.from_numpy(toy_data.inf_train_gen(a.data, a.num_samples, self.data_rng)).to(dev)
+        checked = (self.checked if checked is None else checked) or s.grad.is_enabled()  # GradScaler reads anyway
+        x = torch.from_numpy(toy_data.inf_train_gen(a.data, a.num_samples, self.data_rng))
+        # a pageable host-to-GPU copy waits for the device; a pinned one does not
+        x = x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x.to(dev)
         _sync(dev)
         t0 = time.perf_counter()
         try:
             with self.prec.autocast():
                 loss = -log_prob(self.cnf, x, self.integ, generator=self.noise_gen).mean()
         except self.kernel_errors as e:  # a fused kernel failed: stop like a divergence, keeping the last checkpoint
-            return 0.0, 0.0, [], str(e)
+            return 0.0, 0.0, str(e)
         _sync(dev)
         t1 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        scale_before, overflow_before = s.loss_scale(), s.overflow_steps()
+        scale_before = s.loss_scale() if s.grad.is_enabled() else None  # GradScaler runs are always checked
         try:
             s.grad.scale(loss).backward()
         except RuntimeError as e:  # DynamicScaler gave up (the gradient itself is not finite), or a kernel failed
-            return t1 - t0, 0.0, [], str(e)
+            return t1 - t0, 0.0, str(e)
         s.grad.unscale_(self.opt)
         gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.cnf.parameters() if p.grad is not None])
-        loss_ok, grad_ok = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(gnorm)]).tolist()
-        if not loss_ok or (not grad_ok and not s.grad.is_enabled()):
-            what = "loss" if not loss_ok else "gradient"
-            return t1 - t0, 0.0, [], f"non-finite {what} (lr {self.sched.get_last_lr()[0]:g})"
+        flags = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(gnorm)])
+        if checked:
+            loss_ok, grad_ok = host_read(flags)
+            if not loss_ok or (not grad_ok and not s.grad.is_enabled()):
+                what = "loss" if not loss_ok else "gradient"
+                return t1 - t0, 0.0, f"non-finite {what} (lr {self.sched.get_last_lr()[0]:g})"
         s.grad.step(self.opt)  # GradScaler skips the step itself on inf/NaN gradients
         s.grad.update()
         self.sched.step()
         _sync(dev)
         t2 = time.perf_counter()
         self.iter += 1
-        lv = float(loss.detach())
-        self.running = lv if self.running is None else 0.9 * self.running + 0.1 * lv
+        self.pending.append((loss.detach(), flags))
         self.sums[0] += t1 - t0
         self.sums[1] += t2 - t1
-        events = []
-        if s.grad.is_enabled() and s.loss_scale() != scale_before:
-            events.append(f"GradScaler scale {scale_before:g} -> {s.loss_scale():g}"
-                          + ("" if grad_ok else " (step skipped: inf/NaN gradient)"))
-        if s.overflow_steps() != overflow_before:
-            events.append(f"DynamicScaler retried {s.overflow_steps() - overflow_before} overflowing step(s); "
-                          f"scale now {s.dynamic.scale:g}")
-        return t1 - t0, t2 - t1, events, None
+        if scale_before is not None and s.loss_scale() != scale_before:
+            self.events.append(f"iter {self.iter}: GradScaler scale {scale_before:g} -> {s.loss_scale():g}"
+                               + ("" if grad_ok else " (step skipped: inf/NaN gradient)"))
+        return t1 - t0, t2 - t1, None
+
+    def settle(self, failure=None):
+        """Read the losses and flags of the iterations since the last settled one (one host
+        read), fold the losses into the running loss, and mark this state good. If one of
+        them failed, roll back to the last good state and replay them checked, stopping
+        at the first failure. ``failure``: what the iteration after them raised (it
+        updated nothing). Returns the failure or None; after a failure the state is that
+        of the last good iteration, as if every iteration had been checked."""
+        target = self.iter + (failure is not None)
+        grad_scaled = self.scalers.grad.is_enabled()  # then a non-finite gradient only skips the step
+        values = host_read(torch.stack([torch.cat([lv.double().reshape(1), f.double()]) for lv, f in self.pending])) \
+            if self.pending else []
+        self.pending = []
+        if all(ok and (gok or grad_scaled) for _, ok, gok in values):
+            for lv, _, _ in values:
+                self.running = lv if self.running is None else 0.9 * self.running + 0.1 * lv
+            # a failed iteration updates nothing: after good ones, this is the last good state
+            return failure if failure is not None else self._mark_good()
+        # an unchecked iteration failed and later ones built on it: redo them checked
+        self.load_state_dict(self.good)
+        while self.iter < target:
+            failure = self.step(checked=True)[2]
+            if failure:
+                return self.settle(failure)
+        return self.settle()
+
+    def _mark_good(self):
+        """Remember this state (in memory) as the one to roll back to; log the scaler's news."""
+        s = self.scalers
+        if s.dynamic is not None:
+            overflow = s.overflow_steps()
+            if overflow != self.seen[1]:
+                self.events.append(f"iter {self.iter}: DynamicScaler retried {overflow - self.seen[1]} overflowing "
+                                   f"step(s) since iteration {self.seen[0]}; scale now {s.dynamic.scale:g}")
+            self.seen = (self.iter, overflow)
+        if not self.checked:
+            self.good = copy.deepcopy(self.state_dict(None))
+        return None
 
     def evaluate(self, window):
         """One CSV row; ``window`` holds (forward s, backward s, iterations) since the last row."""
@@ -372,7 +430,7 @@ def train(args, run, state, backend_note=""):
             plots.plot_optimization(run.csv, run.file("optimization_stats.png"), toy_data.ENTROPY[args.data], run.name)
             plots.plot_mmd(run.csv, run.file("mmd_plot.png"))
         final = {k: v for k, v in rows[-1].items() if k not in ex.TIMING_COLUMNS} if rows else {}
-        ex.write_status(run, status, reason, tr.iter, final)
+        ex.write_status(run, status, reason, tr.iter, final, backend=args.backend, backend_note=backend_note)
         log.print(f"{status}: {reason}")
         log.close()
         return code
@@ -385,18 +443,23 @@ def train(args, run, state, backend_note=""):
     with ex.StopSignals() as stop:
         bar = tqdm(total=args.niters, initial=tr.iter, desc=run.name[:40], dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        tr.settle()  # the state to roll back to
         while tr.iter < args.niters:
-            t_fwd, t_bwd, events, failure = tr.step()
+            t_fwd, t_bwd, failure = tr.step()
+            row_due = tr.iter % args.test_freq == 0 or tr.iter == args.niters
+            if failure is not None or row_due or tr.iter % args.ckpt_freq == 0 or stop.received:
+                failure = tr.settle(failure)
+            for e in tr.events:
+                log.print(e)
+            tr.events = []
             if failure:
                 bar.close()
                 checkpoint()  # the last good iteration
                 return finish("diverged", f"iteration {tr.iter + 1}: {failure}", ex.EXIT_DIVERGED)
             window = [window[0] + t_fwd, window[1] + t_bwd, window[2] + 1]
             bar.update(1)
-            bar.set_postfix(loss=f"{tr.running:.3f}", refresh=False)
-            for e in events:
-                log.print(f"iter {tr.iter}: {e}")
-            if tr.iter % args.test_freq == 0 or tr.iter == args.niters:
+            if row_due:
+                bar.set_postfix(loss=f"{tr.running:.3f}", refresh=False)
                 row = tr.evaluate(window)
                 rows.append(row)
                 window = [0.0, 0.0, 0]

@@ -222,9 +222,10 @@ def write_npy(path, array):
     atomic_write(path, buf.getvalue())
 
 
-def write_status(run, status, reason, iteration, metrics):
+def write_status(run, status, reason, iteration, metrics, **extra):
+    """status.json; ``extra`` adds keys (cnf.py: the backend that ran, and why)."""
     write_json(run.status, {"status": status, "exit_reason": reason, "iter": iteration,
-                            "final": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                            "final": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
 
 
 def write_args(run, config, extra):

@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from ._host import host_read
 from .methods import Tableau, rk_increment
 
 
@@ -67,7 +68,7 @@ def grid_plan(t, method, tab):
 
 
 def _make_plan(t, tab):
-    t_list = tuple(t.tolist())  # the host sync
+    t_list = tuple(host_read(t))  # the host sync
     h = tuple(b - a for a, b in zip(t_list[:-1], t_list[1:]))
     if not (all(x > 0 for x in h) or all(x < 0 for x in h)):
         raise ValueError("t must be strictly increasing or strictly decreasing")
@@ -156,9 +157,9 @@ def solve_backward(pb, t, sol, grads, need_t):
     gt = torch.zeros_like(t) if need_t else None
     scaler, per_sample = pb.scaler, _numel_per_sample(a)
     if scaler is not None:
-        amax = max(float(x.abs().max()) if x.numel() else 0.0 for x in a)
+        amax = max(float(host_read(x.abs().max())) if x.numel() else 0.0 for x in a)
         if amax == 0.0:
-            amax = max(float(g.abs().max()) if g.numel() else 0.0 for g in grads)
+            amax = max(float(host_read(g.abs().max())) if g.numel() else 0.0 for g in grads)
         scaler.anchor(amax, per_sample)
     use_grid = pb.grid and not need_t
     if use_grid:
@@ -214,6 +215,8 @@ def _solve_backward_fused(pb, sol, grads):
         P = pb.func.grid_params(pb.stage_times)  # graph to the params, built once per sweep
     a, dP = pb.func.grid_solve_vjp(tuple(p.detach() for p in P), tuple(sol), tuple(grads), pb.spec, pb.scaler)
     gparams = _grid_params_backward(pb, P, dP) if pb.params else []
+    if pb.scaler is not None:
+        pb.scaler.check()  # raises naming the failed step (already read with the gradients' check above)
     return tuple(a), gparams, None
 
 
@@ -224,27 +227,33 @@ def _finite_and_amax(a, produced):
     ref = a[0]
     total = torch.stack(extra).sum() if extra else ref.new_zeros((), dtype=torch.float32)
     top = torch.stack(amax).amax() if amax else ref.new_zeros((), dtype=torch.float32)
-    total, top = torch.stack([total, top]).tolist()
+    total, top = host_read(torch.stack([total, top]))
     return math.isfinite(total) and math.isfinite(top), top
 
 
 def _grid_params_backward(pb, P, dP):
     """One backward pass through the time-only part of the field (the hypernetwork),
     for all stage times at once. Where P is in a low precision and a scaler is in
-    use, the float32 cotangents dP are scaled into range first (and unscaled after)."""
+    use, the float32 cotangents dP are scaled into range first (and unscaled after).
+    The scale stays on the device; with a scaler, one host read per attempt asks
+    whether the gradients are finite (and, after a fused sweep, whether it failed)."""
     low = any(p.dtype in (torch.float16, torch.bfloat16) for p in P)
+    scaler = pb.scaler
     S = 1.0
-    if low and pb.scaler is not None:
-        amax = torch.stack([d.abs().amax().float() for d in dP]).amax().item()  # one host sync
-        S = 2.0 ** math.floor(math.log2(pb.scaler.target(max(p[0].numel() for p in P)) / amax)) if amax > 0 else 1.0
-    for _ in range(pb.scaler.max_attempts if pb.scaler is not None else 1):
+    if low and scaler is not None:
+        amax = torch.stack([d.abs().amax().float() for d in dP]).amax()
+        S = scaler.anchor_on_device(amax, max(p[0].numel() for p in P))  # exact power of 2, [] float64
+    for _ in range(scaler.max_attempts if scaler is not None else 1):
         g = torch.autograd.grad(P, pb.params, [(d * S).to(p.dtype) for d, p in zip(dP, P)],
                                 allow_unused=True, retain_graph=True)
         g = [torch.zeros_like(p) if gi is None else gi / S for gi, p in zip(g, pb.params)]
-        if pb.scaler is None or not g or bool(torch.stack([torch.isfinite(gi).all() for gi in g]).all()):
+        if scaler is None or not g:
             return g
-        pb.scaler.overflow_steps += 1
-        S /= 2.0
+        (finite,) = scaler.check(torch.stack([torch.isfinite(gi).all() for gi in g]).all())
+        if finite:
+            return g
+        scaler.count_overflows(1)
+        S = S / 2.0
     raise RuntimeError("DynamicScaler: the gradient through the time-only part of the field is not finite")
 
 

@@ -48,7 +48,9 @@ def odeint(func, y0, t, *, method="rk4", loss_scaler=None, atol=None, rtol=None)
     ``grid_solve_vjp(P, sol, grads, spec, scaler)`` returns (adjoint at t_0,
     float32 cotangents of P), where P = ``grid_params`` of every stage time and
     ``spec`` is a ``GridSpec``; the backward through ``grid_params`` stays here.
-    Gradients to ``t`` always take the generic path.
+    With a scaler, such a hook reports through ``DynamicScaler.record_blocks``
+    (device tensors), and the backward reads the host once, in
+    ``DynamicScaler.check``. Gradients to ``t`` always take the generic path.
     """
     tab = get_method(method)
     if atol is not None or rtol is not None:

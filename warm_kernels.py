@@ -1,0 +1,119 @@
+"""Compile the fused kernels' variants ahead of the GPU checks, in parallel processes.
+
+    python warm_kernels.py --device cuda [--jobs 8] [--tune]
+
+Triton compiles a kernel once per variant (its constexprs: width, samples and warps
+per program, method, precision, scaling; and its integer arguments' divisibility by
+16) and keeps the binary in its per-user cache (~/.triton/cache), which every later
+process reuses. Each variant here runs one real solve and its backward through the
+production path (``log_prob`` through ``torchmpnode.odeint``), so exactly the launches
+of a training iteration are compiled. The steps of gpu_check.sh after this one then
+time steady state, not compilation. ``--tune`` adds the block and warp choices of
+``bench.py --kernel-sweep`` at the standard size.
+
+Prints one line per variant (with its seconds) and exits 1 if any failed.
+"""
+import itertools
+import multiprocessing as mp
+import sys
+import time
+
+import torch
+
+# What gpu_check.sh's later steps launch: bench.py and cnf.py at the standard size
+# (batch 1024, width 128, 128 points; validation, test and sampling batches are also
+# multiples of 16, the same variants), and pytest -m cuda's partial-block size (1023).
+WIDTHS = (128,)
+BATCHES = (1024, 1023)
+METHODS = ("rk4", "euler")
+PRECISIONS = ("float32", "bfloat16", "float16", "float16+scaler")
+POINTS = 128
+HIDDEN = 32
+# bench.py --kernel-sweep's choices: samples per program and warps per program, forward
+# and backward, in float32 and in float16 with the DynamicScaler
+SWEEP_BLOCKS = (1, 2, 4, 8, 16)
+SWEEP_WARPS = (1, 2, 4)
+SWEEP_PRECISIONS = ("float32", "float16+scaler")
+LOW = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float16+scaler": torch.float16}
+
+
+def variants(tune=False):
+    """(name, settings) pairs; settings go to ``compile_one``."""
+    out = [(f"width {w}, batch {n}, {m}, {p}", dict(width=w, n=n, method=m, precision=p))
+           for w, n, m, p in itertools.product(WIDTHS, BATCHES, METHODS, PRECISIONS)]
+    if tune:
+        for p, kernel, b, nw in itertools.product(SWEEP_PRECISIONS, ("forward", "backward"), SWEEP_BLOCKS, SWEEP_WARPS):
+            out.append((f"sweep {p} {kernel}: {b} samples, {nw} warps",
+                        dict(width=WIDTHS[0], n=BATCHES[0], method="rk4", precision=p, kernel=kernel, block=b, warps=nw)))
+    return out
+
+
+def compile_one(device, width, n, method, precision, kernel=None, block=None, warps=None):
+    """One forward solve and its backward on the fused path with these settings."""
+    import cnf_kernels
+    from model import CNF, Integrator, log_prob
+    from torchmpnode import DynamicScaler
+
+    device = torch.device(device)
+    defaults = cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS
+    if kernel is not None:  # as the sweep sets them; restored after (a pool process runs many variants)
+        slot = 0 if kernel == "forward" else 1
+        blocks, nw = list(defaults[0]), list(defaults[1])
+        blocks[slot], nw[slot] = block, warps
+        cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = tuple(blocks), tuple(nw)
+    try:
+        torch.manual_seed(0)
+        model = CNF(2, HIDDEN, width, backend="triton").to(device)
+        x = torch.randn(n, 2, device=device)
+        low = LOW[precision]
+        scaler = DynamicScaler() if precision.endswith("+scaler") else False
+        with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
+            loss = -log_prob(model, x, Integrator("torchmpnode", method, POINTS, loss_scaler=scaler)).mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults
+
+
+def _worker(job):
+    device, name, settings = job
+    t0 = time.perf_counter()
+    try:
+        compile_one(device, **settings)
+        return name, time.perf_counter() - t0, None
+    except Exception as e:  # report and go on: the step that needs it will say more
+        return name, time.perf_counter() - t0, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}"
+
+
+def main(argv=None):
+    from experiment import OneLineParser  # errors: one line, exit 2
+
+    p = OneLineParser(prog="warm_kernels.py", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda or cuda:N (cpu: Triton's interpreter, nothing to compile)")
+    p.add_argument("--jobs", type=int, default=8, help="parallel processes")
+    p.add_argument("--tune", action="store_true", help="also the block and warp choices of bench.py --kernel-sweep")
+    p.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    todo = variants(args.tune)
+    if args.list:
+        for name, _ in todo:
+            print(name)
+        return 0
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    t0 = time.perf_counter()
+    failed = 0
+    # spawn: a forked child cannot use CUDA; each child keeps its compiled kernels in the shared cache
+    with mp.get_context("spawn").Pool(min(args.jobs, len(todo))) as pool:
+        for name, secs, err in pool.imap_unordered(_worker, [(args.device, n, s) for n, s in todo]):
+            failed += err is not None
+            print(f"{'FAILED' if err else 'ok':6s} {secs:6.1f} s  {name}" + (f": {err}" if err else ""), flush=True)
+    print(f"{len(todo) - failed}/{len(todo)} variants in {time.perf_counter() - t0:.1f} s with {args.jobs} processes")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
