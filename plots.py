@@ -156,16 +156,22 @@ def plot_overview(datasets, columns, panels, out_png, out_pdf=None, caption="", 
     and a diffuse model are both visible. Writes the PNG (and the PDF) atomically."""
     import experiment
 
+    import textwrap
+
     nr, nc = len(datasets), len(columns)
-    head, foot, left = 0.55, 0.35 + 0.14 * caption.count("\n"), 0.35
-    row_h = panel_in + 0.42  # the panel and two lines of title
-    fig = plt.figure(figsize=(left + nc * (panel_in + 0.12) + 0.1, head + nr * row_h + foot))
-    W, H = fig.get_size_inches()
+    left, gap = 0.35, 0.12
+    W = left + nc * (panel_in + gap) + 0.1
+    # the caption wrapped to the figure's width (about 17 characters per inch at 6.5 pt)
+    caption = "\n".join(textwrap.fill(par, width=max(40, int(17 * (W - left)))) for par in caption.split("\n"))
+    head, foot = 0.32, (0.2 + 0.11 * (caption.count("\n") + 1)) if caption else 0.1
+    row_h = panel_in + 0.4  # the panel and two lines of title
+    H = head + nr * row_h + foot
+    fig = plt.figure(figsize=(W, H))
     cmap = plt.get_cmap("viridis").with_extremes(bad=plt.get_cmap("viridis")(0))
     for i, data in enumerate(datasets):
         for j, col in enumerate(columns):
-            x0 = (left + j * (panel_in + 0.12)) / W
-            y0 = 1 - (head + i * row_h + 0.36 + panel_in) / H
+            x0 = (left + j * (panel_in + gap)) / W
+            y0 = 1 - (head + i * row_h + 0.34 + panel_in) / H
             a = fig.add_axes((x0, y0, panel_in / W, panel_in / H))
             a.set_xticks([])
             a.set_yticks([])
@@ -183,10 +189,10 @@ def plot_overview(datasets, columns, panels, out_png, out_pdf=None, caption="", 
             if j == 0:
                 a.set_ylabel(data, fontsize=8.5, fontweight="bold", labelpad=3)
             if i == 0:
-                fig.text(x0 + 0.5 * panel_in / W, 1 - 0.08 / H, col, ha="center", va="top", fontsize=7,
+                fig.text(x0 + 0.5 * panel_in / W, 1 - 0.04 / H, col, ha="center", va="top", fontsize=7,
                          fontweight="bold", linespacing=1.1)
     if caption:
-        fig.text(0.5 * left / W, 0.12 / H, caption, ha="left", va="bottom", fontsize=6.5, linespacing=1.2)
+        fig.text(0.5 * left / W, 0.08 / H, caption, ha="left", va="bottom", fontsize=6.5, linespacing=1.2)
     for path, fmt in ((out_png, "png"), (out_pdf, "pdf")):
         if path is not None:
             buf = io.BytesIO()

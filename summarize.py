@@ -419,7 +419,7 @@ def latex_standalone(body):
 
 
 # --- the overview figure -------------------------------------------------------------------------
-TARGET_SAMPLES = 200_000  # the target panel: a histogram of this many data points on the density grid
+TARGET_SAMPLES = 1_000_000  # the target panel: a histogram of this many data points on the density grid
 
 
 def format_pm(mean, sd, d, pm=" ± ", minus="-"):
@@ -446,6 +446,22 @@ def representative_run(runs, r):
     return mine.iloc[(len(mine) - 1) // 2]
 
 
+def target_log_density(data, grid=density.GRID, limit=density.LIMIT):
+    """(log-density [grid, grid] of the true distribution on the density grid, how it was
+    obtained): closed form where toy_data has it, else a histogram of TARGET_SAMPLES points."""
+    side = np.linspace(-limit, limit, grid)
+    try:
+        xy = np.stack(np.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)
+        return toy_data.log_density(data, xy).reshape(grid, grid), "exact density"
+    except ValueError:
+        pass
+    x = toy_data.inf_train_gen(data, TARGET_SAMPLES, np.random.default_rng(12345))
+    edges = np.linspace(-limit - (side[1] - side[0]) / 2, limit + (side[1] - side[0]) / 2, grid + 1)  # centred on side
+    hist = np.histogram2d(x[:, 1], x[:, 0], bins=(edges, edges), density=True)[0]
+    with np.errstate(divide="ignore"):
+        return np.log(hist), f"histogram of {TARGET_SAMPLES:,} points"
+
+
 def overview_panels(cells, runs):
     """(datasets, column labels, {(dataset, label): panel}) for ``plots.plot_overview``: the
     target, then one column per solver x precision x scaler, in the table's order. Each
@@ -456,11 +472,9 @@ def overview_panels(cells, runs):
     columns = ["target"] + [column_label(r) for r in order.itertuples()]
     panels = {}
     for data in datasets:
-        x = toy_data.inf_train_gen(data, TARGET_SAMPLES, np.random.default_rng(12345))
-        edges = np.linspace(-density.LIMIT, density.LIMIT, density.GRID + 1)
-        hist = np.histogram2d(x[:, 1], x[:, 0], bins=(edges, edges), density=True)[0]
-        panels[(data, "target")] = {"image": np.log(np.maximum(hist, 1e-300)), "limit": density.LIMIT,
-                                    "title": f"entropy {toy_data.ENTROPY.get(data, math.nan):.3f}\ndata histogram"}
+        logp, how = target_log_density(data)
+        panels[(data, "target")] = {"image": logp, "limit": density.LIMIT,
+                                    "title": f"entropy {toy_data.ENTROPY.get(data, math.nan):.3f}\n{how}"}
     for r in cells.itertuples():
         label = column_label(r)
         if r.n == 0:
