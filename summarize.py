@@ -76,15 +76,13 @@ def read_run_csv(path):
     missing = [c for c in REQUIRED_CSV if c not in header]
     if missing:
         raise ValueError(f"{name}: truncated or not a run CSV (no column {', '.join(missing)})")
+    need = [header.index(c) for c in REQUIRED_CSV]
     for k, row in enumerate(lines[1:], start=2):
         if len(row) != len(header):
             raise ValueError(f"{name}: truncated CSV: line {k} has {len(row)} of {len(header)} fields")
-    df = pd.read_csv(path)
-    bad = df[list(REQUIRED_CSV)].isna().any(axis=1)
-    if bad.any():
-        raise ValueError(f"{name}: truncated CSV: line {int(np.flatnonzero(bad.to_numpy())[0]) + 2} has empty "
-                         f"required fields")
-    return df
+        if any(row[i] == "" for i in need):  # "nan" is a value (a diverging run's); empty is damage
+            raise ValueError(f"{name}: truncated CSV: line {k} has empty required fields")
+    return pd.read_csv(path)
 
 
 def load_run(folder):

@@ -188,7 +188,7 @@ def format_status(rows, sweep):
     for r in rows:
         it = "—" if r["iter"] is None else f"{r['iter']}" + (f"/{r['niters']}" if r["niters"] else "")
         table.append((str(r["task"]), r["cell"], r["state"], it,
-                      f"{r['val_nll']:.4f}" if math.isfinite(r["val_nll"]) else "—",
+                      "—" if r["iter"] is None else f"{r['val_nll']:.4f}",  # nan is a diverging run's value
                       f"{r['ms_iter']:.1f}" if math.isfinite(r["ms_iter"]) else "—",
                       _duration(r["eta_s"]), r["job"] or "—",
                       _duration(r["updated_s"]) + " ago" if math.isfinite(r["updated_s"]) else "—", r["reason"]))
