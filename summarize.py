@@ -457,7 +457,7 @@ def target_log_density(data, grid=density.GRID, limit=density.LIMIT):
     edges = np.linspace(-limit - (side[1] - side[0]) / 2, limit + (side[1] - side[0]) / 2, grid + 1)  # centred on side
     hist = np.histogram2d(x[:, 1], x[:, 0], bins=(edges, edges), density=True)[0]
     with np.errstate(divide="ignore"):
-        return np.log(hist), f"histogram of {TARGET_SAMPLES:,} points"
+        return np.log(hist), f"histogram, {TARGET_SAMPLES:.0e} points"
 
 
 def overview_panels(cells, runs):
