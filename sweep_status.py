@@ -16,7 +16,9 @@ Where each state comes from:
 The last iteration and validation NLL come from the run's CSV, ms/iter from its last row
 (forward + backward of the training step), and the ETA from the wall-clock rate of the current
 attempt (args.csv is rewritten when an attempt starts, with ``resumed_at_iter``) times the
-iterations left.
+iterations left; a running cell at its last iteration is in its final evaluation (test NLL,
+exact likelihood, density.npz). "updated" is the age of the cell's newest file: a running cell
+whose files stop changing may have been killed without a word (SIGKILL, a lost node).
 """
 import csv
 import datetime
@@ -190,7 +192,8 @@ def format_status(rows, sweep):
         table.append((str(r["task"]), r["cell"], r["state"], it,
                       "—" if r["iter"] is None else f"{r['val_nll']:.4f}",  # nan is a diverging run's value
                       f"{r['ms_iter']:.1f}" if math.isfinite(r["ms_iter"]) else "—",
-                      _duration(r["eta_s"]), r["job"] or "—",
+                      "final eval" if r["state"] == "running" and r["iter"] is not None and r["niters"]
+                      and r["iter"] >= r["niters"] else _duration(r["eta_s"]), r["job"] or "—",
                       _duration(r["updated_s"]) + " ago" if math.isfinite(r["updated_s"]) else "—", r["reason"]))
     widths = [max(len(t[k]) for t in table) for k in range(len(table[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(t[:-1], widths)) + "  " + t[-1] for t in table]
@@ -201,7 +204,7 @@ def format_status(rows, sweep):
     total = f"total: {len(rows)} cells: " + ", ".join(f"{counts[s]} {s}" for s in known)
     etas = [r["eta_s"] for r in rows if r["state"] == "running" and math.isfinite(r["eta_s"])]
     if etas:
-        total += f"; the running cells finish in about {_duration(max(etas))}"
+        total += f"; the running cells end training in about {_duration(max(etas))}"
     jobs = sorted({r["job"].rsplit("_", 1)[0] for r in rows if r["job"] and r["job"] not in ("local", "?")})
     if jobs:
         total += f"; SLURM job(s) {', '.join(jobs)}"

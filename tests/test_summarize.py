@@ -152,7 +152,7 @@ def test_status_of_a_long_running_cell_has_progress_and_eta(sweep):
     assert niters == 100000 and done >= 5 and done % 5 == 0
     assert math.isfinite(float(row["val"])) and float(row["ms"]) > 0
     assert re.fullmatch(r"\d+[smh]\S*", row["eta"]) and row["job"] == "local"
-    assert "the running cells finish in about" in listing.splitlines()[-1]
+    assert "the running cells end training in about" in listing.splitlines()[-1]
 
 
 def test_status_at_the_end_names_each_state_and_reason(sweep):
