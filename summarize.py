@@ -1,7 +1,8 @@
 """Aggregate a sweep (or any folder of runs) into statistics over seeds, paired
 comparisons against float32, one table and one figure.
 
-    python summarize.py results/sweep_.../ [--out DIR]
+    python summarize.py results/sweep_.../ [--out DIR] [--backfill]
+    python summarize.py results/sweep_.../ --status      # one line per cell of a (running) sweep
 
 Reads every run folder's args.csv, CSV, status.json and test_logp.npy below the
 given folder. For each dataset x solver x precision x scaler ("cell") it reports
@@ -15,13 +16,17 @@ cell with the float32 run of the same dataset, solver and seed (its "twin"):
   models, far tighter than the spread over seeds.
 
 Writes summary.md, summary.csv (one row per cell), summary_runs.csv (one row
-per run) and summary.png (into the folder, or --out). Diverged and interrupted
+per run), summary.png, summary.tex (a booktabs table for a paper; every number
+in it is formatted from summary.csv's row), summary_standalone.tex (the same as
+a complete document) and overview.png/.pdf (each cell's learned density, from
+the runs' density.npz; --backfill first writes it from the checkpoints of runs
+that lack it) into the folder, or --out. A folder without runs, or a single run
+whose files are damaged, is a one-line error with exit code 2. Diverged and interrupted
 runs are counted and listed, never dropped; folders that are not runs are
 skipped with a warning. Several runs of the same cell and seed (two sweeps under
 one folder, say) are not independent samples: the newest completed one is used,
 the others are listed as ignored, with a warning.
 """
-import argparse
 import csv
 import glob
 import io
