@@ -16,7 +16,7 @@ Where each state comes from:
 The last iteration and validation NLL come from the run's CSV, ms/iter from its last row
 (forward + backward of the training step), and the ETA from the wall-clock rate of the current
 attempt (args.csv is rewritten when an attempt starts, with ``resumed_at_iter``) times the
-iterations left; a running cell at its last iteration is in its final evaluation (test NLL,
+iterations left; a running cell at its last iteration is *evaluating* (test NLL,
 exact likelihood, density.npz). "updated" is the age of the cell's newest file: a running cell
 whose files stop changing may have been killed without a word (SIGKILL, a lost node).
 """
@@ -192,7 +192,7 @@ def format_status(rows, sweep):
         table.append((str(r["task"]), r["cell"], r["state"], it,
                       "—" if r["iter"] is None else f"{r['val_nll']:.4f}",  # nan is a diverging run's value
                       f"{r['ms_iter']:.1f}" if math.isfinite(r["ms_iter"]) else "—",
-                      "final eval" if r["state"] == "running" and r["iter"] is not None and r["niters"]
+                      "evaluating" if r["state"] == "running" and r["iter"] is not None and r["niters"]
                       and r["iter"] >= r["niters"] else _duration(r["eta_s"]), r["job"] or "—",
                       _duration(r["updated_s"]) + " ago" if math.isfinite(r["updated_s"]) else "—", r["reason"]))
     widths = [max(len(t[k]) for t in table) for k in range(len(table[0]) - 1)]

@@ -186,6 +186,26 @@ def test_status_lists_a_state_it_does_not_know(sweep, tmp_path):
     assert listing.splitlines()[-1].endswith("1 failed to start, 1 grid_exploited")
 
 
+def test_status_names_slurm_jobs_and_a_requeued_attempt(sweep, tmp_path):
+    """The same sweep as if SLURM ran it: logs slurm/<job>_<task>.out, job ids in their first lines;
+    task 0 requeued and running its second attempt (a start line with no exit line yet)."""
+    d = shutil.copytree(sweep["dir"], tmp_path / "copy", ignore=shutil.ignore_patterns("ckpt.pth"))
+    for log in glob.glob(os.path.join(d, "slurm", "local_*.out")):
+        task = os.path.basename(log)[len("local_"):-len(".out")]
+        text = open(log).read().replace("(job local,", "(job 4242,")
+        os.remove(log)
+        open(os.path.join(d, "slurm", f"4242_{task}.out"), "w").write(text)
+    with open(os.path.join(d, "slurm", "4242_0.out"), "a") as f:
+        f.write(f"[2030-01-01T00:00:00+00:00] cell 0 {sweep['names'][0]} on node7 (job 4242, restart 1, "
+                f"CUDA_VISIBLE_DEVICES=0)\n")
+    listing = _listing(str(d))
+    rows = _rows(listing)
+    assert {t: r["job"] for t, r in rows.items()} == {t: f"4242_{t}" for t in range(9)}
+    assert rows[0]["state"] == "running" and rows[1]["state"] == "completed"
+    assert rows[FAILED]["state"] == "failed to start" and rows[INTERRUPTED]["state"] == "interrupted"
+    assert listing.splitlines()[-1].endswith("; SLURM job(s) 4242")
+
+
 # --- the table ---------------------------------------------------------------------------------
 def _tex_rows(tex):
     """{(data, precision, scaler, solver): [cells]} of the table's body rows."""
