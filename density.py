@@ -1,5 +1,5 @@
 """The learned density of a completed run, saved small enough to keep with every run
-(``density.npz``, about 60 KB) so that overview figures never retrain or reload models.
+(``density.npz``, about 50 KB) so that overview figures never retrain or reload models.
 
     python density.py RUN_DIR [RUN_DIR ...]   # write density.npz of saved runs from their checkpoints
 

@@ -21,9 +21,9 @@ in it is formatted from summary.csv's row), summary_standalone.tex (the same as
 a complete document) and overview.png/.pdf (each cell's learned density, from
 the runs' density.npz; --backfill first writes it from the checkpoints of runs
 that lack it) into the folder, or --out. A folder without runs, or a single run
-whose files are damaged, is a one-line error with exit code 2. Diverged and interrupted
-runs are counted and listed, never dropped; folders that are not runs are
-skipped with a warning. Several runs of the same cell and seed (two sweeps under
+whose files are damaged, is a one-line error with exit code 2. Diverged and
+interrupted runs are counted and listed, never dropped; folders that are not
+runs, and runs that cannot be read, are skipped with a warning. Several runs of the same cell and seed (two sweeps under
 one folder, say) are not independent samples: the newest completed one is used,
 the others are listed as ignored, with a warning.
 """
