@@ -263,10 +263,17 @@ def test_table_numbers_equal_the_csv(sweep):
     assert (partial["n"], partial["runs"]) == (1, 2) and "1 interrupted" in partial["status"]
 
 
-def test_standalone_table_compiles_with_pdflatex(sweep, tmp_path):
+def _have_pdflatex():
+    """True with pdflatex; without it False, or a failure under REQUIRE_LATEX=1 (as in .ci/run)."""
     if shutil.which("pdflatex") is None:
         if os.environ.get("REQUIRE_LATEX") == "1":
             pytest.fail("REQUIRE_LATEX=1 but pdflatex is not installed (bash .ci/latex-local.sh)")
+        return False
+    return True
+
+
+def test_standalone_table_compiles_with_pdflatex(sweep, tmp_path):
+    if not _have_pdflatex():
         pytest.skip("pdflatex not installed")
     shutil.copy(os.path.join(sweep["dir"], "summary_standalone.tex"), tmp_path)
     for _ in range(2):  # longtable settles its column widths on the second pass
@@ -308,7 +315,7 @@ def test_labels_are_escaped_and_marks_documented(tmp_path):
     assert summarize.MARK in summarize.tex_caption() and "excludes 0" in summarize.tex_caption()
     # order: precision (float32, bfloat16, float16), then scaler, then solver
     assert [k[1] for k in rows] == ["float32", "bfloat16", "float16"]
-    if shutil.which("pdflatex"):
+    if _have_pdflatex():  # the escaped labels really compile
         (tmp_path / "t.tex").write_text(summarize.latex_standalone(tex))
         proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
