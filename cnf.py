@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import density
 import experiment as ex
 import metrics
 import plots
@@ -484,6 +485,7 @@ def train(args, run, state, backend_note=""):
                   f"points, gap {final['test_gap']:+.4f}; {secs[0]:.1f} s) | exact val NLL "
                   f"{final['val_loss_exact']:.4f} ({metrics.EXACT_METHOD} float64, tol {metrics.EXACT_TOL:g}; "
                   f"{secs[1]:.1f} s), disc_gap {final['disc_gap']:+.2e}")
+        density.save(run, density.density_arrays(tr.cnf, tr.integ, device, args.seed), tr.iter)  # for overviews
     if args.viz:
         _visualize(tr.cnf, tr.integ, args, run, device, log)
     return finish("completed", f"trained {args.niters} iterations", ex.EXIT_OK)

@@ -1,5 +1,6 @@
 """Figures of a run, drawn from its CSV or from arrays, never from training state,
 so a run can be re-plotted from its folder alone: ``python plots.py RUN_DIR``."""
+import io
 import math
 import os
 import sys
@@ -136,6 +137,68 @@ def _show(im, values):
         im.set_data(values)
     lo, hi = (float(values.min()), float(values.max())) if values.count() else (0.0, 1.0)
     im.set_clim(lo, hi if hi > lo else lo + 1.0)
+
+
+def density_image(logp):
+    """exp(logp) [g, g] with non-finite values masked (a lost grid point is not a zero density)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.ma.masked_invalid(np.exp(np.asarray(logp, dtype=np.float64)))
+
+
+def plot_overview(datasets, columns, panels, out_png, out_pdf=None, caption="", panel_in=1.2, dpi=100):
+    """A grid of density panels: one row per dataset, one column per entry of ``columns``
+    (column headers, e.g. the target, then each solver x precision x scaler cell).
+
+    ``panels[(dataset, column)]`` is a dict with ``title`` (str) and either ``image``
+    (a [g, g] density, row y and column x ascending, over [-limit, limit]^2, with
+    ``limit``) or ``text`` (a message drawn in a grey panel: diverged, not run, ...).
+    Each density has its own colour scale from 0 to its 99.5th percentile, so a sharp
+    and a diffuse model are both visible. Writes the PNG (and the PDF) atomically."""
+    import experiment
+
+    import textwrap
+
+    nr, nc = len(datasets), len(columns)
+    left, gap = 0.35, 0.12
+    W = left + nc * (panel_in + gap) + 0.1
+    # the caption wrapped to the figure's width (about 17 characters per inch at 6.5 pt)
+    caption = "\n".join(textwrap.fill(par, width=max(40, int(17 * (W - left)))) for par in caption.split("\n"))
+    head, foot = 0.32, (0.2 + 0.11 * (caption.count("\n") + 1)) if caption else 0.1
+    row_h = panel_in + 0.4  # the panel and two lines of title
+    H = head + nr * row_h + foot
+    fig = plt.figure(figsize=(W, H))
+    cmap = plt.get_cmap("viridis").with_extremes(bad=plt.get_cmap("viridis")(0))
+    for i, data in enumerate(datasets):
+        for j, col in enumerate(columns):
+            x0 = (left + j * (panel_in + gap)) / W
+            y0 = 1 - (head + i * row_h + 0.34 + panel_in) / H
+            a = fig.add_axes((x0, y0, panel_in / W, panel_in / H))
+            a.set_xticks([])
+            a.set_yticks([])
+            p = panels.get((data, col), {"title": "", "text": "not run"})
+            if p.get("image") is not None:
+                img, lim = density_image(p["image"]), float(p["limit"])
+                hi = float(np.percentile(img.compressed(), 99.5)) if img.count() else 1.0
+                a.imshow(img, origin="lower", extent=(-lim, lim, -lim, lim), cmap=cmap, vmin=0.0,
+                         vmax=hi if hi > 0 else 1.0, interpolation="nearest")
+            else:
+                a.set_facecolor("0.88")
+                a.text(0.5, 0.5, p.get("text", ""), ha="center", va="center", fontsize=7, transform=a.transAxes,
+                       color="0.15")
+            a.set_title(p.get("title", ""), fontsize=6.5, pad=2, linespacing=1.1)
+            if j == 0:
+                a.set_ylabel(data, fontsize=8.5, fontweight="bold", labelpad=3)
+            if i == 0:
+                fig.text(x0 + 0.5 * panel_in / W, 1 - 0.04 / H, col, ha="center", va="top", fontsize=7,
+                         fontweight="bold", linespacing=1.1)
+    if caption:
+        fig.text(0.5 * left / W, 0.08 / H, caption, ha="left", va="bottom", fontsize=6.5, linespacing=1.2)
+    for path, fmt in ((out_png, "png"), (out_pdf, "pdf")):
+        if path is not None:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=dpi)
+            experiment.atomic_write(path, buf.getvalue())
+    plt.close(fig)
 
 
 def replot(run_dir):

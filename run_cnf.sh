@@ -13,6 +13,7 @@
 #   --dry-run          print the cells and exit
 #   --wait             (SLURM) block until the array finishes; exit with its highest task exit code
 #   --resume DIR       resubmit the cells of sweep DIR whose status.json is not "completed"
+#   --status DIR       one line per cell of sweep DIR: state, iteration, val NLL, ms/iter, ETA, job
 #   --results-dir DIR  parent of the sweep folder (default ./results)
 #   --partition P  --account A  --gpus N  --time T  --mem M  --cpus N
 #                      SLURM overrides (also: SBATCH_PARTITION, SBATCH_ACCOUNT, ... from the environment)
@@ -61,6 +62,7 @@ while [ $# -gt 0 ]; do
     --dry-run) dry=1; shift ;;
     --wait) wait=1; shift ;;
     --resume) resume=${2:?}; shift 2 ;;
+    --status) exec python "$KIT_DIR/summarize.py" "${2:?}" --status ;;  # reads the sweep's files only
     --results-dir) results=${2:?}; shift 2 ;;
     --partition) sb+=(--partition="${2:?}"); shift 2 ;;
     --account) sb+=(--account="${2:?}"); shift 2 ;;

@@ -1,7 +1,8 @@
 """Aggregate a sweep (or any folder of runs) into statistics over seeds, paired
 comparisons against float32, one table and one figure.
 
-    python summarize.py results/sweep_.../ [--out DIR]
+    python summarize.py results/sweep_.../ [--out DIR] [--backfill]
+    python summarize.py results/sweep_.../ --status      # one line per cell of a (running) sweep
 
 Reads every run folder's args.csv, CSV, status.json and test_logp.npy below the
 given folder. For each dataset x solver x precision x scaler ("cell") it reports
@@ -15,13 +16,18 @@ cell with the float32 run of the same dataset, solver and seed (its "twin"):
   models, far tighter than the spread over seeds.
 
 Writes summary.md, summary.csv (one row per cell), summary_runs.csv (one row
-per run) and summary.png (into the folder, or --out). Diverged and interrupted
-runs are counted and listed, never dropped; folders that are not runs are
-skipped with a warning. Several runs of the same cell and seed (two sweeps under
+per run), summary.png, summary.tex (a booktabs table for a paper; every number
+in it is formatted from summary.csv's row), summary_standalone.tex (the same as
+a complete document) and overview.png/.pdf (each cell's learned density, from
+the runs' density.npz; --backfill first writes it from the checkpoints of runs
+that lack it) into the folder, or --out. A folder without runs, or a single run
+whose files are damaged, is a one-line error with exit code 2. Diverged and
+interrupted runs are counted and listed, never dropped; folders that are not
+runs, and runs that cannot be read, are skipped with a warning. Several runs of the same cell and seed (two sweeps under
 one folder, say) are not independent samples: the newest completed one is used,
 the others are listed as ignored, with a warning.
 """
-import argparse
+import csv
 import glob
 import io
 import json
@@ -37,23 +43,51 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+import density  # noqa: E402
 import experiment as ex  # noqa: E402
+import plots  # noqa: E402
+import sweep_status  # noqa: E402
 import toy_data  # noqa: E402
-from precision import scaler_label  # noqa: E402
+from precision import PRECISIONS, scaler_label  # noqa: E402
 
 CELL = ["data", "solver", "precision", "scaler"]
 RUN_COLUMNS = [*CELL, "seed", "status", "iter", "test_nll", "test_nll_se", "test_gap", "val_nll", "val_nll_se",
-               "nll_gap", "val_nll_exact", "disc_gap", "val_mmd", "ms_fwd", "ms_bwd", "peak_mb", "overflow_steps",
-               "run", "used"]
+               "nll_gap", "val_nll_exact", "disc_gap", "val_mmd", "ms_fwd", "ms_bwd", "ms_iter", "peak_mb",
+               "overflow_steps", "run", "used"]
 # Aggregated over the completed seeds of a cell: mean and sd of each.
-STATS = ["test_nll", "test_gap", "val_nll", "nll_gap", "val_nll_exact", "disc_gap", "val_mmd", "ms_fwd", "ms_bwd",
-         "peak_mb"]
+STATS = ["test_nll", "test_nll_se", "test_gap", "val_nll", "nll_gap", "val_nll_exact", "disc_gap", "val_mmd",
+         "ms_fwd", "ms_bwd", "ms_iter", "peak_mb"]
 REFERENCE = ("float32", "none")  # the twin every cell is compared with: same data, solver and seed
 CONFIDENCE = 0.95
 
 
 def _flag(args, key):
     return str(args.get(key, "False")) == "True"
+
+
+# Columns every row of a run CSV has (filled); newer kits may add others, which are kept.
+REQUIRED_CSV = ("iter", "val_loss", "time_fwd", "time_bwd", "time_fwd_sum", "time_bwd_sum", "max_memory_mb")
+
+
+def read_run_csv(path):
+    """A run's CSV as a DataFrame; raise ValueError (one line) for a truncated or foreign one:
+    a row with fewer fields than the header, a missing column, or an empty required cell."""
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    name = os.path.basename(path)
+    if not lines:
+        raise ValueError(f"{name} is empty")
+    header = lines[0]
+    missing = [c for c in REQUIRED_CSV if c not in header]
+    if missing:
+        raise ValueError(f"{name}: truncated or not a run CSV (no column {', '.join(missing)})")
+    need = [header.index(c) for c in REQUIRED_CSV]
+    for k, row in enumerate(lines[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{name}: truncated CSV: line {k} has {len(row)} of {len(header)} fields")
+        if any(row[i] == "" for i in need):  # "nan" is a value (a diverging run's); empty is damage
+            raise ValueError(f"{name}: truncated CSV: line {k} has empty required fields")
+    return pd.read_csv(path)
 
 
 def load_run(folder):
@@ -66,9 +100,14 @@ def load_run(folder):
     stamp = os.path.getmtime(run.file("args.csv"))
     if os.path.isfile(run.status):
         stamp = os.path.getmtime(run.status)
-        with open(run.status) as f:
-            status = json.load(f)
-    df = pd.read_csv(run.csv) if os.path.isfile(run.csv) else pd.DataFrame(columns=ex.CSV_COLUMNS)
+        try:
+            with open(run.status) as f:
+                status = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"unreadable status.json ({e})") from None
+        if not isinstance(status, dict) or "status" not in status:
+            raise ValueError("status.json holds no status")
+    df = read_run_csv(run.csv) if os.path.isfile(run.csv) else pd.DataFrame(columns=ex.CSV_COLUMNS)
     last = df.iloc[-1] if len(df) else None
     # columns a run of an older kit lacks read as NaN
     get = lambda k: float(last[k]) if last is not None and k in last.index else math.nan  # noqa: E731
@@ -85,6 +124,7 @@ def load_run(folder):
         "ms_fwd": 1e3 * float(df["time_fwd"].mean()) if len(df) else math.nan,
         "ms_bwd": 1e3 * float(df["time_bwd"].mean()) if len(df) else math.nan,
         "peak_mb": float(df["max_memory_mb"].max()) if len(df) else math.nan,
+        "ms_iter": 1e3 * float(df["time_fwd"].mean() + df["time_bwd"].mean()) if len(df) else math.nan,
         "overflow_steps": int(last["overflow_steps"]) if last is not None else 0,
         "run": os.path.relpath(folder),
         "used": True,
@@ -94,7 +134,8 @@ def load_run(folder):
 
 
 def find_runs(root):
-    rows, curves = [], {}
+    """(summary rows, {run: CSV}, [(folder, reason)] of run folders that could not be read)."""
+    rows, curves, skipped = [], {}, []
     candidates = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "args.csv"), recursive=True)})
     for d in sorted(glob.glob(os.path.join(root, "**", ""), recursive=True)):
         d = d.rstrip("/")
@@ -106,12 +147,13 @@ def find_runs(root):
     for d in candidates:
         try:
             row, df = load_run(d)
-        except (ValueError, OSError, KeyError, pd.errors.ParserError) as e:
-            print(f"summarize.py: warning: skipping {d}: {e}", file=sys.stderr)
+        except (ValueError, OSError, KeyError, UnicodeDecodeError, csv.Error, pd.errors.ParserError,
+                pd.errors.EmptyDataError) as e:
+            skipped.append((os.path.relpath(d), str(e)))
             continue
         rows.append(row)
         curves[row["run"]] = df
-    return rows, curves
+    return rows, curves, skipped
 
 
 def mark_duplicates(runs, warn=print):
@@ -263,6 +305,215 @@ def to_markdown(cells, runs):
     return "\n".join(out)
 
 
+# --- the LaTeX table ---------------------------------------------------------------------------
+# The order a paper groups cells in: precision and scaler, then solver.
+SCALER_ORDER = ("none", "grad", "dynamic", "grad+dynamic")
+MARK = r"$^\dagger$"
+
+
+def cell_order(cells):
+    """``cells`` sorted by dataset, then precision (PRECISIONS order) and scaler, then solver;
+    unknown names go last, alphabetically."""
+    prec = {p: k for k, p in enumerate(PRECISIONS)}
+    scal = {s: k for k, s in enumerate(SCALER_ORDER)}
+    key = lambda col, rank: col.map(lambda v: (rank.get(v, len(rank)), str(v)))  # noqa: E731
+    order = sorted(range(len(cells)), key=lambda i: (
+        str(cells["data"].iloc[i]), key(cells["precision"], prec).iloc[i], key(cells["scaler"], scal).iloc[i],
+        str(cells["solver"].iloc[i])))
+    return cells.iloc[order].reset_index(drop=True)
+
+
+def decimals(se, value=math.nan):
+    """Decimals that show a number down to the digit its standard error ``se`` affects: the
+    SE rounded to one significant digit, two when its first digit is 1 (0.013 -> 3, 0.04 -> 2,
+    37 -> 0). Without an SE: three significant digits of ``value``."""
+    if math.isfinite(se) and se > 0:
+        e = math.floor(math.log10(se))
+        d = -e + (1 if f"{se:e}"[0] == "1" else 0)
+    elif math.isfinite(value) and value != 0:
+        d = 2 - math.floor(math.log10(abs(value)))
+    else:
+        d = 2
+    return max(0, min(6, d))
+
+
+def standard_error(sd, n, fallback=math.nan):
+    """sd / sqrt(n) over seeds; ``fallback`` (e.g. a single run's own SE) when n < 2."""
+    return sd / math.sqrt(n) if n >= 2 and math.isfinite(sd) else fallback
+
+
+def tex_number(x, d, signed=False):
+    s = format(x, f"{'+' if signed else ''}.{d}f")
+    return s.replace("-", "$-$", 1) if s.startswith("-") else s
+
+
+def tex_pm(mean, sd, d):
+    """'mean $\\pm$ sd' with d decimals; the mean alone without an sd."""
+    return format_pm(mean, sd, d, pm=r" $\pm$ ", minus="$-$") if math.isfinite(mean) else "---"
+
+
+def tex_escape(text):
+    """Text safe in LaTeX's text mode (every special character escaped)."""
+    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(special.get(c, c) for c in str(text))
+
+
+def tex_cells(r):
+    """The four metric cells of one table row: test NLL (mean $\\pm$ sd, marked), test gap,
+    ms/iter and peak MB, each to the decimals its standard error over seeds supports."""
+    if r.n == 0:
+        what = "diverged" if r.diverged == r.runs else f"no completed seed ({r.status})"
+        return [rf"\multicolumn{{4}}{{c}}{{{tex_escape(what)}}}"]
+    d = decimals(standard_error(r.test_nll_sd, r.n, r.test_nll_se_mean))
+    mark = MARK if r.ci_contains_0 == "no" else ""
+    dm = decimals(standard_error(r.ms_iter_sd, r.n), r.ms_iter_mean)
+    dp = decimals(standard_error(r.peak_mb_sd, r.n), r.peak_mb_mean)
+    return [tex_pm(r.test_nll_mean, r.test_nll_sd, d) + mark,
+            tex_number(r.test_gap_mean, d, signed=True) if math.isfinite(r.test_gap_mean) else "---",
+            tex_pm(r.ms_iter_mean, r.ms_iter_sd, dm), tex_pm(r.peak_mb_mean, r.peak_mb_sd, dp)]
+
+
+def tex_caption():
+    return (r"Final test NLL (nats) as mean $\pm$ sd over the completed seeds, the test gap (test NLL minus the "
+            r"dataset's true entropy, mean), training time per iteration (forward + backward, ms, mean $\pm$ sd) "
+            r"and peak memory (MB, mean $\pm$ sd). Decimals follow the standard error over seeds (for one seed, "
+            r"the test set's). $n$: completed seeds; $n$/$m$ when only $n$ of $m$ runs completed. "
+            + MARK + rf": the {CONFIDENCE:.0%} Student-$t$ interval over seed pairs of the test-NLL difference to "
+            r"the float32 run of the same solver and seed excludes 0.").replace("%", r"\%")
+
+
+def to_latex(cells):
+    """The table body (a booktabs ``longtable``, so the full grid breaks across pages):
+    datasets as row groups, precision and scaler then solver as row headers."""
+    cols = r"lllrrrrr"
+    head = [r"\multicolumn{3}{l}{cell} & & \multicolumn{2}{c}{test NLL (nats)} & \multicolumn{2}{c}{cost} \\",
+            r"\cmidrule(lr){1-3}\cmidrule(lr){5-6}\cmidrule(lr){7-8}",
+            r"precision & scaler & solver & $n$ & mean $\pm$ sd & gap & ms/iter & peak MB \\"]
+    out = [rf"\begin{{longtable}}{{{cols}}}",
+           rf"\caption{{{tex_caption()}}}\label{{tab:cnf-summary}}\\",
+           r"\toprule", *head, r"\midrule", r"\endfirsthead",
+           r"\toprule", *head, r"\midrule", r"\endhead",
+           r"\bottomrule", r"\endlastfoot"]
+    cells = cell_order(cells)
+    for k, (data, g) in enumerate(cells.groupby("data", sort=False)):
+        if k:
+            out.append(r"\midrule")
+        floor = toy_data.ENTROPY.get(data, math.nan)
+        out.append(rf"\multicolumn{{8}}{{l}}{{\textbf{{{tex_escape(data)}}} (true entropy {floor:.4f} nats)}} \\*")
+        last = None
+        for r in g.itertuples():
+            group = (r.precision, r.scaler)
+            if last is not None and group != last:
+                out.append(r"\addlinespace[2pt]")
+            first = [tex_escape(r.precision), tex_escape(r.scaler)] if group != last else ["", ""]
+            last = group
+            n = f"{r.n}" if r.n == r.runs else f"{r.n}/{r.runs}"
+            out.append(" & ".join([*first, tex_escape(r.solver), n, *tex_cells(r)]) + r" \\")
+    out.append(r"\end{longtable}")
+    return "\n".join(out) + "\n"
+
+
+def latex_standalone(body):
+    """A complete document around the table: pdflatex with booktabs and longtable (tools)."""
+    return "\n".join([r"\documentclass[10pt]{article}", r"\usepackage[margin=1.5cm]{geometry}",
+                      r"\usepackage{booktabs}", r"\usepackage{longtable}", r"\begin{document}", r"\small",
+                      body.rstrip("\n"), r"\end{document}", ""])
+
+
+# --- the overview figure -------------------------------------------------------------------------
+TARGET_SAMPLES = 1_000_000  # the target panel: a histogram of this many data points on the density grid
+
+
+def format_pm(mean, sd, d, pm=" ± ", minus="-"):
+    """'mean ± sd' with d decimals (the mean alone without an sd); the table and the figure share it."""
+    if not math.isfinite(mean):
+        return "—"
+    f = lambda x: format(x, f".{d}f").replace("-", minus, 1)  # noqa: E731
+    return f(mean) + (f"{pm}{f(sd)}" if math.isfinite(sd) else "")
+
+
+def column_label(r):
+    return f"{r.precision} · {r.scaler}\n{r.solver}"
+
+
+def representative_run(runs, r):
+    """The used, completed run of cell ``r`` with the median test NLL (the lower middle one
+    for an even count), or None."""
+    mine = runs[(runs["data"] == r.data) & (runs["solver"] == r.solver) & (runs["precision"] == r.precision)
+                & (runs["scaler"] == r.scaler) & runs["used"] & (runs["status"] == "completed")
+                & np.isfinite(runs["test_nll"].astype(float))]
+    if not len(mine):
+        return None
+    mine = mine.sort_values(["test_nll", "seed"])
+    return mine.iloc[(len(mine) - 1) // 2]
+
+
+def target_log_density(data, grid=density.GRID, limit=density.LIMIT):
+    """(log-density [grid, grid] of the true distribution on the density grid, how it was
+    obtained): closed form where toy_data has it, else a histogram of TARGET_SAMPLES points."""
+    side = np.linspace(-limit, limit, grid)
+    try:
+        xy = np.stack(np.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)
+        return toy_data.log_density(data, xy).reshape(grid, grid), "exact density"
+    except ValueError:
+        pass
+    x = toy_data.inf_train_gen(data, TARGET_SAMPLES, np.random.default_rng(12345))
+    edges = np.linspace(-limit - (side[1] - side[0]) / 2, limit + (side[1] - side[0]) / 2, grid + 1)  # centred on side
+    hist = np.histogram2d(x[:, 1], x[:, 0], bins=(edges, edges), density=True)[0]
+    with np.errstate(divide="ignore"):
+        return np.log(hist), f"histogram, {TARGET_SAMPLES:.0e} points"
+
+
+def overview_panels(cells, runs):
+    """(datasets, column labels, {(dataset, label): panel}) for ``plots.plot_overview``: the
+    target, then one column per solver x precision x scaler, in the table's order. Each
+    cell's title is its test NLL mean ± sd, with the table's decimals and mark."""
+    cells = cell_order(cells)
+    datasets = sorted(cells["data"].unique())
+    order = cell_order(cells.drop_duplicates(["precision", "scaler", "solver"]).assign(data=""))
+    columns = ["target"] + [column_label(r) for r in order.itertuples()]
+    panels = {}
+    for data in datasets:
+        logp, how = target_log_density(data)
+        panels[(data, "target")] = {"image": logp, "limit": density.LIMIT,
+                                    "title": f"entropy {toy_data.ENTROPY.get(data, math.nan):.3f}\n{how}"}
+    for r in cells.itertuples():
+        label = column_label(r)
+        if r.n == 0:
+            text = (f"diverged\n({r.diverged} of {r.runs} seeds)" if r.diverged == r.runs
+                    else f"no completed seed\n({r.status})")
+            panels[(r.data, label)] = {"title": "", "text": text}
+            continue
+        d = decimals(standard_error(r.test_nll_sd, r.n, r.test_nll_se_mean))
+        n = f"n={r.n}" if r.n == r.runs else f"n={r.n}/{r.runs}"
+        mark = "†" if r.ci_contains_0 == "no" else ""
+        rep = representative_run(runs, r)
+        title = f"{format_pm(r.test_nll_mean, r.test_nll_sd, d)}{mark} ({n})\nseed {int(rep.seed)}"
+        try:
+            arrays = density.load(rep.run)
+        except ValueError as e:
+            print(f"summarize.py: warning: {e} (write it with: python summarize.py FOLDER --backfill)",
+                  file=sys.stderr)
+            panels[(r.data, label)] = {"title": title, "text": "no density.npz\n(--backfill)"}
+            continue
+        panels[(r.data, label)] = {"title": title, "image": arrays["logp"], "limit": float(arrays["limit"])}
+    return datasets, columns, panels
+
+
+OVERVIEW_CAPTION = ("Model density at t = 1 of each cell's representative seed (the completed seed with the median "
+                    "test NLL; the lower middle one for an even count), each panel on its own colour scale from 0.\n"
+                    "Titles: test NLL in nats, mean ± sd over the completed seeds (n; n/m when only n of m runs "
+                    "completed), and the seed shown. † as in summary.tex: the {:.0%} paired interval against float32 "
+                    "excludes 0.".format(CONFIDENCE))
+
+
+def write_overview(cells, runs, out):
+    datasets, columns, panels = overview_panels(cells, runs)
+    plots.plot_overview(datasets, columns, panels, os.path.join(out, "overview.png"), os.path.join(out, "overview.pdf"),
+                        caption=OVERVIEW_CAPTION)
+
+
 # --- the figure --------------------------------------------------------------------------------
 def _label(r):
     return f"{r.solver} {r.precision} {r.scaler}"
@@ -338,30 +589,74 @@ def plot(cells, runs, curves, out_png):
     ex.atomic_write(out_png, buf.getvalue())
 
 
+def backfill(root):
+    """Write density.npz, from its checkpoint, into every completed run under ``root`` that
+    lacks one (runs from before the kit saved it). Each file goes into its own run folder."""
+    done = 0
+    for folder in sorted({os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "args.csv"), recursive=True)}):
+        run = ex.RunDir(folder)
+        if os.path.isfile(run.file(density.FILE)) or not os.path.isfile(run.ckpt):
+            continue
+        try:
+            with open(run.status) as f:
+                if json.load(f).get("status") != "completed":
+                    continue
+            density.from_checkpoint(folder)
+        except (OSError, ValueError, KeyError, RuntimeError, ex.CheckpointError) as e:
+            print(f"summarize.py: warning: no density.npz for {os.path.relpath(folder)}: {e}", file=sys.stderr)
+            continue
+        done += 1
+        print(f"wrote {os.path.relpath(run.file(density.FILE))}", file=sys.stderr)
+    return done
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Aggregate a sweep into statistics over seeds, a table and a figure.")
+    p = ex.OneLineParser(prog="summarize.py",
+                         description="Aggregate a sweep into statistics over seeds, tables and figures.")
     p.add_argument("folder", help="a sweep folder, or any folder holding run folders")
-    p.add_argument("--out", default=None, help="where to write summary.* (default: the folder)")
+    p.add_argument("--out", default=None, help="where to write summary.* and overview.* (default: the folder)")
+    p.add_argument("--status", action="store_true",
+                   help="list every cell of the sweep (cells.tsv) with its state and progress, and exit")
+    p.add_argument("--backfill", action="store_true",
+                   help="first write density.npz, from their checkpoints, for completed runs that lack it")
     a = p.parse_args(argv)
     if not os.path.isdir(a.folder):
         p.error(f"{a.folder!r} is not a folder")
-    rows, curves = find_runs(a.folder)
+    if a.status:
+        try:
+            print(sweep_status.format_status(sweep_status.sweep_status(a.folder), a.folder))
+        except sweep_status.SweepError as e:
+            p.error(str(e))
+        return 0
+    if a.backfill:
+        backfill(a.folder)
+    rows, curves, skipped = find_runs(a.folder)
     if not rows:
-        print(f"summarize.py: error: no run folders under {a.folder}", file=sys.stderr)
-        return 1
+        if skipped:
+            p.error(f"no readable run under {a.folder}: " + "; ".join(f"{d}: {why}" for d, why in skipped))
+        p.error(f"no run folders under {a.folder} (a run folder holds args.csv)")
+    for d, why in skipped:
+        print(f"summarize.py: warning: skipping {d}: {why}", file=sys.stderr)
     runs = pd.DataFrame(rows, columns=[*RUN_COLUMNS, "_stamp"]).sort_values([*CELL, "seed", "run"]).reset_index(drop=True)
     runs = mark_duplicates(runs, warn=lambda m: print(m, file=sys.stderr)).drop(columns="_stamp")
     cells = cell_table(runs)
     out = a.out or a.folder
     os.makedirs(out, exist_ok=True)
     md = to_markdown(cells, runs)
+    if skipped:
+        md += "\n\n#### Run folders that could not be read (skipped)\n\n" + "\n".join(
+            f"- `{d}`: {why}" for d, why in skipped)
+    tex = to_latex(cells)
     ex.atomic_write(os.path.join(out, "summary.csv"), cells.to_csv(index=False))
     ex.atomic_write(os.path.join(out, "summary_runs.csv"), runs.to_csv(index=False))
     ex.atomic_write(os.path.join(out, "summary.md"), md + "\n")
+    ex.atomic_write(os.path.join(out, "summary.tex"), tex)
+    ex.atomic_write(os.path.join(out, "summary_standalone.tex"), latex_standalone(tex))
     plot(cells, runs, curves, os.path.join(out, "summary.png"))
+    write_overview(cells, runs, out)
     print(md)
-    print(f"{len(runs)} runs in {len(cells)} cells; wrote summary.md, summary.csv, summary_runs.csv, summary.png "
-          f"to {out}")
+    print(f"{len(runs)} runs in {len(cells)} cells" + (f" ({len(skipped)} run folders skipped)" if skipped else "")
+          + f"; wrote summary.md, .csv, .tex, _standalone.tex, .png, summary_runs.csv, overview.png, .pdf to {out}")
     return 0
 
 
