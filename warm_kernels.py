@@ -22,9 +22,9 @@ import torch
 
 # What gpu_check.sh's later steps launch: bench.py and cnf.py at the standard size
 # (batch 1024, width 128, 128 points; validation, test and sampling batches are also
-# multiples of 16, the same variants), and pytest -m cuda's partial-block size (1023).
-WIDTHS = (128,)
-BATCHES = (1024, 1023)
+# multiples of 16, the same variants), and pytest -m cuda's partial block (batch 1023) at the
+# standard width and at an odd one (width 100: the masked padding columns).
+SHAPES = ((128, 1024), (128, 1023), (100, 1023))  # (width, batch)
 METHODS = ("rk4", "euler")
 PRECISIONS = ("float32", "bfloat16", "float16", "float16+scaler")
 POINTS = 128
@@ -40,11 +40,11 @@ LOW = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "f
 def variants(tune=False):
     """(name, settings) pairs; settings go to ``compile_one``."""
     out = [(f"width {w}, batch {n}, {m}, {p}", dict(width=w, n=n, method=m, precision=p))
-           for w, n, m, p in itertools.product(WIDTHS, BATCHES, METHODS, PRECISIONS)]
+           for (w, n), m, p in itertools.product(SHAPES, METHODS, PRECISIONS)]
     if tune:
         for p, kernel, b, nw in itertools.product(SWEEP_PRECISIONS, ("forward", "backward"), SWEEP_BLOCKS, SWEEP_WARPS):
             out.append((f"sweep {p} {kernel}: {b} samples, {nw} warps",
-                        dict(width=WIDTHS[0], n=BATCHES[0], method="rk4", precision=p, kernel=kernel, block=b, warps=nw)))
+                        dict(width=SHAPES[0][0], n=SHAPES[0][1], method="rk4", precision=p, kernel=kernel, block=b, warps=nw)))
     return out
 
 

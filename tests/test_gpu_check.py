@@ -185,7 +185,7 @@ def test_warm_kernels_variants_run(monkeypatch):
     if cnf_kernels.unavailable_reason("cpu"):
         pytest.skip(cnf_kernels.unavailable_reason("cpu"))
     base, tuned = warm_kernels.variants(), warm_kernels.variants(tune=True)
-    assert len(base) == 16 and len(tuned) == 16 + 2 * 2 * 15
+    assert len(base) == 3 * 2 * 4 and len(tuned) == len(base) + 2 * 2 * 15  # shapes x methods x precisions
     assert len({name for name, _ in tuned}) == len(tuned)
     monkeypatch.setattr(warm_kernels, "POINTS", 3)
     monkeypatch.setattr(warm_kernels, "HIDDEN", 4)
