@@ -1,0 +1,101 @@
+"""A DynamicScaler changes no gradient at float32 compute, on every solver path.
+
+With no autocast every operation of the backward sweep is float32, where multiplying by a
+power of 2 and dividing by it again is exact (nothing here comes near float32's range
+limits). So the gradients to the input, to every parameter and to the grid times must equal
+those of the same solve without a scaler, bit for bit, whatever the scale. The scales
+checked are far from 1 (about 2^20 and about 2^-20), so a cotangent that is not divided by
+the scale changes a gradient by a factor of a million and cannot pass unnoticed.
+
+The paths: ``generic`` (autograd through each recomputed step; also the only one that
+gives the grid-time gradient), ``grid`` (the exact-trace CNF's hand-written VJP,
+model.CNF's grid protocol) and ``fused`` (cnf_kernels, in Triton's interpreter on the CPU;
+skipped where triton is not installed, while the other two still run).
+"""
+import math
+
+import pytest
+import torch
+
+import torchmpnode
+from model import CNF
+from torchmpnode import DynamicScaler
+
+# loss weight -> the scale a DynamicScaler(float32) anchors on: its target, 2^23 / sqrt(3)
+# for the state (z [2], logp [1]), over the adjoint's size (about 2 for weight 1)
+WEIGHTS = {"scale ~2^20": 1.0, "scale ~2^-20": 2.0**42}
+PATHS = ("generic", "grid", "fused")
+WHERE = {
+    "generic": "torchmpnode's generic path (autograd through each recomputed step, torchmpnode/_solver.py)",
+    "grid": "torchmpnode's grid fast path (the CNF's grid_vjp, torchmpnode/_solver.py)",
+    "fused": "the fused Triton backward (cnf_kernels.py)",
+}
+
+
+def field(path):
+    """A small exact-trace CNF whose hypernetwork is strong enough that every gradient is O(1)."""
+    torch.manual_seed(0)
+    cnf = CNF(2, 8, 6)
+    with torch.no_grad():
+        cnf.hyper_net.net[4].weight.mul_(4.0)
+    if path == "generic":
+        cnf.grid_enabled = False  # no grid protocol: autograd through each recomputed step
+    elif path == "fused":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pytest.skip("triton is not installed")
+        if not torch.cuda.is_available():
+            import cnf_kernels
+
+            why = cnf_kernels._interpreter_problem()
+            if why:
+                pytest.skip(why)
+        cnf.backend = "triton"
+    return cnf
+
+
+def gradients(path, method, weight, scaler, need_t):
+    """Gradients of a loss that reads every grid point (so incoming gradients reach every
+    step) to (x, t or None, every parameter), and the solver's output."""
+    cnf = field(path)
+    x = (torch.randn(40, 2, generator=torch.Generator().manual_seed(1)) * 1.5).requires_grad_()
+    logp = torch.zeros(40, 1)
+    t = torch.linspace(1.0, 0.0, 5).requires_grad_(need_t)
+    zs, ls = torchmpnode.odeint(cnf, (x, logp), t, method=method, loss_scaler=scaler)
+    g = torch.Generator().manual_seed(7)
+    loss = weight * ((zs * torch.randn(zs.shape, generator=g)).sum() + (ls * torch.randn(ls.shape, generator=g)).sum())
+    params = list(cnf.parameters())
+    inputs = [x, *([t] if need_t else []), *params]
+    grads = torch.autograd.grad(loss, inputs)
+    names = ["input x", *(["grid times t"] if need_t else []), *(f"parameter {n}" for n, _ in cnf.named_parameters())]
+    return dict(zip(names, grads)), (zs.detach(), ls.detach())
+
+
+def explain(name, scaled, plain, scale, path):
+    """Why two gradients differ, in words: a factor near the scale is a missing unscale."""
+    ratio = (scaled.double().norm() / plain.double().norm()).item()
+    diff = ((scaled.double() - plain.double()).abs().max() / plain.double().abs().max()).item()
+    head = f"{WHERE[path]}: the {name} gradient with a DynamicScaler (scale {scale:g} = 2^{math.log2(scale):.0f}) "
+    if abs(math.log2(ratio)) > 1:
+        return (head + f"is 2^{math.log2(ratio):.1f} times the one without: its cotangents were not divided by "
+                       "the scale (a missing unscale)")
+    return head + f"differs from the one without by {diff:.2e} (relative), though power-of-2 scaling is exact"
+
+
+@pytest.mark.parametrize("weight", WEIGHTS.values(), ids=WEIGHTS.keys())
+@pytest.mark.parametrize("method", ["rk4", "euler"])
+@pytest.mark.parametrize("path", PATHS)
+def test_scaled_gradients_equal_unscaled(path, method, weight):
+    need_t = path == "generic"  # a gradient to t always takes the generic path
+    plain, sol = gradients(path, method, weight, False, need_t)
+    scaler = DynamicScaler(torch.float32)
+    scaled, sol_scaled = gradients(path, method, weight, scaler, need_t)
+    scale = float(scaler.scale)
+    # the scale really is far from 1, on the side this case means
+    assert abs(math.log2(scale)) >= 16 and (scale > 1) == (weight == 1.0), scale
+    assert int(scaler.overflow_steps) == 0
+    assert all(torch.equal(a, b) for a, b in zip(sol, sol_scaled))  # the forward solve ignores the scaler
+    for name, g in plain.items():
+        assert g.abs().max() > 0, f"{WHERE[path]}: the {name} gradient is zero; the test would not see a scale"
+        assert torch.equal(scaled[name], g), explain(name, scaled[name], g, scale, path)
