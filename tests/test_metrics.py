@@ -171,3 +171,36 @@ def test_mmd2_matches_a_float64_double_loop_over_the_documented_bandwidths():
     assert abs(metrics.mmd2(a, b)) < 0.01
     with pytest.raises(ValueError, match="at least 2"):
         metrics.mmd2(x[:1], y)
+
+
+def test_evaluate_reports_each_metric_of_its_own_quantity():
+    """evaluate's dict against the same quantities computed here, each from what its name
+    says: val_loss from the validation points' log-densities, nll_gap = val_loss - entropy,
+    val_mmd between model samples and fresh data, train_mmd between the pulled-back points
+    z(0) and base samples. The generator's draws are replayed in evaluate's order (fresh
+    data seed, model samples, base samples), so every value is matched exactly."""
+    from model import sample
+    from precision import Precision
+
+    cnf, x = strong_cnf(), moons(96, 3)
+    integ = Integrator("torchmpnode", "rk4", 6, loss_scaler=False)
+    got = metrics.evaluate(cnf, integ, x, "moons", Precision("bfloat16", "cpu"), torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logp, z0 = log_prob(cnf, x, integ, return_z=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp_low = log_prob(cnf, x, integ)
+        g = torch.Generator().manual_seed(5)
+        fresh = torch.from_numpy(toy_data.inf_train_gen("moons", 96, int(torch.randint(2**31, (1,), generator=g))))
+        model_x = sample(cnf, 96, integ, "cpu", generator=g)
+        base = torch.randn(96, 2, generator=g)
+    val_loss, val_loss_se = metrics.nll_and_se(logp)
+    want = dict(val_loss=val_loss, val_loss_se=val_loss_se, val_loss_lowp=-float(logp_low.float().mean()),
+                nll_gap=val_loss - toy_data.ENTROPY["moons"], val_mmd=metrics.mmd2(model_x, fresh),
+                train_mmd=metrics.mmd2(z0, base))
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-7), f"evaluate()[{k!r}] = {got[k]}, expected {want[k]}"
+    # the pairs are far apart, so a metric computed from the wrong pair cannot pass
+    assert abs(metrics.mmd2(model_x, base) - want["train_mmd"]) > 0.05
+    assert abs(metrics.mmd2(z0, fresh) - want["val_mmd"]) > 0.05
+    assert abs(want["val_loss_lowp"] - val_loss) > 1e-4  # bfloat16 autocast really ran
