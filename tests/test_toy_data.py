@@ -1,4 +1,5 @@
 """toy_data: exact batch sizes, reproducibility, the distributions' shapes, and entropies."""
+import functools
 import math
 
 import numpy as np
@@ -149,7 +150,7 @@ def _gauss_kernel(std):
 
 
 def _log_density_rings(r, radii, std):
-    """Radial log-density of an equal mixture of circles (uniform angle) plus N(0, std^2 I):
+    """Log-density at radius r of an equal mixture of circles (uniform angle) plus N(0, std^2 I):
     the angular integral of the Gaussian is (1 / 2 pi std^2) exp(-(r^2 + R^2) / 2 std^2) I0(r R / std^2)."""
     from scipy.special import i0e
 
@@ -246,14 +247,46 @@ ENTROPY_BY_INTEGRAL = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def integrated_entropy(name):
+    """(entropy, total probability) of ``ENTROPY_BY_INTEGRAL[name]``, computed once per session."""
+    return ENTROPY_BY_INTEGRAL[name]()
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_entropy_constant_matches_numerical_integration(name):
     """ENTROPY[name] against -int p log p of the generator's density, computed here."""
-    entropy, mass = ENTROPY_BY_INTEGRAL[name]()
+    entropy, mass = integrated_entropy(name)
     assert abs(mass - 1) < 1e-4, f"{name}: the density integrates to {mass:.6f}: the test's density is wrong"
     assert abs(entropy - ENTROPY[name]) < 0.002, (
         f"toy_data.ENTROPY[{name!r}] = {ENTROPY[name]} but -int p log p of {name}'s density is {entropy:.4f} "
         f"nats: the entropy constant is off by {ENTROPY[name] - entropy:+.4f}")
+
+
+LOG_DENSITY = {
+    "rings": lambda x: _log_density_rings(np.hypot(x[:, 0], x[:, 1]), [3.0, 2.25, 1.5, 0.75], 0.08),
+    "circles": lambda x: _log_density_rings(np.hypot(x[:, 0], x[:, 1]), [3.0, 1.5], 3 * 0.08),
+    "moons": _log_density_moons,
+    "swissroll": _log_density_swissroll,
+    "2spirals": _log_density_2spirals,
+    "pinwheel": _log_density_pinwheel,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOG_DENSITY))
+def test_generator_draws_from_the_density_integrated_above(name):
+    """The integrals above are of the right distribution: on the generator's samples the
+    Monte Carlo cross-entropy -mean log p equals the entropy of p only when p is their
+    density (otherwise it is larger by KL(data || p)). 4000 points: standard error <= 0.016;
+    0.08 is 5 of them (over seeds 0-5 the largest miss was 0.032). (The constants' own precision is the nearest-neighbour test's job.)"""
+    x = inf_train_gen(name, 4000, 5).astype(np.float64)
+    logp = LOG_DENSITY[name](x)
+    cross, se = -logp.mean(), logp.std() / math.sqrt(len(x))
+    entropy = integrated_entropy(name)[0]
+    assert abs(cross - entropy) < 0.08, (
+        f"{name}: the generator's samples have cross-entropy {cross:.4f} +- {se:.4f} under the density the "
+        f"test integrates (entropy {entropy:.4f}): the generator draws from another distribution")
+    assert se < 0.02
 
 
 def _kozachenko_leonenko(x):
