@@ -99,3 +99,57 @@ def test_scaled_gradients_equal_unscaled(path, method, weight):
     for name, g in plain.items():
         assert g.abs().max() > 0, f"{WHERE[path]}: the {name} gradient is zero; the test would not see a scale"
         assert torch.equal(scaled[name], g), explain(name, scaled[name], g, scale, path)
+
+
+class Decay(torch.nn.Module):
+    """dy/dt = -k y: the adjoint shrinks by e^-k over the backward sweep. Records the
+    largest cotangent each recomputed step receives, so a test sees the scale in use
+    without reading the scaler."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(float(k)))
+        self.cotangents = []
+
+    def forward(self, t, y):
+        out = -self.k * y
+        if out.requires_grad:  # the backward's recompute
+            out.register_hook(lambda g: self.cotangents.append(float(g.abs().max())))
+        return out
+
+
+def test_the_scale_follows_a_shrinking_adjoint_and_stays_below_the_target():
+    """DynamicScaler's contract: max |S a| starts the sweep, and ends each step, in
+    (target / 2, target]. The adjoint shrinks by e^-12 ~ 2^-17 over the sweep; the scale must follow it up without
+    passing the target (a scale one doubling too large would sit above it)."""
+    y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    scaler, f = DynamicScaler(torch.float16), Decay(12.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        sol = torchmpnode.odeint(f, y, torch.linspace(0.0, 1.0, 33), method="euler", loss_scaler=scaler)
+    (g,) = torch.autograd.grad(0.7 * sol[-1].sum(), y)
+    scale, target = float(scaler.scale), scaler.target(4)
+    # the first step: the field's cotangent is h S a_N with h = 1/32 and a_N = 0.7 (anchored)
+    first = f.cotangents[0] * 32
+    assert target / 2 < first <= target, (
+        f"max |S a| = {first:.4g} at the anchor, outside (target/2, target] = ({target / 2:.4g}, {target:.4g}]")
+    assert g.abs().max() < 1e-4  # the adjoint at t_0 is e^-12 ~ 6e-6
+    assert target / 2 < scale * float(g.abs().max()) <= target, (
+        f"max |S a| = {scale * float(g.abs().max()):.4g} after the sweep, outside (target/2, target] = "
+        f"({target / 2:.4g}, {target:.4g}]: the scale did not track the adjoint to its target")
+
+
+@pytest.mark.parametrize("low,scaled", [(torch.float16, True), (torch.bfloat16, False), (torch.float32, False)])
+def test_automatic_scaler_only_for_float16(low, scaled):
+    """loss_scaler=None scales the adjoint in float16 only (bfloat16 has float32's range).
+    Scaling changes no gradient bit, so the test looks at what the field's VJP receives:
+    a cotangent far above the adjoint (~1e-3 here) only when a scaler is at work."""
+    y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    f = Decay(0.1)
+    with torch.autocast("cpu", dtype=low, enabled=low != torch.float32):
+        sol = torchmpnode.odeint(f, y, torch.linspace(0.0, 1.0, 5), loss_scaler=None)
+    torch.autograd.grad(1e-3 * sol[-1].sum(), y)
+    biggest = max(f.cotangents)
+    if scaled:
+        assert biggest > 1.0, f"float16 without an explicit scaler: the VJP saw cotangents of {biggest:.3g} (unscaled)"
+    else:
+        assert biggest < 1e-2, f"{low}: the VJP saw cotangents of {biggest:.3g}: an automatic scaler scaled them"
