@@ -153,3 +153,57 @@ def test_automatic_scaler_only_for_float16(low, scaled):
         assert biggest > 1.0, f"float16 without an explicit scaler: the VJP saw cotangents of {biggest:.3g} (unscaled)"
     else:
         assert biggest < 1e-2, f"{low}: the VJP saw cotangents of {biggest:.3g}: an automatic scaler scaled them"
+
+
+class HugeTarget(DynamicScaler):
+    """A DynamicScaler aiming just below float32's largest number: a step's parameter
+    cotangents (sums over the batch) overflow at the anchored scale, so sweeps retry steps
+    at halved scales."""
+
+    def target(self, numel_per_sample):
+        return 1.9 * 2.0**127
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy reports the overflows
+@pytest.mark.parametrize("path", ["grid", "fused"])
+def test_retries_accumulate_over_solves_and_change_no_gradient(path):
+    """overflow_steps counts every retry since the scaler was made (it is logged per run):
+    two identical solves retry equally often, so the count doubles; the retried steps give
+    the gradient of a solve without a scaler, bit for bit."""
+    scaler = HugeTarget(torch.float32)
+    plain = gradients(path, "rk4", 1.0, False, False)[0]
+    first = gradients(path, "rk4", 1.0, scaler, False)[0]
+    once = int(scaler.overflow_steps)
+    gradients(path, "rk4", 1.0, scaler, False)
+    assert once > 0, f"{WHERE[path]}: no step overflowed at a 1.9 * 2^127 target; the test would not see retries"
+    assert int(scaler.overflow_steps) == 2 * once, (
+        f"{WHERE[path]}: overflow_steps is {int(scaler.overflow_steps)} after two identical solves, {once} after "
+        "one: the retries of a solve are not added to the count")
+    for name, g in plain.items():
+        assert torch.equal(first[name], g), explain(name, first[name], g, float(scaler.scale), path)
+
+
+def test_fused_reports_the_smallest_block_scale():
+    """The fused backward scales each block of samples on its own; the scaler then reports
+    the smallest final block scale, the one that bounds every block's range. Two blocks
+    (40 samples, 32 per program on the CPU) whose adjoints differ by 2^10 get scales 2^10
+    apart; the scale reported for the whole batch is the smaller, and equals a solve of
+    that block alone."""
+    if torch.cuda.is_available():
+        pytest.skip("the block size checked here is the CPU interpreter's (32 samples)")
+    cnf = field("fused")
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(1)) * 1.5
+    weight = torch.ones(40, 1)
+    weight[32:] = 2.0**-10  # the second block's adjoint is 2^10 times smaller
+
+    def scale_of(rows):
+        scaler = DynamicScaler(torch.float32)
+        xl = x[rows].clone().requires_grad_()
+        zs, ls = torchmpnode.odeint(cnf, (xl, torch.zeros(len(xl), 1)), torch.linspace(1.0, 0.0, 5), loss_scaler=scaler)
+        torch.autograd.grad((zs[-1] * weight[rows]).sum(), xl)
+        return float(scaler.scale)
+
+    big, small, both = scale_of(slice(0, 32)), scale_of(slice(32, 40)), scale_of(slice(0, 40))
+    assert small >= 2.0**8 * big  # the blocks' own scales are far apart
+    assert both == big, (f"the fused backward reported scale {both:g}; its blocks' scales are {big:g} and {small:g}: "
+                         "the reported scale must be the smallest block scale")
