@@ -10,8 +10,8 @@ would track, in a temporary folder), never to the tree itself. The module's test
 there with ``pytest -x -q`` and OMP_NUM_THREADS=1. CAUGHT: a test failed (its first error
 line is shown, to check that it names the real cause); MISSED: every test passed, a gap in
 the tests; STALE: the module no longer holds the text to change. Exit code 1 unless every
-mutation was caught. pytest does not collect this file (its
-name does not start with ``test_``).
+mutation was caught. pytest does not collect this file (its name does not start with
+``test_``).
 """
 import os
 import shutil
