@@ -41,8 +41,8 @@ MUTATIONS = [
      "trace coefficient halved"),
     ("hyper_trace.py", "torch.addcmul(s, s, s, value=-1)", "torch.addcmul(s, s, s, value=1)",
      "sigmoid' as s(1+s)"),
-    ("hyper_trace.py", "ga = torch.addcmul(gs, s, O, value=-2) * terms", "ga = torch.addcmul(gs, s, O, value=2) * terms",
-     "VJP: sign of the trace's second derivative"),
+    ("hyper_trace.py", "ga = torch.addcmul(gs, s, O, value=-2) * terms",
+     "ga = torch.addcmul(gs, s, O, value=2) * terms", "VJP: sign of the trace's second derivative"),
     ("hyper_trace.py", "torch.mm(gf.t(), s),  # gUw2T", "torch.mm(gf.t(), terms),  # gUw2T",
      "VJP: U's cotangent from the wrong activation"),
     ("hyper_trace.py", "return (terms * c4.to(terms.dtype)).sum(1, keepdim=True, dtype=acc)",
@@ -88,20 +88,20 @@ MUTATIONS = [
     ("toy_data.py", "t = rng.uniform(1.5 * np.pi, 4.5 * np.pi, n)", "t = rng.uniform(1.5 * np.pi, 4 * np.pi, n)",
      "swissroll half a turn short"),
     # summarize.py
-    ("summarize.py", "float(math.sqrt(sum(s * s for s in ses)) / k)", "float(math.sqrt(sum(s * s for s in ses)) / math.sqrt(k))",
-     "pointwise standard error over sqrt(seeds)"),
+    ("summarize.py", "float(math.sqrt(sum(s * s for s in ses)) / k)",
+     "float(math.sqrt(sum(s * s for s in ses)) / math.sqrt(k))", "pointwise standard error over sqrt(seeds)"),
     ("summarize.py", "ses.append(d.std(ddof=1) / math.sqrt(len(d)))", "ses.append(d.std(ddof=1))",
      "pointwise standard error is the sd"),
-    ("summarize.py", "keep = (done if len(done) else g).sort_values([\"_stamp\", \"run\"]).index[-1]",
-     "keep = (done if len(done) else g).sort_values([\"_stamp\", \"run\"]).index[0]", "duplicates: the oldest run kept"),
+    ("summarize.py", 'keep = (done if len(done) else g).sort_values(["_stamp", "run"]).index[-1]',
+     'keep = (done if len(done) else g).sort_values(["_stamp", "run"]).index[0]', "duplicates: the oldest run kept"),
     ("summarize.py", "half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)",
      "half = stats.norm.ppf(0.5 + confidence / 2) * sd / math.sqrt(n)", "normal quantile instead of Student-t"),
     ("summarize.py", "return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)",
      "return float(v.mean()), float(v.std(ddof=0)) if len(v) > 1 else math.nan, len(v)", "population sd"),
     # experiment.py
     ("experiment.py", "        return int(v)\n", "        return float(v)\n", "CSV integers read back as floats"),
-    ("experiment.py", "for k in keys if saved.get(k) != wanted.get(k)]", "for k in keys if saved.get(k) == wanted.get(k)]",
-     "config differences inverted"),
+    ("experiment.py", "for k in keys if saved.get(k) != wanted.get(k)]",
+     "for k in keys if saved.get(k) == wanted.get(k)]", "config differences inverted"),
     ("experiment.py", 'return self._named(".csv", other_files=("args.csv",))', 'return self._named(".csv")',
      "renamed run: args.csv taken for the run's CSV"),
     ("experiment.py", 'SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")', 'SIGNALS = ("SIGTERM", "SIGINT")',
@@ -110,9 +110,8 @@ MUTATIONS = [
      'if not isinstance(state, dict) or "config" not in state:', "checkpoint format not checked"),
     # cnf_kernels.py
     ("cnf_kernels.py", "new_z = a_z + ybar * inv + g_z", "new_z = a_z + ybar + g_z", "fused: adjoint VJP not unscaled"),
-    ("cnf_kernels.py", "_store_row(part, i - r0, R, WIDTH, gW0 * inv, gB0 * inv, gU0 * inv, gc0 * inv, gu0 * inv, D, DP, WP)",
-     "_store_row(part, i - r0, R, WIDTH, gW0, gB0 * inv, gU0 * inv, gc0 * inv, gu0 * inv, D, DP, WP)",
-     "fused: one parameter row's W cotangent not unscaled"),
+    ("cnf_kernels.py", "_store_row(part, i - r0, R, WIDTH, gW0 * inv, gB0 * inv,",
+     "_store_row(part, i - r0, R, WIDTH, gW0, gB0 * inv,", "fused: one parameter row's W cotangent not unscaled"),
     ("cnf_kernels.py", "scaler.scale = float(st[:, 0].min())", "scaler.scale = float(st[:, 0].max())",
      "fused: the largest block scale reported"),
     ("cnf_kernels.py", "scaler.overflow_steps += int(st[:, 1].sum())", "scaler.overflow_steps = int(st[:, 1].sum())",
@@ -153,7 +152,8 @@ def run_one(work, path, old, new):
     finally:
         open(target, "w").write(text)
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("E ")]
-    return proc.returncode != 0, (errors[0][1:].strip() if errors else proc.stdout.strip().splitlines()[-1]), time.time() - t0
+    first = errors[0][1:].strip() if errors else proc.stdout.strip().splitlines()[-1]
+    return proc.returncode != 0, first, time.time() - t0
 
 
 def main(argv):

@@ -278,7 +278,8 @@ def test_generator_draws_from_the_density_integrated_above(name):
     """The integrals above are of the right distribution: on the generator's samples the
     Monte Carlo cross-entropy -mean log p equals the entropy of p only when p is their
     density (otherwise it is larger by KL(data || p)). 4000 points: standard error <= 0.016;
-    0.08 is 5 of them (over seeds 0-5 the largest miss was 0.032). (The constants' own precision is the nearest-neighbour test's job.)"""
+    0.08 is 5 of them (over seeds 0-5 the largest miss was 0.032). The constants' own
+    precision is the nearest-neighbour test's job."""
     x = inf_train_gen(name, 4000, 5).astype(np.float64)
     logp = LOG_DENSITY[name](x)
     cross, se = -logp.mean(), logp.std() / math.sqrt(len(x))
