@@ -1,7 +1,7 @@
 """Do the tests catch realistic bugs? Single-line mutations of the core modules, each run
 against that module's tests.
 
-    python tests/mutations.py                  # every mutation (about an hour on 2 busy cores)
+    python tests/mutations.py                  # every mutation (about 10 minutes on 2 cores)
     python tests/mutations.py metrics toy_data # those of the files whose path contains a word
     python tests/mutations.py --list           # what would run
 
