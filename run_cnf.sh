@@ -85,6 +85,17 @@ fi
 [ "$mode" = local ] || [ -z "$per_gpu" ] || die "--per-gpu is for --local sweeps (SLURM gives each task its own GPU)"
 for e in "${@}"; do case "$e" in --seed|--seed=*) die "give seeds with --seeds, not as a cnf.py argument";; esac; done
 
+# The Python every cell runs (job_cnf.sbatch reads it): $CNF_PYTHON, made absolute because
+# SLURM jobs start in the kit folder; unset, each job takes python from its PATH.
+if [ -n "${CNF_PYTHON:-}" ]; then
+  case "$CNF_PYTHON" in
+    */*) py="$(cd "$(dirname "$CNF_PYTHON")" 2>/dev/null && pwd)/$(basename "$CNF_PYTHON")" ;;
+    *) py=$(command -v "$CNF_PYTHON" || true) ;;
+  esac
+  [ -x "$py" ] && [ ! -d "$py" ] || die "CNF_PYTHON=$CNF_PYTHON is not an executable"
+  export CNF_PYTHON=$py
+fi
+
 valid() { local x=$1; shift; for v in "$@"; do [ "$v" = "$x" ] && return 0; done; return 1; }
 for d in "${DATASETS[@]}"; do valid "$d" 8gaussians checkerboard rings circles moons swissroll 2spirals pinwheel || die "unknown dataset $d"; done
 for s in "${SOLVERS[@]}"; do valid "$s" torchdiffeq torchmpnode || die "unknown solver $s"; done
@@ -196,7 +207,7 @@ if [ "$mode" = slurm ]; then
   jobid=${jobid%%;*}
   if [ -z "$jobid" ]; then echo "run_cnf.sh: sbatch failed (exit $rc)" >&2; exit 1; fi
   echo "submitted array job $jobid (${#ids[@]} tasks); logs in $SWEEP/slurm/"
-  echo "summarize with: python $KIT_DIR/summarize.py $SWEEP"
+  echo "summarize with: ${CNF_PYTHON:-python} $KIT_DIR/summarize.py $SWEEP"
   exit $rc
 fi
 
@@ -233,5 +244,5 @@ done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
 exec 3>&-
-echo "summarize with: python $KIT_DIR/summarize.py $SWEEP"
+echo "summarize with: ${CNF_PYTHON:-python} $KIT_DIR/summarize.py $SWEEP"
 exit $rc

@@ -123,3 +123,84 @@ def test_metrics_command_reproduces_a_runs_exact_likelihood(tmp_path):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "metrics.py"), *bad], capture_output=True,
                               text=True, cwd=str(tmp_path), timeout=300)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "metrics.py: error" in proc.stderr
+
+
+# The bandwidths the README documents for val_mmd and train_mmd, written out here so that
+# the reference below does not read them from the module it checks.
+DOCUMENTED_BANDWIDTHS = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def mmd2_double_loop(x, y, bandwidths):
+    """The unbiased MMD^2 written out plainly in float64 Python: the mean kernel over pairs
+    i != j within x and within y, minus twice the mean over all x-y pairs, with
+    k(a, b) = sum_s exp(-|a - b|^2 / (2 s^2))."""
+    x, y = x.double().tolist(), y.double().tolist()
+
+    def k(a, b):
+        d2 = sum((ai - bi) ** 2 for ai, bi in zip(a, b))
+        return sum(math.exp(-d2 / (2 * s * s)) for s in bandwidths)
+
+    def within(u):
+        return sum(k(u[i], u[j]) for i in range(len(u)) for j in range(len(u)) if i != j) / (len(u) * (len(u) - 1))
+
+    between = sum(k(a, b) for a in x for b in y) / (len(x) * len(y))
+    return within(x) + within(y) - 2 * between
+
+
+def test_mmd2_matches_a_float64_double_loop_over_the_documented_bandwidths():
+    """Pairwise distances from ~0.05 to ~8, so every bandwidth weighs in: leaving one out,
+    or adding one, moves mmd2 by far more than float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(7, 2, generator=g, dtype=torch.float64) * 4 - 2
+    y = torch.cat([x[:3] + 0.05 * torch.randn(3, 2, generator=g, dtype=torch.float64),
+                   torch.rand(6, 2, generator=g, dtype=torch.float64) * 6 - 3])
+    ref = mmd2_double_loop(x, y, DOCUMENTED_BANDWIDTHS)
+    got = metrics.mmd2(x, y)
+    # each bandwidth's share of the reference, so that a failure says which term is off
+    share = {s: round(mmd2_double_loop(x, y, (s,)), 6) for s in DOCUMENTED_BANDWIDTHS}
+    assert got == pytest.approx(ref, abs=1e-5), (
+        f"mmd2 = {got:.6f}, but the float64 double loop over the documented bandwidths "
+        f"{DOCUMENTED_BANDWIDTHS} gives {ref:.6f}; metrics.MMD_BANDWIDTHS = {metrics.MMD_BANDWIDTHS}; "
+        f"each bandwidth's term: {share}")
+    assert min(abs(v) for v in share.values()) > 1e-3  # each term alone is far above the tolerance
+    # explicit bandwidths, a single one, and float32 input take the same formula
+    assert metrics.mmd2(x, y, (0.5,)) == pytest.approx(mmd2_double_loop(x, y, (0.5,)), abs=1e-6)
+    assert metrics.mmd2(x.float(), y.float()) == pytest.approx(ref, abs=1e-5)
+    # two independent samples of one distribution: about 0
+    a, b = moons(400, 1), moons(400, 2)
+    assert abs(metrics.mmd2(a, b)) < 0.01
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.mmd2(x[:1], y)
+
+
+def test_evaluate_reports_each_metric_of_its_own_quantity():
+    """evaluate's dict against the same quantities computed here, each from what its name
+    says: val_loss from the validation points' log-densities, nll_gap = val_loss - entropy,
+    val_mmd between model samples and fresh data, train_mmd between the pulled-back points
+    z(0) and base samples. The generator's draws are replayed in evaluate's order (fresh
+    data seed, model samples, base samples), so every value is matched exactly."""
+    from model import sample
+    from precision import Precision
+
+    cnf, x = strong_cnf(), moons(96, 3)
+    integ = Integrator("torchmpnode", "rk4", 6, loss_scaler=False)
+    got = metrics.evaluate(cnf, integ, x, "moons", Precision("bfloat16", "cpu"), torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logp, z0 = log_prob(cnf, x, integ, return_z=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp_low = log_prob(cnf, x, integ)
+        g = torch.Generator().manual_seed(5)
+        fresh = torch.from_numpy(toy_data.inf_train_gen("moons", 96, int(torch.randint(2**31, (1,), generator=g))))
+        model_x = sample(cnf, 96, integ, "cpu", generator=g)
+        base = torch.randn(96, 2, generator=g)
+    val_loss, val_loss_se = metrics.nll_and_se(logp)
+    want = dict(val_loss=val_loss, val_loss_se=val_loss_se, val_loss_lowp=-float(logp_low.float().mean()),
+                nll_gap=val_loss - toy_data.ENTROPY["moons"], val_mmd=metrics.mmd2(model_x, fresh),
+                train_mmd=metrics.mmd2(z0, base))
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-7), f"evaluate()[{k!r}] = {got[k]}, expected {want[k]}"
+    # the pairs are far apart, so a metric computed from the wrong pair cannot pass
+    assert abs(metrics.mmd2(model_x, base) - want["train_mmd"]) > 0.05
+    assert abs(metrics.mmd2(z0, fresh) - want["val_mmd"]) > 0.05
+    assert abs(want["val_loss_lowp"] - val_loss) > 1e-4  # bfloat16 autocast really ran

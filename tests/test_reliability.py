@@ -161,6 +161,10 @@ def test_corrupted_and_foreign_checkpoints_are_refused(tmp_path):
     torch.save({"model": {}}, tmp_path / "foreign.pth")
     with pytest.raises(ex.CheckpointError, match="not a checkpoint of this kit"):
         ex.load_checkpoint(tmp_path / "foreign.pth")
+    for fmt in ({"format": ex.CKPT_FORMAT + 1}, {}):  # another format of this kit's layout, or none
+        torch.save({**fmt, "config": {"width": 8}, "model": {}}, tmp_path / "other_format.pth")
+        with pytest.raises(ex.CheckpointError, match=f"not a checkpoint of this kit \\(format {ex.CKPT_FORMAT}\\)"):
+            ex.load_checkpoint(tmp_path / "other_format.pth")
     run = tmp_path / "run"
     run.mkdir()
     (run / "ckpt.pth").write_bytes(raw[: len(raw) // 3])

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -24,9 +25,15 @@ TINY = ["--niters", "4", "--test_freq", "2", "--num_samples", "32", "--num_sampl
 TIMEOUT = 1800
 
 
+def with_python(env=None):
+    """``env`` (default: this process's) with CNF_PYTHON set to the interpreter running the
+    tests, so the job scripts run cnf.py with it whether or not a venv is activated."""
+    return {**(os.environ if env is None else env), "CNF_PYTHON": sys.executable}
+
+
 def sweep(*args, timeout=TIMEOUT, env=None):
     return subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env=env)
+                          cwd=ROOT, timeout=timeout, env=with_python(env))
 
 
 def sweep_dir(results):
@@ -43,7 +50,7 @@ def statuses(d):
 
 
 def summarize(d):
-    proc = subprocess.run(["python", os.path.join(ROOT, "summarize.py"), d], capture_output=True, text=True, cwd=ROOT,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "summarize.py"), d], capture_output=True, text=True, cwd=ROOT,
                           timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     for f in ("summary.csv", "summary_runs.csv", "summary.md", "summary.png"):
@@ -388,7 +395,7 @@ def test_job_script_forwards_warning_signal_requeues_and_resumes(tmp_path):
     bindir.mkdir()
     (bindir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.calls\n")
     (bindir / "scontrol").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "0",
+    env = {**with_python(), "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "0",
            "SLURM_JOB_ID": "77", "SLURM_ARRAY_JOB_ID": "70", "KIT_DIR": ROOT}
     job = subprocess.Popen(["bash", os.path.join(ROOT, "job_cnf.sbatch"), str(sw)], env=env, cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -409,3 +416,33 @@ def test_job_script_forwards_warning_signal_requeues_and_resumes(tmp_path):
     assert "resumed moons_cell at iteration" in again.stdout
     assert json.load(open(sw / "runs" / "moons_cell" / "status.json"))["status"] == "completed"
     assert os.listdir(sw / "runs") == ["moons_cell"]
+
+
+def test_sweep_runs_with_a_bare_interpreter_path(tmp_path):
+    """No venv on the PATH: CNF_PYTHON (here this interpreter, given relative to the working
+    folder) is the only way to torch. The PATH's python and python3 are decoys that fail, so
+    a job that falls back to the PATH cannot pass. A CNF_PYTHON that is not an executable
+    is a one-line error before anything runs."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for decoy in ("python", "python3"):
+        (bindir / decoy).write_text("#!/bin/sh\necho 'the PATH python ran instead of CNF_PYTHON' >&2\nexit 97\n")
+        (bindir / decoy).chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
+           "CNF_PYTHON": os.path.relpath(sys.executable, tmp_path)}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "--datasets", "moons", "--solvers",
+                           "torchmpnode", "--precisions", "float32", "--seeds", "0", "--results-dir", str(tmp_path),
+                           "--", *TINY, "--no-viz"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=TIMEOUT)
+    d = sweep_dir(tmp_path)
+    log = "".join(open(f).read() for f in glob.glob(os.path.join(d, "slurm", "*.out")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log[-2000:]
+    assert statuses(d) == {"moons_float32_torchmpnode_none_s0": "completed"}
+    assert "PATH python" not in log and "cnf.py exit code: 0" in log
+    # the command it suggests for the summary names the same interpreter, as an absolute path
+    suggested = proc.stdout.strip().splitlines()[-1].split()[2]  # "summarize with: PYTHON summarize.py DIR"
+    assert os.path.isabs(suggested) and os.path.samefile(suggested, sys.executable)
+    for bad in ("/nonexistent/python", "no-such-python", str(tmp_path)):
+        proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "--dry-run"], capture_output=True,
+                              text=True, cwd=tmp_path, env={**env, "CNF_PYTHON": bad}, timeout=TIMEOUT)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "CNF_PYTHON" in proc.stderr, proc.stderr

@@ -1,0 +1,182 @@
+"""Do the tests catch realistic bugs? Single-line mutations of the core modules, each run
+against that module's tests.
+
+    python tests/mutations.py                  # every mutation (about 10 minutes on 2 cores)
+    python tests/mutations.py metrics toy_data # those of the files whose path contains a word
+    python tests/mutations.py --list           # what would run
+
+Each mutation is applied to a scratch copy of the working tree (the files git tracks or
+would track, in a temporary folder), never to the tree itself. The module's test files run
+there with ``pytest -x -q`` and OMP_NUM_THREADS=1. CAUGHT: a test failed (its first error
+line is shown, to check that it names the real cause); MISSED: every test passed, a gap in
+the tests; STALE: the module no longer holds the text to change. Exit code 1 unless every
+mutation was caught. pytest does not collect this file (its name does not start with
+``test_``).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tests that hold each module (the slow end-to-end files are left out where a module
+# has direct tests of its own).
+TESTS = {
+    "hyper_trace.py": ["test_hyper_trace.py", "tests/test_model.py"],
+    "torchmpnode/": ["tests/test_torchmpnode.py", "tests/test_scaling.py"],
+    "metrics.py": ["tests/test_metrics.py"],
+    "toy_data.py": ["tests/test_toy_data.py"],
+    "summarize.py": ["tests/test_summary_stats.py", "tests/test_sweeps.py"],
+    "experiment.py": ["tests/test_reliability.py", "tests/test_cnf.py"],
+    "cnf_kernels.py": ["tests/test_scaling.py", "tests/test_cnf_kernels.py"],
+}
+
+# (file, text as it is, text with the bug, what the bug is). Each text occurs once in its file.
+MUTATIONS = [
+    # hyper_trace.py
+    ("hyper_trace.py", "c4 = (4.0 / w) * (U * W).sum(-1)", "c4 = (2.0 / w) * (U * W).sum(-1)",
+     "trace coefficient halved"),
+    ("hyper_trace.py", "torch.addcmul(s, s, s, value=-1)", "torch.addcmul(s, s, s, value=1)",
+     "sigmoid' as s(1+s)"),
+    ("hyper_trace.py", "ga = torch.addcmul(gs, s, O, value=-2) * terms",
+     "ga = torch.addcmul(gs, s, O, value=2) * terms", "VJP: sign of the trace's second derivative"),
+    ("hyper_trace.py", "torch.mm(gf.t(), s),  # gUw2T", "torch.mm(gf.t(), terms),  # gUw2T",
+     "VJP: U's cotangent from the wrong activation"),
+    ("hyper_trace.py", "return (terms * c4.to(terms.dtype)).sum(1, keepdim=True, dtype=acc)",
+     "return (terms * c4.to(terms.dtype)).sum(1, keepdim=True)", "width sum accumulated in the low precision"),
+    ("hyper_trace.py", "return (2 * torch.randint(0, 2, like.shape, generator=generator, device=dev) - 1).to(like)",
+     "return torch.randint(0, 2, like.shape, generator=generator, device=dev).to(like)",
+     "Rademacher noise drawn as 0/1"),
+    # torchmpnode/
+    ("torchmpnode/_solver.py", "                    acc.add_(g, alpha=inv)\n        else:",
+     "                    acc.add_(g)\n        else:", "grid path: parameter cotangents not unscaled"),
+    ("torchmpnode/_solver.py", "a_new = tuple(x + g[i] for x, g in zip(a_new, grads))",
+     "a_new = tuple(x + g[i + 1] for x, g in zip(a_new, grads))", "incoming gradient added at the wrong grid point"),
+    ("torchmpnode/methods.py", "b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),", "b=(1 / 6, 1 / 3, 1 / 6, 1 / 3),",
+     "rk4 weights swapped"),
+    ("torchmpnode/scaler.py", "        self.scale /= 2.0\n", "        self.scale /= 4.0\n",
+     "overflow retry quarters the scale"),
+    ("torchmpnode/scaler.py", "while amax > 0.0 and amax * self.scale * 2.0 <= target:",
+     "while amax > 0.0 and amax * self.scale <= target:", "the scale grows one doubling past the target"),
+    ("torchmpnode/scaler.py", "self.scale = 2.0 ** math.floor(math.log2(self.target(numel_per_sample) / amax))",
+     "self.scale = 2.0 ** math.ceil(math.log2(self.target(numel_per_sample) / amax))", "the anchor above the target"),
+    ("torchmpnode/odeint.py", "return DynamicScaler(low) if low == torch.float16 else None",
+     "return DynamicScaler(low) if low in _LOW else None", "automatic scaler for bfloat16 too"),
+    # metrics.py
+    ("metrics.py", "MMD_BANDWIDTHS = (0.1, 0.2, 0.5, 1.0, 2.0)", "MMD_BANDWIDTHS = (0.1, 0.2, 0.5, 1.0)",
+     "one MMD bandwidth dropped"),
+    ("metrics.py", "(kxx.sum() - nk * m) / (m * (m - 1))", "(kxx.sum() - m) / (m * (m - 1))",
+     "MMD: the diagonal removed once, not once per bandwidth"),
+    ("metrics.py", "return float(nll.mean()), float(nll.std() / math.sqrt(nll.numel()))",
+     "return float(nll.mean()), float(nll.std() / nll.numel())", "standard error over n, not sqrt(n)"),
+    ("metrics.py", "train_mmd=mmd2(z0, base),", "train_mmd=mmd2(model_x, base),",
+     "train_mmd of the model's samples, not the pulled-back points"),
+    ("metrics.py", "nll_gap=val_loss - toy_data.ENTROPY[data],", "nll_gap=val_loss_se - toy_data.ENTROPY[data],",
+     "nll_gap from the wrong number"),
+    ("metrics.py", "return dict(val_loss_exact=exact, disc_gap=val_loss - exact)",
+     "return dict(val_loss_exact=exact, disc_gap=exact - val_loss)", "disc_gap's sign"),
+    # toy_data.py
+    ("toy_data.py", '"rings": 2.6232,', '"rings": 2.5732,', "rings entropy off by 0.05"),
+    ("toy_data.py", "    return x + rng.normal(0.0, 0.08, (n, 2))", "    return x + rng.normal(0.0, 0.1, (n, 2))",
+     "rings noise 0.1 instead of 0.08"),
+    ("toy_data.py", "0.25 * np.exp(f[:, 0])", "0.2 * np.exp(f[:, 0])", "pinwheel arms twisted less"),
+    ("toy_data.py", "m = np.sqrt(rng.random(n)) * 3 * np.pi", "m = rng.random(n) * 3 * np.pi",
+     "2spirals without the sqrt (points crowd the centre)"),
+    ("toy_data.py", "t = rng.uniform(1.5 * np.pi, 4.5 * np.pi, n)", "t = rng.uniform(1.5 * np.pi, 4 * np.pi, n)",
+     "swissroll half a turn short"),
+    # summarize.py
+    ("summarize.py", "float(math.sqrt(sum(s * s for s in ses)) / k)",
+     "float(math.sqrt(sum(s * s for s in ses)) / math.sqrt(k))", "pointwise standard error over sqrt(seeds)"),
+    ("summarize.py", "ses.append(d.std(ddof=1) / math.sqrt(len(d)))", "ses.append(d.std(ddof=1))",
+     "pointwise standard error is the sd"),
+    ("summarize.py", 'keep = (done if len(done) else g).sort_values(["_stamp", "run"]).index[-1]',
+     'keep = (done if len(done) else g).sort_values(["_stamp", "run"]).index[0]', "duplicates: the oldest run kept"),
+    ("summarize.py", "half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)",
+     "half = stats.norm.ppf(0.5 + confidence / 2) * sd / math.sqrt(n)", "normal quantile instead of Student-t"),
+    ("summarize.py", "return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)",
+     "return float(v.mean()), float(v.std(ddof=0)) if len(v) > 1 else math.nan, len(v)", "population sd"),
+    # experiment.py
+    ("experiment.py", "        return int(v)\n", "        return float(v)\n", "CSV integers read back as floats"),
+    ("experiment.py", "for k in keys if saved.get(k) != wanted.get(k)]",
+     "for k in keys if saved.get(k) == wanted.get(k)]", "config differences inverted"),
+    ("experiment.py", 'return self._named(".csv", other_files=("args.csv",))', 'return self._named(".csv")',
+     "renamed run: args.csv taken for the run's CSV"),
+    ("experiment.py", 'SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")', 'SIGNALS = ("SIGTERM", "SIGINT")',
+     "SLURM's warning signal not caught"),
+    ("experiment.py", 'if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or "config" not in state:',
+     'if not isinstance(state, dict) or "config" not in state:', "checkpoint format not checked"),
+    # cnf_kernels.py
+    ("cnf_kernels.py", "new_z = a_z + ybar * inv + g_z", "new_z = a_z + ybar + g_z", "fused: adjoint VJP not unscaled"),
+    ("cnf_kernels.py", "_store_row(part, i - r0, R, WIDTH, gW0 * inv, gB0 * inv,",
+     "_store_row(part, i - r0, R, WIDTH, gW0, gB0 * inv,", "fused: one parameter row's W cotangent not unscaled"),
+    ("cnf_kernels.py", "scaler.scale = float(st[:, 0].min())", "scaler.scale = float(st[:, 0].max())",
+     "fused: the largest block scale reported"),
+    ("cnf_kernels.py", "scaler.overflow_steps += int(st[:, 1].sum())", "scaler.overflow_steps = int(st[:, 1].sum())",
+     "fused: retries not accumulated over solves"),
+    ("cnf_kernels.py", "tr = tl.sum(_round(terms * c4[None, :], LOW), axis=1)  # [B]",
+     "tr = tl.sum(terms * c4[None, :], axis=1)  # [B]", "fused: trace terms not rounded to the low precision"),
+]
+
+
+def tests_for(path):
+    return next(t for prefix, t in TESTS.items() if path.startswith(prefix))
+
+
+def scratch_copy():
+    """The working tree's files (tracked, and untracked but not ignored) in a temporary folder."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    dst = tempfile.mkdtemp(prefix="cnf-mutations-")
+    for f in filter(None, files):
+        if os.path.isfile(os.path.join(ROOT, f)):
+            os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
+    return dst
+
+
+def run_one(work, path, old, new):
+    """Apply one mutation in ``work``, run its tests, restore. Returns (caught, first error line, seconds)."""
+    target = os.path.join(work, path)
+    text = open(target).read()
+    if text.count(old) != 1:  # the module changed since the mutation was written
+        return None, f"not run: the text to change occurs {text.count(old)} times in {path}: {old!r}", 0.0
+    open(target, "w").write(text.replace(old, new))
+    t0 = time.time()
+    try:
+        tests = [t for t in tests_for(path) if os.path.exists(os.path.join(work, t))]
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=work,
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        open(target, "w").write(text)
+    errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("E ")]
+    first = errors[0][1:].strip() if errors else proc.stdout.strip().splitlines()[-1]
+    return proc.returncode != 0, first, time.time() - t0
+
+
+def main(argv):
+    words = [a for a in argv if not a.startswith("-")]
+    chosen = [m for m in MUTATIONS if not words or any(w in m[0] for w in words)]
+    if "--list" in argv:
+        for path, _, _, what in chosen:
+            print(f"{path:24s} {what}  [{' '.join(tests_for(path))}]")
+        return 0
+    work = scratch_copy()
+    counts = {"CAUGHT": 0, "MISSED": 0, "STALE": 0}
+    try:
+        for path, old, new, what in chosen:
+            caught, line, secs = run_one(work, path, old, new)
+            verdict = "STALE" if caught is None else "CAUGHT" if caught else "MISSED"
+            counts[verdict] += 1
+            print(f"{verdict} {path}: {what} ({secs:.0f} s)\n    {line[:300]}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{counts['CAUGHT']} of {len(chosen)} caught, {counts['MISSED']} missed, {counts['STALE']} not run (STALE: "
+          "update the mutation's text)")
+    return 1 if counts["MISSED"] or counts["STALE"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
