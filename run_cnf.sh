@@ -62,7 +62,7 @@ while [ $# -gt 0 ]; do
     --dry-run) dry=1; shift ;;
     --wait) wait=1; shift ;;
     --resume) resume=${2:?}; shift 2 ;;
-    --status) exec python "$KIT_DIR/summarize.py" "${2:?}" --status ;;  # reads the sweep's files only
+    --status) exec "${CNF_PYTHON:-python}" "$KIT_DIR/summarize.py" "${2:?}" --status ;;  # reads the sweep's files only
     --results-dir) results=${2:?}; shift 2 ;;
     --partition) sb+=(--partition="${2:?}"); shift 2 ;;
     --account) sb+=(--account="${2:?}"); shift 2 ;;
