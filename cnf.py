@@ -21,6 +21,7 @@ import experiment as ex
 import metrics
 import plots
 import runtime
+import schedule
 import toy_data
 from model import BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, resolve_backend
 from precision import PRECISIONS, Precision, Scalers, scaler_flags
@@ -54,7 +55,13 @@ def build_parser():
       help="who runs torchmpnode's solve of the exact-trace field: the fused Triton kernels, or torch step by step; "
            "auto = triton on CUDA when it can run, else torch")
     a("--niters", type=int, default=2000, help="training iterations")
-    a("--lr", type=float, default=1e-2, help="Adam learning rate (x0.1 every 1000 iterations)")
+    a("--lr", type=float, default=1e-2, help="Adam learning rate (the base of --lr_schedule)")
+    a("--lr_schedule", default="step", choices=schedule.SCHEDULES,
+      help="step: x lr_gamma every lr_step iterations; cosine: down to lr_min over --niters; constant")
+    a("--lr_step", type=int, default=1000, help="iterations between the steps of --lr_schedule step")
+    a("--lr_gamma", type=float, default=0.1, help="factor of each step of --lr_schedule step, in (0, 1]")
+    a("--lr_min", type=float, default=0.0, help="the rate --lr_schedule cosine ends at, at --niters")
+    a("--warmup", type=int, default=0, help="iterations of linear warm-up to --lr before the schedule")
     a("--num_samples", type=int, default=1024, help="training batch size")
     a("--num_samples_val", type=int, default=1024, help="validation set size (fixed, drawn once from the seed)")
     a("--num_samples_test", type=int, default=20000,
@@ -98,6 +105,7 @@ def validate(args, self_test=True):
         raise ValueError("--num_samples_val and --num_samples_test must be >= 2 (MMD and standard errors need two)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    schedule.check(args.lr_schedule, args.lr_step, args.lr_gamma, args.lr, args.lr_min, args.warmup, args.niters)
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.threads is None:
@@ -179,6 +187,9 @@ def merge_resumed_config(args, explicit, state):
     saved = state["config"]
     keys = sorted(k for k in explicit if k not in RESUME_OVERRIDES and k in saved)
     diffs = ex.config_differences(saved, vars(args), keys)
+    if saved.get("lr_schedule") == "cosine" and "niters" in explicit and args.niters != saved["niters"]:
+        diffs.append(f"--niters {args.niters} vs {saved['niters']} in the checkpoint: the cosine schedule is planned "
+                     f"over --niters, so it cannot be extended; start a new run")
     if diffs:
         raise ValueError("checkpoint does not match the command line: " + "; ".join(diffs))
     for k, v in saved.items():
@@ -237,7 +248,11 @@ class Trainer:
 
             self.kernel_errors = (cnf_kernels.KernelError,)
         self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr)
-        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1000, gamma=0.1)
+        # the rate of update k+1 is lr * lr_factor(k): a function of the iteration alone, so a resume
+        # (which restores last_epoch) continues it exactly
+        plan = dict(schedule=args.lr_schedule, step=args.lr_step, gamma=args.lr_gamma, lr=args.lr,
+                    lr_min=args.lr_min, warmup=args.warmup, niters=args.niters)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: schedule.lr_factor(k, **plan))
         streams = toy_data.seed_streams(args.seed)
         self.data_rng = streams["train"]
         x_val = toy_data.inf_train_gen(args.data, args.num_samples_val, streams["val"])
@@ -259,7 +274,8 @@ class Trainer:
     def load_state_dict(self, state):
         self.cnf.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        # the schedule is the lambda built from the config; a checkpoint of the seed's StepLR holds none
+        self.sched.load_state_dict({"lr_lambdas": [None], **state["scheduler"]})
         if state["grad_scaler"]:
             self.scalers.grad.load_state_dict(state["grad_scaler"])
         if self.scalers.dynamic is not None and state["dynamic_scaler"]:
