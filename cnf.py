@@ -29,8 +29,12 @@ from torchmpnode import METHODS
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
-                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test")
+                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test",
+                    "grid_watch", "grid_gap_max", "on_grid_exploit")
 
+
+# |grid_gap| in nats that raises grid_exploited: see the README's Metrics section for the measurements.
+GRID_GAP_MAX = 0.05
 
 # Where and how the run happens is the command line's business, never the checkpoint's.
 NEVER_FROM_CHECKPOINT = ("device", "gpu", "threads", "backend", "results_dir", "resume", "run_dir")
@@ -68,6 +72,13 @@ def build_parser():
       help="test set size: drawn from its own seed stream, evaluated once at the end of a completed run")
     a("--test_freq", type=int, default=20, help="validate and write a CSV row every N iterations")
     a("--ckpt_freq", type=int, default=100, help="checkpoint every N iterations")
+    a("--grid_watch", type=int, default=1,
+      help=f"every K-th validation (and the last) also solves on {metrics.FINE_FACTOR}x the grid's steps: "
+           "val_loss_fine, grid_gap; 0: never")
+    a("--grid_gap_max", type=float, default=GRID_GAP_MAX,
+      help="|grid_gap| (nats) above this raises the grid_exploited flag")
+    a("--on_grid_exploit", default="warn", choices=("warn", "stop"),
+      help="when the grid_exploited flag rises: warn (log, CSV, status) or stop the run (exit 5)")
     a("--results_dir", default="./results", help="parent of the run folder")
     a("--run_dir", default=None, help="use exactly this run folder (resumed if it holds a checkpoint); for sweeps")
     a("--seed", type=int, default=0, help="random seed (model init, data, validation set)")
@@ -99,6 +110,10 @@ def validate(args, self_test=True):
     for k in positive:
         if getattr(args, k) < 1:
             raise ValueError(f"--{k} must be positive, got {getattr(args, k)}")
+    if args.grid_watch < 0:
+        raise ValueError(f"--grid_watch must be >= 0 (0: never), got {args.grid_watch}")
+    if not (math.isfinite(args.grid_gap_max) and args.grid_gap_max > 0):
+        raise ValueError(f"--grid_gap_max must be a positive number, got {args.grid_gap_max}")
     if args.num_timesteps < 2 or args.viz_timesteps < 2:
         raise ValueError("--num_timesteps and --viz_timesteps need at least 2 grid points")
     if args.num_samples_val < 2 or args.num_samples_test < 2:
@@ -240,6 +255,7 @@ class Trainer:
         self.scalers = Scalers(args.odeint, self.prec, device, args.no_grad_scaler, args.no_dynamic_scaler,
                                args.grad_scaler)
         self.integ = Integrator(args.odeint, args.method, args.num_timesteps, self.scalers.solver_scaler, args.adjoint)
+        self.fine_integ = metrics.fine_integrator(self.integ)  # the grid watch's
         torch.manual_seed(args.seed)
         self.cnf = CNF(2, args.hidden_dim, args.width, args.trace, args.backend).to(device)
         self.kernel_errors = ()  # what a failed fused kernel raises
@@ -259,6 +275,7 @@ class Trainer:
         self.x_val = torch.from_numpy(x_val).to(device)  # fixed validation set
         self.noise_gen = torch.Generator().manual_seed(args.seed + 1)  # Hutchinson noise
         self.iter, self.running, self.sums = 0, None, [0.0, 0.0]  # sums: forward, backward seconds
+        self.grid_flag = None  # where and why grid_exploited first rose
 
     def state_dict(self, config):
         s = self.scalers
@@ -269,6 +286,7 @@ class Trainer:
             "rng": {"numpy": json.dumps(self.data_rng.bit_generator.state), "noise": self.noise_gen.get_state(),
                     "torch": torch.get_rng_state()},
             "iter": self.iter, "running_loss": self.running, "time_sums": tuple(self.sums), "config": config,
+            "grid_flag": self.grid_flag,
         }
 
     def load_state_dict(self, state):
@@ -284,6 +302,7 @@ class Trainer:
         self.noise_gen.set_state(state["rng"]["noise"])
         torch.set_rng_state(state["rng"]["torch"])
         self.iter, self.running, self.sums = state["iter"], state["running_loss"], list(state["time_sums"])
+        self.grid_flag = state.get("grid_flag")  # absent in checkpoints from before the grid watch
 
     def step(self):
         """One iteration. Returns (forward s, backward s, scaler events, failure or None).
@@ -332,9 +351,16 @@ class Trainer:
         return t1 - t0, t2 - t1, events, None
 
     def evaluate(self, window):
-        """One CSV row; ``window`` holds (forward s, backward s, iterations) since the last row."""
-        gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.iter)  # same on resume
-        m = metrics.evaluate(self.cnf, self.integ, self.x_val, self.args.data, self.prec, gen)
+        """One CSV row; ``window`` holds (forward s, backward s, iterations) since the last row.
+        Every --grid_watch-th validation (counted from iteration 0, so the same on resume) and
+        the last also solve on the finer grid; the row says whether it raises grid_exploited."""
+        a = self.args
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + self.iter)  # same on resume
+        watch = a.grid_watch > 0 and ((self.iter // a.test_freq) % a.grid_watch == 0 or self.iter == a.niters)
+        m = metrics.evaluate(self.cnf, self.integ, self.x_val, a.data, self.prec, gen,
+                             self.fine_integ if watch else None)
+        m["grid_exploit_reason"] = metrics.grid_exploit_reason(m, toy_data.ENTROPY[a.data], a.grid_gap_max)
+        m["grid_exploited"] = int(m["grid_exploit_reason"] is not None)
         return {"iter": self.iter, "lr": self.sched.get_last_lr()[0], "running_loss": self.running, **m,
                 "time_fwd": window[0] / window[2], "time_bwd": window[1] / window[2],
                 "time_fwd_sum": self.sums[0], "time_bwd_sum": self.sums[1],
@@ -361,7 +387,11 @@ def train(args, run, state, backend_note=""):
     tuned = runtime.configure(args.threads)
     tr = Trainer(args, device)
     rows = []
-    checkpoint = lambda: ex.save_checkpoint(run.ckpt, tr.state_dict(config))  # noqa: E731
+    saved_at = [0]  # the iteration of the checkpoint on disk
+
+    def checkpoint():
+        ex.save_checkpoint(run.ckpt, tr.state_dict(config))
+        saved_at[0] = tr.iter
     if state is None:
         log.print(f"# run {run.name}")
         ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device)})
@@ -382,13 +412,13 @@ def train(args, run, state, backend_note=""):
               f"backend {args.backend}" + (f" ({backend_note})" if backend_note else ""))
     log.print(f"model:\n{tr.cnf}\nparameters: {sum(p.numel() for p in tr.cnf.parameters())}")
 
-    def finish(status, reason, code):
+    def finish(status, reason, code, models=None):
         ex.write_csv(run.csv, rows)
         if rows:
             plots.plot_optimization(run.csv, run.file("optimization_stats.png"), toy_data.ENTROPY[args.data], run.name)
             plots.plot_mmd(run.csv, run.file("mmd_plot.png"))
         final = {k: v for k, v in rows[-1].items() if k not in ex.TIMING_COLUMNS} if rows else {}
-        ex.write_status(run, status, reason, tr.iter, final)
+        ex.write_status(run, status, reason, tr.iter, final, tr.grid_flag, models)
         log.print(f"{status}: {reason}")
         log.close()
         return code
@@ -414,13 +444,24 @@ def train(args, run, state, backend_note=""):
                 log.print(f"iter {tr.iter}: {e}")
             if tr.iter % args.test_freq == 0 or tr.iter == args.niters:
                 row = tr.evaluate(window)
+                exploit = row.pop("grid_exploit_reason")
                 rows.append(row)
                 window = [0.0, 0.0, 0]
                 ex.write_csv(run.csv, rows)
+                fine = f", grid_gap {row['grid_gap']:+.4f}" if row.get("grid_gap") is not None else ""
                 log.print(f"iter {row['iter']:5d} | loss {row['running_loss']:.4f} | val NLL {row['val_loss']:.4f} "
-                          f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}) | MMD {row['val_mmd']:.2e} | "
-                          f"{1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter | "
-                          f"{row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}")
+                          f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}{fine}) | "
+                          f"MMD {row['val_mmd']:.2e} | {1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter "
+                          f"| {row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}"
+                          + (" | GRID EXPLOITED" if exploit else ""))
+                if exploit and tr.grid_flag is None:
+                    _raise_grid_flag(tr, run, log, exploit, saved_at[0])
+                if exploit and args.on_grid_exploit == "stop":
+                    bar.close()
+                    checkpoint()
+                    models = _final_report(tr, rows, run, log, device)
+                    return finish("grid_exploited", f"iteration {tr.iter}: {exploit} (--on_grid_exploit stop)",
+                                  ex.EXIT_GRID_EXPLOITED, models)
             if tr.iter % args.ckpt_freq == 0 or stop.received:
                 checkpoint()
             if stop.received:
@@ -429,17 +470,52 @@ def train(args, run, state, backend_note=""):
                               f"{run.path}", ex.EXIT_INTERRUPTED)
         bar.close()
     checkpoint()
-    if rows:
-        final, logp, secs = tr.final_evaluation(rows[-1]["val_loss"])
-        rows[-1].update(final)
-        ex.write_npy(run.test_logp, logp.numpy())
-        log.print(f"test NLL {final['test_loss']:.4f} ± {final['test_loss_se']:.4f} (SE, {args.num_samples_test} "
-                  f"points, gap {final['test_gap']:+.4f}; {secs[0]:.1f} s) | exact val NLL "
-                  f"{final['val_loss_exact']:.4f} ({metrics.EXACT_METHOD} float64, tol {metrics.EXACT_TOL:g}; "
-                  f"{secs[1]:.1f} s), disc_gap {final['disc_gap']:+.2e}")
+    models = _final_report(tr, rows, run, log, device)
     if args.viz:
         _visualize(tr.cnf, tr.integ, args, run, device, log)
-    return finish("completed", f"trained {args.niters} iterations", ex.EXIT_OK)
+    return finish("completed", f"trained {args.niters} iterations", ex.EXIT_OK, models)
+
+
+def _raise_grid_flag(tr, run, log, reason, saved_at):
+    """The flag's first rise: record it, keep the checkpoint on disk (written before this
+    validation) as ckpt_valid.pth, and say so loudly, once."""
+    a = tr.args
+    with open(run.ckpt, "rb") as f:
+        ex.atomic_write(run.ckpt_valid, f.read())
+    tr.grid_flag = {"iter": tr.iter, "reason": reason, "ckpt_valid_iter": saved_at}
+    log.print(f"!!! GRID EXPLOITED at iteration {tr.iter}: {reason}. The model is gaming its {a.num_timesteps}-point "
+              f"{a.method} grid, so its NLL is no longer a likelihood. Use more grid points (--num_timesteps), a lower "
+              f"learning rate (--lr, --lr_schedule), or regularization; --on_grid_exploit stop ends such a run. "
+              f"The last checkpoint before the flag rose (iteration {saved_at}) is kept as {run.ckpt_valid}; "
+              f"quote its numbers, evaluated at the end of the run.")
+
+
+def _final_report(tr, rows, run, log, device):
+    """The end-of-run metrics of the trained model into the last row (and test_logp.npy);
+    for a flagged run also those of ckpt_valid.pth. Returns status.json's ``models``
+    (None for an unflagged run)."""
+    a = tr.args
+    if not rows:
+        return None
+    final, logp, secs = tr.final_evaluation(rows[-1]["val_loss"])
+    rows[-1].update(final)
+    ex.write_npy(run.test_logp, logp.numpy())
+    flagged = tr.grid_flag is not None
+    label = f" [ckpt.pth, iteration {tr.iter}: trained past the grid_exploited flag]" if flagged else ""
+    log.print(f"test NLL {final['test_loss']:.4f} ± {final['test_loss_se']:.4f} (SE, {a.num_samples_test} "
+              f"points, gap {final['test_gap']:+.4f}; {secs[0]:.1f} s) | exact val NLL "
+              f"{final['val_loss_exact']:.4f} ({metrics.EXACT_METHOD} float64, tol {metrics.EXACT_TOL:g}; "
+              f"{secs[1]:.1f} s), disc_gap {final['disc_gap']:+.2e}{label}")
+    if not flagged:
+        return None
+    latest = {"label": "latest model, trained past the grid_exploited flag: do not quote", "iter": tr.iter,
+              "val_loss": rows[-1]["val_loss"], **final}
+    valid = {"label": "last checkpoint before the grid_exploited flag rose: quote this one",
+             **metrics.checkpoint_metrics(run.ckpt_valid, device, a.backend)}
+    log.print(f"test NLL {valid['test_loss']:.4f} ± {valid['test_loss_se']:.4f} (gap {valid['test_gap']:+.4f}) | "
+              f"exact val NLL {valid['val_loss_exact']:.4f}, disc_gap {valid['disc_gap']:+.2e} "
+              f"[ckpt_valid.pth, iteration {valid['iter']}: the last checkpoint before the flag rose; quote this one]")
+    return {"ckpt.pth": latest, "ckpt_valid.pth": valid}
 
 
 def _visualize(cnf, integ, args, run, device, log):
