@@ -23,7 +23,7 @@ import plots
 import runtime
 import schedule
 import toy_data
-from model import BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, resolve_backend
+from model import BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, nll_and_penalties, resolve_backend
 from precision import PRECISIONS, Precision, Scalers, scaler_flags
 from torchmpnode import METHODS
 
@@ -58,6 +58,10 @@ def build_parser():
     a("--backend", default="auto", choices=("auto", *BACKENDS),
       help="who runs torchmpnode's solve of the exact-trace field: the fused Triton kernels, or torch step by step; "
            "auto = triton on CUDA when it can run, else torch")
+    a("--kinetic", type=float, default=0.0,
+      help="weight of the kinetic-energy penalty int_0^1 ||f||^2 dt in the loss (0: off)")
+    a("--jacobian", type=float, default=0.0,
+      help="weight of the Jacobian penalty int_0^1 ||df/dz||_F^2 dt in the loss (0: off)")
     a("--niters", type=int, default=2000, help="training iterations")
     a("--lr", type=float, default=1e-2, help="Adam learning rate (the base of --lr_schedule)")
     a("--lr_schedule", default="step", choices=schedule.SCHEDULES,
@@ -121,6 +125,9 @@ def validate(args, self_test=True):
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     schedule.check(args.lr_schedule, args.lr_step, args.lr_gamma, args.lr, args.lr_min, args.warmup, args.niters)
+    for k in ("kinetic", "jacobian"):
+        if not (math.isfinite(getattr(args, k)) and getattr(args, k) >= 0):
+            raise ValueError(f"--{k} must be a number >= 0, got {getattr(args, k)}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.threads is None:
@@ -146,7 +153,8 @@ def validate(args, self_test=True):
     use_dynamic = scaler_flags(args.odeint, args.precision, args.no_grad_scaler, args.no_dynamic_scaler,
                                args.grad_scaler)[1]
     probe = dict(width=args.width, method=args.method, low=PRECISIONS[args.precision], scaled=use_dynamic)
-    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe if self_test else None)
+    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe if self_test else None,
+                                         regularized=args.kinetic > 0 or args.jacobian > 0)
     if args.backend == "triton" and args.precision == "tfloat32":
         note += "; tfloat32: the fused kernels have no matmul, so they run plain float32"
     if args.resume is None and args.run_dir is None:
@@ -275,6 +283,8 @@ class Trainer:
         self.x_val = torch.from_numpy(x_val).to(device)  # fixed validation set
         self.noise_gen = torch.Generator().manual_seed(args.seed + 1)  # Hutchinson noise
         self.iter, self.running, self.sums = 0, None, [0.0, 0.0]  # sums: forward, backward seconds
+        self.regularized = args.kinetic > 0 or args.jacobian > 0
+        self.penalties = None  # the last batch's [kinetic, jacobian] integrals (a tensor: read at validation only)
         self.grid_flag = None  # where and why grid_exploited first rose
 
     def state_dict(self, config):
@@ -314,7 +324,7 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             with self.prec.autocast():
-                loss = -log_prob(self.cnf, x, self.integ, generator=self.noise_gen).mean()
+                loss = self.objective(x)
         except self.kernel_errors as e:  # a fused kernel failed: stop like a divergence, keeping the last checkpoint
             return 0.0, 0.0, [], str(e)
         _sync(dev)
@@ -350,6 +360,14 @@ class Trainer:
                           f"scale now {s.dynamic.scale:g}")
         return t1 - t0, t2 - t1, events, None
 
+    def objective(self, x):
+        """The training loss of batch x: the mean NLL, plus the weighted penalties when on."""
+        if not self.regularized:
+            return -log_prob(self.cnf, x, self.integ, generator=self.noise_gen).mean()
+        nll, pen = nll_and_penalties(self.cnf, x, self.integ, generator=self.noise_gen)
+        self.penalties = pen.detach()
+        return nll + self.args.kinetic * pen[0] + self.args.jacobian * pen[1]
+
     def evaluate(self, window):
         """One CSV row; ``window`` holds (forward s, backward s, iterations) since the last row.
         Every --grid_watch-th validation (counted from iteration 0, so the same on resume) and
@@ -361,6 +379,8 @@ class Trainer:
                              self.fine_integ if watch else None)
         m["grid_exploit_reason"] = metrics.grid_exploit_reason(m, toy_data.ENTROPY[a.data], a.grid_gap_max)
         m["grid_exploited"] = int(m["grid_exploit_reason"] is not None)
+        if self.penalties is not None:
+            m["kinetic"], m["jacobian"] = self.penalties.tolist()
         return {"iter": self.iter, "lr": self.sched.get_last_lr()[0], "running_loss": self.running, **m,
                 "time_fwd": window[0] / window[2], "time_bwd": window[1] / window[2],
                 "time_fwd_sum": self.sums[0], "time_bwd_sum": self.sums[1],
@@ -448,7 +468,7 @@ def train(args, run, state, backend_note=""):
                 rows.append(row)
                 window = [0.0, 0.0, 0]
                 ex.write_csv(run.csv, rows)
-                fine = f", grid_gap {row['grid_gap']:+.4f}" if row.get("grid_gap") is not None else ""
+                fine = f", grid_gap {row['grid_gap']:+.1e}" if row.get("grid_gap") is not None else ""
                 log.print(f"iter {row['iter']:5d} | loss {row['running_loss']:.4f} | val NLL {row['val_loss']:.4f} "
                           f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}{fine}) | "
                           f"MMD {row['val_mmd']:.2e} | {1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter "

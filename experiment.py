@@ -29,11 +29,12 @@ CKPT_FORMAT = 1
 # FINAL_COLUMNS are filled at the end of a completed run, in its last row, and are empty
 # in the rows before (a run continued past that end keeps them in that row).
 # val_loss_fine and grid_gap are empty in the rows without a grid watch (--grid_watch);
-# grid_exploited is 1 in a row whose validation raised the flag, else 0.
+# grid_exploited is 1 in a row whose validation raised the flag, else 0. kinetic and jacobian
+# (the last training batch's mean penalty integrals) are empty unless --kinetic or --jacobian is on.
 FINAL_COLUMNS = ("test_loss", "test_loss_se", "test_gap", "val_loss_exact", "disc_gap")
 CSV_COLUMNS = (
     "iter", "lr", "running_loss", "val_loss", "val_loss_se", "val_loss_lowp", "nll_gap", "val_mmd", "train_mmd",
-    "val_loss_fine", "grid_gap", "grid_exploited",
+    "val_loss_fine", "grid_gap", "grid_exploited", "kinetic", "jacobian",
     "time_fwd", "time_bwd", "time_fwd_sum", "time_bwd_sum", "max_memory_mb", "loss_scale", "overflow_steps",
     *FINAL_COLUMNS,
 )
