@@ -505,7 +505,8 @@ def _raise_grid_flag(tr, run, log, reason, saved_at):
     tr.grid_flag = {"iter": tr.iter, "reason": reason, "ckpt_valid_iter": saved_at}
     log.print(f"!!! GRID EXPLOITED at iteration {tr.iter}: {reason}. The model is gaming its {a.num_timesteps}-point "
               f"{a.method} grid, so its NLL is no longer a likelihood. Use more grid points (--num_timesteps), a lower "
-              f"learning rate (--lr, --lr_schedule), or regularization; --on_grid_exploit stop ends such a run. "
+              f"learning rate (--lr, --lr_schedule), or regularization (--kinetic, --jacobian); --on_grid_exploit "
+              f"stop ends such a run. "
               f"The last checkpoint before the flag rose (iteration {saved_at}) is kept as {run.ckpt_valid}; "
               f"quote its numbers, evaluated at the end of the run.")
 
