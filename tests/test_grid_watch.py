@@ -131,6 +131,13 @@ def test_stop_ends_the_run_with_its_exit_code_and_keeps_both_checkpoints(tmp_pat
     assert set(status["models"]) == {"ckpt.pth", "ckpt_valid.pth"}
     assert all(math.isfinite(m["test_loss"]) and math.isfinite(m["val_loss_exact"]) for m in status["models"].values())
     assert os.path.isfile(run.test_logp) and np.isfinite(df["test_loss"].iloc[-1])
+    # resumed with warn, the run goes on to its end: the flag's first rise and ckpt_valid.pth stay as they were
+    kept = open(run.ckpt_valid, "rb").read()
+    assert cnf.main(["--resume", folder, "--on_grid_exploit", "warn"]) == 0
+    status = json.load(open(run.status))
+    assert status["status"] == "completed" and status["iter"] == 60 and status["grid_exploited"]["iter"] == first
+    assert open(run.ckpt_valid, "rb").read() == kept and open(run.log).read().count("!!! GRID EXPLOITED") == 1
+    assert status["models"]["ckpt_valid.pth"]["iter"] == first - 10
 
 
 @pytest.mark.parametrize("bad", [["--grid_watch", "-1"], ["--grid_gap_max", "0"], ["--grid_gap_max", "nan"],
