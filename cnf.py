@@ -23,7 +23,8 @@ import plots
 import runtime
 import schedule
 import toy_data
-from model import BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, nll_and_penalties, resolve_backend
+from model import (BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, nll_and_penalties,
+                   resolve_backend)
 from precision import PRECISIONS, Precision, Scalers, scaler_flags
 from torchmpnode import METHODS
 

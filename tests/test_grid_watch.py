@@ -93,7 +93,8 @@ def test_gaming_a_coarse_grid_raises_the_flag_and_keeps_the_last_unflagged_check
     assert "quote this one" in valid["label"] and "do not quote" in latest["label"]
     integ = Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False)
     x_val = torch.from_numpy(toy_data.inf_train_gen(c["data"], c["num_samples_val"], toy_data.seed_streams(0)["val"]))
-    x_test = torch.from_numpy(toy_data.inf_train_gen(c["data"], c["num_samples_test"], toy_data.seed_streams(0)["test"]))
+    x_test = toy_data.inf_train_gen(c["data"], c["num_samples_test"], toy_data.seed_streams(0)["test"])
+    x_test = torch.from_numpy(x_test)
     with torch.no_grad():
         val = -float(log_prob(model, x_val, integ).mean())
         test = -float(log_prob(model, x_test, integ).mean())

@@ -45,7 +45,8 @@ def test_closed_forms():
     for k in range(1, 12):
         opt.step()
         ref.step()
-        assert ref.get_last_lr()[0] == pytest.approx(0.01 * schedule.lr_factor(k, step=3, gamma=0.1, lr=0.01), rel=1e-15)
+        want = 0.01 * schedule.lr_factor(k, step=3, gamma=0.1, lr=0.01)
+        assert ref.get_last_lr()[0] == pytest.approx(want, rel=1e-15)
 
 
 SCHEDULES = {
