@@ -35,7 +35,7 @@ RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "v
 
 
 # |grid_gap| in nats that raises grid_exploited: see the README's Metrics section for the measurements.
-GRID_GAP_MAX = 0.05
+GRID_GAP_MAX = 0.01
 
 # Where and how the run happens is the command line's business, never the checkpoint's.
 NEVER_FROM_CHECKPOINT = ("device", "gpu", "threads", "backend", "results_dir", "resume", "run_dir")
