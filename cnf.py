@@ -420,6 +420,7 @@ def train(args, run, state, backend_note=""):
         checkpoint()  # from now on the folder can always be resumed
     else:
         tr.load_state_dict(state)
+        saved_at[0] = tr.iter  # the checkpoint it resumes from
         rows = [r for r in ex.read_csv(run.csv) if r["iter"] <= tr.iter] if os.path.exists(run.csv) else []
         log.print(f"# resumed {run.name} at iteration {tr.iter} (to {args.niters})")
         # args.csv holds the config the run has now (--niters, --backend, ... may have changed);
@@ -470,6 +471,8 @@ def train(args, run, state, backend_note=""):
                 window = [0.0, 0.0, 0]
                 ex.write_csv(run.csv, rows)
                 fine = f", grid_gap {row['grid_gap']:+.1e}" if row.get("grid_gap") is not None else ""
+                if row.get("kinetic") is not None:
+                    fine += f"; kinetic {row['kinetic']:.3g}, jacobian {row['jacobian']:.3g}"
                 log.print(f"iter {row['iter']:5d} | loss {row['running_loss']:.4f} | val NLL {row['val_loss']:.4f} "
                           f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}{fine}) | "
                           f"MMD {row['val_mmd']:.2e} | {1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter "
