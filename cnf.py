@@ -23,16 +23,22 @@ import experiment as ex
 import metrics
 import plots
 import runtime
+import schedule
 import toy_data
-from model import BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, resolve_backend
+from model import (BACKENDS, CNF, SOLVERS, TRACES, Integrator, flow_snapshots, log_prob, nll_and_penalties,
+                   resolve_backend)
 from precision import PRECISIONS, Precision, Scalers, scaler_flags
 from torchmpnode import METHODS
 from torchmpnode._host import host_read
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
-                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test")
+                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test",
+                    "grid_watch", "grid_gap_max", "on_grid_exploit")
 
+
+# |grid_gap| in nats that raises grid_exploited: see the README's Metrics section for the measurements.
+GRID_GAP_MAX = 0.01
 
 # Where and how the run happens is the command line's business, never the checkpoint's.
 NEVER_FROM_CHECKPOINT = ("device", "gpu", "threads", "backend", "results_dir", "resume", "run_dir")
@@ -56,8 +62,18 @@ def build_parser():
     a("--backend", default="auto", choices=("auto", *BACKENDS),
       help="who runs torchmpnode's solve of the exact-trace field: the fused Triton kernels, or torch step by step; "
            "auto = triton on CUDA when it can run, else torch")
+    a("--kinetic", type=float, default=0.0,
+      help="weight of the kinetic-energy penalty int_0^1 ||f||^2 dt in the loss (0: off)")
+    a("--jacobian", type=float, default=0.0,
+      help="weight of the Jacobian penalty int_0^1 ||df/dz||_F^2 dt in the loss (0: off)")
     a("--niters", type=int, default=2000, help="training iterations")
-    a("--lr", type=float, default=1e-2, help="Adam learning rate (x0.1 every 1000 iterations)")
+    a("--lr", type=float, default=1e-2, help="Adam learning rate (the base of --lr_schedule)")
+    a("--lr_schedule", default="step", choices=schedule.SCHEDULES,
+      help="step: x lr_gamma every lr_step iterations; cosine: down to lr_min over --niters; constant")
+    a("--lr_step", type=int, default=1000, help="iterations between the steps of --lr_schedule step")
+    a("--lr_gamma", type=float, default=0.1, help="factor of each step of --lr_schedule step, in (0, 1]")
+    a("--lr_min", type=float, default=0.0, help="the rate --lr_schedule cosine ends at, at --niters")
+    a("--warmup", type=int, default=0, help="iterations of linear warm-up to --lr before the schedule")
     a("--fused_adam", action="store_true",
       help="torch's fused (single-kernel) Adam; CUDA only, --device cpu refuses it (exit 2)")
     a("--num_samples", type=int, default=1024, help="training batch size")
@@ -66,6 +82,13 @@ def build_parser():
       help="test set size: drawn from its own seed stream, evaluated once at the end of a completed run")
     a("--test_freq", type=int, default=20, help="validate and write a CSV row every N iterations")
     a("--ckpt_freq", type=int, default=100, help="checkpoint every N iterations")
+    a("--grid_watch", type=int, default=1,
+      help=f"every K-th validation (and the last) also solves on {metrics.FINE_FACTOR}x the grid's steps: "
+           "val_loss_fine, grid_gap; 0: never")
+    a("--grid_gap_max", type=float, default=GRID_GAP_MAX,
+      help="|grid_gap| (nats) above this raises the grid_exploited flag")
+    a("--on_grid_exploit", default="warn", choices=("warn", "stop"),
+      help="when the grid_exploited flag rises: warn (log, CSV, status) or stop the run (exit 5)")
     a("--results_dir", default="./results", help="parent of the run folder")
     a("--run_dir", default=None, help="use exactly this run folder (resumed if it holds a checkpoint); for sweeps")
     a("--seed", type=int, default=0, help="random seed (model init, data, validation set)")
@@ -97,12 +120,20 @@ def validate(args, self_test=True):
     for k in positive:
         if getattr(args, k) < 1:
             raise ValueError(f"--{k} must be positive, got {getattr(args, k)}")
+    if args.grid_watch < 0:
+        raise ValueError(f"--grid_watch must be >= 0 (0: never), got {args.grid_watch}")
+    if not (math.isfinite(args.grid_gap_max) and args.grid_gap_max > 0):
+        raise ValueError(f"--grid_gap_max must be a positive number, got {args.grid_gap_max}")
     if args.num_timesteps < 2 or args.viz_timesteps < 2:
         raise ValueError("--num_timesteps and --viz_timesteps need at least 2 grid points")
     if args.num_samples_val < 2 or args.num_samples_test < 2:
         raise ValueError("--num_samples_val and --num_samples_test must be >= 2 (MMD and standard errors need two)")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    schedule.check(args.lr_schedule, args.lr_step, args.lr_gamma, args.lr, args.lr_min, args.warmup, args.niters)
+    for k in ("kinetic", "jacobian"):
+        if not (math.isfinite(getattr(args, k)) and getattr(args, k) >= 0):
+            raise ValueError(f"--{k} must be a number >= 0, got {getattr(args, k)}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.threads is None:
@@ -130,7 +161,8 @@ def validate(args, self_test=True):
     use_dynamic = scaler_flags(args.odeint, args.precision, args.no_grad_scaler, args.no_dynamic_scaler,
                                args.grad_scaler)[1]
     probe = dict(width=args.width, method=args.method, low=PRECISIONS[args.precision], scaled=use_dynamic)
-    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe if self_test else None)
+    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe if self_test else None,
+                                         regularized=args.kinetic > 0 or args.jacobian > 0)
     if args.backend == "triton" and args.precision == "tfloat32":
         note += "; tfloat32: the fused kernels have no matmul, so they run plain float32"
     if args.resume is None and args.run_dir is None:
@@ -186,6 +218,9 @@ def merge_resumed_config(args, explicit, state):
     saved = state["config"]
     keys = sorted(k for k in explicit if k not in RESUME_OVERRIDES and k in saved)
     diffs = ex.config_differences(saved, vars(args), keys)
+    if saved.get("lr_schedule") == "cosine" and "niters" in explicit and args.niters != saved["niters"]:
+        diffs.append(f"--niters {args.niters} vs {saved['niters']} in the checkpoint: the cosine schedule is planned "
+                     f"over --niters, so it cannot be extended; start a new run")
     if diffs:
         raise ValueError("checkpoint does not match the command line: " + "; ".join(diffs))
     for k, v in saved.items():
@@ -236,6 +271,7 @@ class Trainer:
         self.scalers = Scalers(args.odeint, self.prec, device, args.no_grad_scaler, args.no_dynamic_scaler,
                                args.grad_scaler)
         self.integ = Integrator(args.odeint, args.method, args.num_timesteps, self.scalers.solver_scaler, args.adjoint)
+        self.fine_integ = metrics.fine_integrator(self.integ)  # the grid watch's
         torch.manual_seed(args.seed)
         self.cnf = CNF(2, args.hidden_dim, args.width, args.trace, args.backend).to(device)
         self.kernel_errors = ()  # what a failed fused kernel raises
@@ -245,7 +281,11 @@ class Trainer:
             self.kernel_errors = (cnf_kernels.KernelError,)
         # fused: one kernel for every parameter's update (CUDA); its step counters live on the GPU
         self.opt = torch.optim.Adam(self.cnf.parameters(), lr=args.lr, fused=True if args.fused_adam else None)
-        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1000, gamma=0.1)
+        # the rate of update k+1 is lr * lr_factor(k): a function of the iteration alone, so a resume
+        # (which restores last_epoch) continues it exactly
+        plan = dict(schedule=args.lr_schedule, step=args.lr_step, gamma=args.lr_gamma, lr=args.lr,
+                    lr_min=args.lr_min, warmup=args.warmup, niters=args.niters)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: schedule.lr_factor(k, **plan))
         streams = toy_data.seed_streams(args.seed)
         self.data_rng = streams["train"]
         x_val = toy_data.inf_train_gen(args.data, args.num_samples_val, streams["val"])
@@ -259,6 +299,9 @@ class Trainer:
         self.events = []  # log lines for the loop to print
         self.seen = (0, 0)  # (iteration, DynamicScaler retries) at the last settled state
         self.good = None  # the last settled state, unless every iteration is checked
+        self.regularized = args.kinetic > 0 or args.jacobian > 0
+        self.penalties = None  # the last batch's [kinetic, jacobian] integrals (a tensor: read at validation only)
+        self.grid_flag = None  # where and why grid_exploited first rose
 
     def state_dict(self, config):
         s = self.scalers
@@ -269,12 +312,14 @@ class Trainer:
             "rng": {"numpy": json.dumps(self.data_rng.bit_generator.state), "noise": self.noise_gen.get_state(),
                     "torch": torch.get_rng_state()},
             "iter": self.iter, "running_loss": self.running, "time_sums": tuple(self.sums), "config": config,
+            "grid_flag": self.grid_flag,
         }
 
     def load_state_dict(self, state):
         self.cnf.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        # the schedule is the lambda built from the config; a checkpoint of the seed's StepLR holds none
+        self.sched.load_state_dict({"lr_lambdas": [None], **state["scheduler"]})
         if state["grad_scaler"]:
             self.scalers.grad.load_state_dict(state["grad_scaler"])
         if self.scalers.dynamic is not None and state["dynamic_scaler"]:
@@ -284,6 +329,7 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.iter, self.running, self.sums = state["iter"], state["running_loss"], list(state["time_sums"])
         self.seen = (self.iter, self.scalers.overflow_steps())
+        self.grid_flag = state.get("grid_flag")  # absent in checkpoints from before the grid watch
 
     def step(self, checked=None):
         """One iteration. Returns (forward s, backward s, failure or None).
@@ -303,7 +349,7 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             with self.prec.autocast():
-                loss = -log_prob(self.cnf, x, self.integ, generator=self.noise_gen).mean()
+                loss = self.objective(x)
         except self.kernel_errors as e:  # a fused kernel failed: stop like a divergence, keeping the last checkpoint
             return 0.0, 0.0, str(e)
         _sync(dev)
@@ -374,10 +420,27 @@ class Trainer:
             self.good = copy.deepcopy(self.state_dict(None))
         return None
 
+    def objective(self, x):
+        """The training loss of batch x: the mean NLL, plus the weighted penalties when on."""
+        if not self.regularized:
+            return -log_prob(self.cnf, x, self.integ, generator=self.noise_gen).mean()
+        nll, pen = nll_and_penalties(self.cnf, x, self.integ, generator=self.noise_gen)
+        self.penalties = pen.detach()
+        return nll + self.args.kinetic * pen[0] + self.args.jacobian * pen[1]
+
     def evaluate(self, window):
-        """One CSV row; ``window`` holds (forward s, backward s, iterations) since the last row."""
-        gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.iter)  # same on resume
-        m = metrics.evaluate(self.cnf, self.integ, self.x_val, self.args.data, self.prec, gen)
+        """One CSV row; ``window`` holds (forward s, backward s, iterations) since the last row.
+        Every --grid_watch-th validation (counted from iteration 0, so the same on resume) and
+        the last also solve on the finer grid; the row says whether it raises grid_exploited."""
+        a = self.args
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + self.iter)  # same on resume
+        watch = a.grid_watch > 0 and ((self.iter // a.test_freq) % a.grid_watch == 0 or self.iter == a.niters)
+        m = metrics.evaluate(self.cnf, self.integ, self.x_val, a.data, self.prec, gen,
+                             self.fine_integ if watch else None)
+        m["grid_exploit_reason"] = metrics.grid_exploit_reason(m, toy_data.ENTROPY[a.data], a.grid_gap_max)
+        m["grid_exploited"] = int(m["grid_exploit_reason"] is not None)
+        if self.penalties is not None:
+            m["kinetic"], m["jacobian"] = self.penalties.tolist()
         return {"iter": self.iter, "lr": self.sched.get_last_lr()[0], "running_loss": self.running, **m,
                 "time_fwd": window[0] / window[2], "time_bwd": window[1] / window[2],
                 "time_fwd_sum": self.sums[0], "time_bwd_sum": self.sums[1],
@@ -404,7 +467,11 @@ def train(args, run, state, backend_note=""):
     tuned = runtime.configure(args.threads)
     tr = Trainer(args, device)
     rows = []
-    checkpoint = lambda: ex.save_checkpoint(run.ckpt, tr.state_dict(config))  # noqa: E731
+    saved_at = [0]  # the iteration of the checkpoint on disk
+
+    def checkpoint():
+        ex.save_checkpoint(run.ckpt, tr.state_dict(config))
+        saved_at[0] = tr.iter
     if state is None:
         log.print(f"# run {run.name}")
         ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device)})
@@ -412,6 +479,7 @@ def train(args, run, state, backend_note=""):
         checkpoint()  # from now on the folder can always be resumed
     else:
         tr.load_state_dict(state)
+        saved_at[0] = tr.iter  # the checkpoint it resumes from
         rows = [r for r in ex.read_csv(run.csv) if r["iter"] <= tr.iter] if os.path.exists(run.csv) else []
         log.print(f"# resumed {run.name} at iteration {tr.iter} (to {args.niters})")
         # args.csv holds the config the run has now (--niters, --backend, ... may have changed);
@@ -425,13 +493,14 @@ def train(args, run, state, backend_note=""):
               f"backend {args.backend}" + (f" ({backend_note})" if backend_note else ""))
     log.print(f"model:\n{tr.cnf}\nparameters: {sum(p.numel() for p in tr.cnf.parameters())}")
 
-    def finish(status, reason, code):
+    def finish(status, reason, code, models=None):
         ex.write_csv(run.csv, rows)
         if rows:
             plots.plot_optimization(run.csv, run.file("optimization_stats.png"), toy_data.ENTROPY[args.data], run.name)
             plots.plot_mmd(run.csv, run.file("mmd_plot.png"))
         final = {k: v for k, v in rows[-1].items() if k not in ex.TIMING_COLUMNS} if rows else {}
-        ex.write_status(run, status, reason, tr.iter, final, backend=args.backend, backend_note=backend_note)
+        ex.write_status(run, status, reason, tr.iter, final, tr.grid_flag, models, backend=args.backend,
+                        backend_note=backend_note)
         log.print(f"{status}: {reason}")
         log.close()
         return code
@@ -462,13 +531,26 @@ def train(args, run, state, backend_note=""):
             if row_due:
                 bar.set_postfix(loss=f"{tr.running:.3f}", refresh=False)
                 row = tr.evaluate(window)
+                exploit = row.pop("grid_exploit_reason")
                 rows.append(row)
                 window = [0.0, 0.0, 0]
                 ex.write_csv(run.csv, rows)
+                fine = f", grid_gap {row['grid_gap']:+.1e}" if row.get("grid_gap") is not None else ""
+                if row.get("kinetic") is not None:
+                    fine += f"; kinetic {row['kinetic']:.3g}, jacobian {row['jacobian']:.3g}"
                 log.print(f"iter {row['iter']:5d} | loss {row['running_loss']:.4f} | val NLL {row['val_loss']:.4f} "
-                          f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}) | MMD {row['val_mmd']:.2e} | "
-                          f"{1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter | "
-                          f"{row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}")
+                          f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}{fine}) | "
+                          f"MMD {row['val_mmd']:.2e} | {1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter "
+                          f"| {row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}"
+                          + (" | GRID EXPLOITED" if exploit else ""))
+                if exploit and tr.grid_flag is None:
+                    _raise_grid_flag(tr, run, log, exploit, saved_at[0])
+                if exploit and args.on_grid_exploit == "stop":
+                    bar.close()
+                    checkpoint()
+                    models = _final_report(tr, rows, run, log, device)
+                    return finish("grid_exploited", f"iteration {tr.iter}: {exploit} (--on_grid_exploit stop)",
+                                  ex.EXIT_GRID_EXPLOITED, models)
             if tr.iter % args.ckpt_freq == 0 or stop.received:
                 checkpoint()
             if stop.received:
@@ -477,18 +559,55 @@ def train(args, run, state, backend_note=""):
                               f"{run.path}", ex.EXIT_INTERRUPTED)
         bar.close()
     checkpoint()
+    models = _final_report(tr, rows, run, log, device)
     if rows:
-        final, logp, secs = tr.final_evaluation(rows[-1]["val_loss"])
-        rows[-1].update(final)
-        ex.write_npy(run.test_logp, logp.numpy())
-        log.print(f"test NLL {final['test_loss']:.4f} ± {final['test_loss_se']:.4f} (SE, {args.num_samples_test} "
-                  f"points, gap {final['test_gap']:+.4f}; {secs[0]:.1f} s) | exact val NLL "
-                  f"{final['val_loss_exact']:.4f} ({metrics.EXACT_METHOD} float64, tol {metrics.EXACT_TOL:g}; "
-                  f"{secs[1]:.1f} s), disc_gap {final['disc_gap']:+.2e}")
         density.save(run, density.density_arrays(tr.cnf, tr.integ, device, args.seed), tr.iter)  # for overviews
     if args.viz:
         _visualize(tr.cnf, tr.integ, args, run, device, log)
-    return finish("completed", f"trained {args.niters} iterations", ex.EXIT_OK)
+    return finish("completed", f"trained {args.niters} iterations", ex.EXIT_OK, models)
+
+
+def _raise_grid_flag(tr, run, log, reason, saved_at):
+    """The flag's first rise: record it, keep the checkpoint on disk (written before this
+    validation) as ckpt_valid.pth, and say so loudly, once."""
+    a = tr.args
+    with open(run.ckpt, "rb") as f:
+        ex.atomic_write(run.ckpt_valid, f.read())
+    tr.grid_flag = {"iter": tr.iter, "reason": reason, "ckpt_valid_iter": saved_at}
+    log.print(f"!!! GRID EXPLOITED at iteration {tr.iter}: {reason}. The model is gaming its {a.num_timesteps}-point "
+              f"{a.method} grid, so its NLL is no longer a likelihood. Use more grid points (--num_timesteps), a lower "
+              f"learning rate (--lr, --lr_schedule), or regularization (--kinetic, --jacobian); --on_grid_exploit "
+              f"stop ends such a run. "
+              f"The last checkpoint before the flag rose (iteration {saved_at}) is kept as {run.ckpt_valid}; "
+              f"quote its numbers, evaluated at the end of the run.")
+
+
+def _final_report(tr, rows, run, log, device):
+    """The end-of-run metrics of the trained model into the last row (and test_logp.npy);
+    for a flagged run also those of ckpt_valid.pth. Returns status.json's ``models``
+    (None for an unflagged run)."""
+    a = tr.args
+    if not rows:
+        return None
+    final, logp, secs = tr.final_evaluation(rows[-1]["val_loss"])
+    rows[-1].update(final)
+    ex.write_npy(run.test_logp, logp.numpy())
+    flagged = tr.grid_flag is not None
+    label = f" [ckpt.pth, iteration {tr.iter}: trained past the grid_exploited flag]" if flagged else ""
+    log.print(f"test NLL {final['test_loss']:.4f} ± {final['test_loss_se']:.4f} (SE, {a.num_samples_test} "
+              f"points, gap {final['test_gap']:+.4f}; {secs[0]:.1f} s) | exact val NLL "
+              f"{final['val_loss_exact']:.4f} ({metrics.EXACT_METHOD} float64, tol {metrics.EXACT_TOL:g}; "
+              f"{secs[1]:.1f} s), disc_gap {final['disc_gap']:+.2e}{label}")
+    if not flagged:
+        return None
+    latest = {"label": "latest model, trained past the grid_exploited flag: do not quote", "iter": tr.iter,
+              "val_loss": rows[-1]["val_loss"], **final}
+    valid = {"label": "last checkpoint before the grid_exploited flag rose: quote this one",
+             **metrics.checkpoint_metrics(run.ckpt_valid, device, a.backend)}
+    log.print(f"test NLL {valid['test_loss']:.4f} ± {valid['test_loss_se']:.4f} (gap {valid['test_gap']:+.4f}) | "
+              f"exact val NLL {valid['val_loss_exact']:.4f}, disc_gap {valid['disc_gap']:+.2e} "
+              f"[ckpt_valid.pth, iteration {valid['iter']}: the last checkpoint before the flag rose; quote this one]")
+    return {"ckpt.pth": latest, "ckpt_valid.pth": valid}
 
 
 def _visualize(cnf, integ, args, run, device, log):

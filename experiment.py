@@ -22,15 +22,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 4
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_GRID_EXPLOITED = 0, 2, 3, 4, 5
 CKPT_FORMAT = 1
 
 # The one CSV schema: one row per --test_freq iterations (and the last one).
 # FINAL_COLUMNS are filled at the end of a completed run, in its last row, and are empty
 # in the rows before (a run continued past that end keeps them in that row).
+# val_loss_fine and grid_gap are empty in the rows without a grid watch (--grid_watch);
+# grid_exploited is 1 in a row whose validation raised the flag, else 0. kinetic and jacobian
+# (the last training batch's mean penalty integrals) are empty unless --kinetic or --jacobian is on.
 FINAL_COLUMNS = ("test_loss", "test_loss_se", "test_gap", "val_loss_exact", "disc_gap")
 CSV_COLUMNS = (
     "iter", "lr", "running_loss", "val_loss", "val_loss_se", "val_loss_lowp", "nll_gap", "val_mmd", "train_mmd",
+    "val_loss_fine", "grid_gap", "grid_exploited", "kinetic", "jacobian",
     "time_fwd", "time_bwd", "time_fwd_sum", "time_bwd_sum", "max_memory_mb", "loss_scale", "overflow_steps",
     *FINAL_COLUMNS,
 )
@@ -162,6 +166,11 @@ class RunDir:
         return self.file("ckpt.pth")
 
     @property
+    def ckpt_valid(self):
+        """The last checkpoint written before the grid_exploited flag first rose."""
+        return self.file("ckpt_valid.pth")
+
+    @property
     def status(self):
         return self.file("status.json")
 
@@ -222,10 +231,13 @@ def write_npy(path, array):
     atomic_write(path, buf.getvalue())
 
 
-def write_status(run, status, reason, iteration, metrics, **extra):
-    """status.json; ``extra`` adds keys (cnf.py: the backend that ran, and why)."""
-    write_json(run.status, {"status": status, "exit_reason": reason, "iter": iteration,
-                            "final": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
+def write_status(run, status, reason, iteration, metrics, grid_exploited=None, models=None, **extra):
+    """``grid_exploited``: None, or where and why the flag first rose; ``models``: for a
+    flagged run, the end-of-run metrics of each checkpoint, by file name, with a label;
+    ``extra`` adds keys (cnf.py: the backend that ran, and why)."""
+    write_json(run.status, {"status": status, "exit_reason": reason, "iter": iteration, "final": metrics,
+                            "grid_exploited": grid_exploited, **({"models": models} if models else {}),
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
 
 
 def write_args(run, config, extra):

@@ -89,9 +89,10 @@ def hyper_field_trace(p, z):
     return f, _width_sum(terms, c4), (s, terms)
 
 
-def hyper_field_trace_vjp(p, z, saved, gf, gtr):
+def hyper_field_trace_vjp(p, z, saved, gf, gtr, gterms=None):
     """Hand-derived VJP of ``hyper_field_trace`` for cotangents gf [n,d] of f and
-    gtr [n,1] of tr. Runs in the activations' dtype (the low precision under
+    gtr [n,1] of tr (and ``gterms`` [n,w] of the saved ``terms``, which the
+    regularizers read). Runs in the activations' dtype (the low precision under
     autocast); the width reductions for B2 and c4 accumulate in float32.
 
     Returns (gz [n,d], (gW2T, gB2, gUw2T, gub, gc4)) shaped like ``p``.
@@ -100,9 +101,12 @@ def hyper_field_trace_vjp(p, z, saved, gf, gtr):
     s, terms = saved
     dt = s.dtype
     gf, gtr = gf.to(dt), gtr.to(dt)
-    O = gtr * c4.to(dt)  # [n, w]
+    O = gtr * c4.to(dt)  # [n, w]: the cotangent of terms from tr
     # d/ds: f gives gf Uw2T, tr gives gtr c4 (1 - 2s); both linear parts in one product
     gs = torch.mm(torch.cat([gf, gtr], 1), torch.cat([Uw2T, c4[None]], 0).to(dt))  # [n, w]
+    if gterms is not None:  # terms = s(1 - s): d/ds = 1 - 2s, like tr's part
+        O = O + gterms.to(dt)
+        gs = gs + gterms.to(dt)
     ga = torch.addcmul(gs, s, O, value=-2) * terms  # [n, w], sigmoid' = s(1-s)
     gz = torch.mm(W2T.to(dt), ga.t()).t()  # [n, d]
     acc = _acc_dtype(dt)
@@ -114,6 +118,54 @@ def hyper_field_trace_vjp(p, z, saved, gf, gtr):
         torch.mm(gtr.t(), terms)[0],  # gc4 [w]
     )
     return gz, grads
+
+
+def jacobian_basis(p):
+    """K [w, d*d] with K[j, a*d + b] = Uw2T[a,j] W2T[b,j] = U_j[a] W_j[b] * 4/w, for one
+    ``fused_params`` row: the Jacobian of the field is J = terms @ K (terms = (1 - tanh^2)/4)."""
+    W2T, _, Uw2T, _, _ = p
+    d, w = W2T.shape
+    return (Uw2T.t()[:, :, None] * W2T.t()[:, None, :]).reshape(w, d * d)
+
+
+def hyper_regularizers(p, f, terms):
+    """The integrands of the kinetic and Jacobian penalties (Finlay et al. 2020), exactly:
+    ||f||^2 [n,1] and ||df/dz||_F^2 [n,1], with
+
+        df/dz = (1/w) sum_j (1 - tanh^2(a_j)) U_j W_j^T = terms @ K  (see ``jacobian_basis``).
+
+    Both accumulate in float32 (float64 for float64) from the compute dtype's f and
+    terms. Returns (kinetic, jacobian, J [n, d*d]) for ``hyper_regularizers_vjp``."""
+    acc = _acc_dtype(terms.dtype)
+    with torch.autocast(terms.device.type, enabled=False):  # autocast would round the products to low
+        J = torch.mm(terms.to(acc), jacobian_basis(p).to(acc))  # [n, d*d]
+        fa = f.to(acc)
+        return (fa * fa).sum(1, keepdim=True), (J * J).sum(1, keepdim=True), J
+
+
+def hyper_regularizers_vjp(p, z, saved, f, J, gf, gtr, gkin, gjac):
+    """VJP of ``hyper_field_trace`` and ``hyper_regularizers`` together, for cotangents
+    gf [n,d], gtr [n,1], gkin [n,1] (of ||f||^2) and gjac [n,1] (of ||J||_F^2).
+
+    ||f||^2 adds 2 gkin f to f's cotangent; ||J||^2 = |terms @ K|^2 gives GJ = 2 gjac J,
+    the cotangent GJ K^T of terms (handed to ``hyper_field_trace_vjp``), and terms^T GJ
+    of K, which flows to Uw2T and W2T through K's outer products. Returns (gz, grads) like
+    ``hyper_field_trace_vjp``; the K part of the grads in float32 (float64 for float64).
+    """
+    W2T, _, Uw2T, _, _ = p
+    s, terms = saved
+    acc = _acc_dtype(terms.dtype)
+    d, w = W2T.shape
+    with torch.autocast(terms.device.type, enabled=False):
+        gf = gf.to(acc) + 2 * gkin.to(acc) * f.to(acc)
+        GJ = 2 * gjac.to(acc) * J  # [n, d*d]
+        K = jacobian_basis(p).to(acc)
+        gterms = torch.mm(GJ, K.t())  # [n, w]
+        gK = torch.mm(terms.to(acc).t(), GJ).reshape(w, d, d)  # [w, a, b]
+        gUw2T_K = torch.einsum("jab,bj->aj", gK, W2T.to(acc))
+        gW2T_K = torch.einsum("jab,aj->bj", gK, Uw2T.to(acc))
+    gz, (gW2T, gB2, gUw2T, gub, gc4) = hyper_field_trace_vjp(p, z, saved, gf, gtr, gterms)
+    return gz, (gW2T + gW2T_K, gB2, gUw2T + gUw2T_K, gub, gc4)
 
 
 def hyper_trace(W, B, U, x, target_dtype=torch.float32):

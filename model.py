@@ -16,6 +16,8 @@ from hyper_trace import (
     hyper_field,
     hyper_field_trace,
     hyper_field_trace_vjp,
+    hyper_regularizers,
+    hyper_regularizers_vjp,
     sample_noise,
     trace_autograd,
     trace_hutchinson,
@@ -91,11 +93,18 @@ class CNF(nn.Module):
 
     def grid_eval(self, p, y):
         f, tr, saved = hyper_field_trace(p, y[0])
-        return (f, -tr), saved
+        if len(y) == 2:
+            return (f, -tr), saved
+        kin, jac, J = hyper_regularizers(p, f, saved[1])  # the state (z, logp, kinetic, jacobian)
+        return (f, -tr, -kin, -jac), (saved, f, J)
 
     def grid_vjp(self, p, y, saved, cot):
-        gz, gp = hyper_field_trace_vjp(p, y[0], saved, cot[0], -cot[1])
-        return (gz, None), gp
+        if len(y) == 2:
+            gz, gp = hyper_field_trace_vjp(p, y[0], saved, cot[0], -cot[1])
+            return (gz, None), gp
+        saved, f, J = saved
+        gz, gp = hyper_regularizers_vjp(p, y[0], saved, f, J, cot[0], -cot[1], -cot[2], -cot[3])
+        return (gz, None, None, None), gp
 
     @property
     def grid_solve_enabled(self):
@@ -104,6 +113,8 @@ class CNF(nn.Module):
     def grid_solve(self, P, y, spec):
         import cnf_kernels  # triton is optional: imported only by the triton backend
 
+        if len(y) != 2:
+            raise ValueError("the fused kernels solve (z, logp) only, not the regularizers' states")
         return cnf_kernels.solve_forward(P, y[0], y[1], spec)
 
     def grid_solve_vjp(self, P, sol, grads, spec, scaler):
@@ -128,15 +139,18 @@ class CNF(nn.Module):
                 if self.noise is None or self.noise.shape != z.shape:
                     raise RuntimeError("hutchinson trace: call set_noise(z) before the solve")
                 tr = trace_hutchinson(f, z, self.noise)
-        return f, -tr
+        if len(states) == 2:
+            return f, -tr
+        kin, jac, _ = hyper_regularizers(p, f, hyper_field_trace(p, z)[2][1])  # closed form, whatever the trace
+        return f, -tr, -kin, -jac
 
 
-def resolve_backend(name, device, odeint="torchmpnode", trace="exact", probe=None):
+def resolve_backend(name, device, odeint="torchmpnode", trace="exact", probe=None, regularized=False):
     """The backend a run uses, and a note for its log.
 
     'auto' is 'triton' on CUDA when the fused kernels can run there (triton
-    imports, the GPU is recent enough, torchmpnode with the exact trace), else
-    'torch'. With ``probe`` (keyword arguments of ``fused_self_test``: the
+    imports, the GPU is recent enough, torchmpnode with the exact trace, no
+    ``regularized`` penalties), else 'torch'. With ``probe`` (keyword arguments of ``fused_self_test``: the
     run's width, method, low precision and scaling) the kernels must also pass
     their self-test on this machine. An explicit 'triton' that cannot run
     raises a one-line ValueError; 'auto' falls back to 'torch' and says why.
@@ -151,6 +165,8 @@ def resolve_backend(name, device, odeint="torchmpnode", trace="exact", probe=Non
         misfit = f"it runs torchmpnode's solve, not --odeint {odeint}"
     elif trace != "exact":
         misfit = f"it fuses the exact trace, not --trace {trace}"
+    elif regularized:
+        misfit = "it solves (z, logp) only, not the states of --kinetic/--jacobian"
     if name == "auto" and device.type != "cuda":
         return "torch", ""
     if misfit:
@@ -251,13 +267,16 @@ def standard_normal_logprob(z):
     return -0.5 * (z.shape[1] * math.log(2 * math.pi) + (z * z).sum(1))
 
 
-def flow_to_base(cnf, x, integ, num_points=None, generator=None):
+def flow_to_base(cnf, x, integ, num_points=None, generator=None, regularize=False):
     """Solve data x [n,d] from t=1 to t=0. Returns (z_t [T,n,d], dlogp_t [T,n,1]);
-    index -1 is t=0. dlogp_t is the integral of -tr from 1 to t."""
+    index -1 is t=0. dlogp_t is the integral of -tr from 1 to t. With ``regularize``
+    also kinetic_t and jacobian_t [T,n,1], the integrals of ||f||^2 and ||df/dz||_F^2
+    from t to 1: extra states of the same solve (float32, or float64 for float64)."""
     if cnf.trace == "hutchinson":
         cnf.set_noise(x, generator)
     logp = torch.zeros(x.shape[0], 1, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    return integ.solve(cnf, (x, logp), integ.grid(x.device, reverse=True, num_points=num_points))
+    y0 = (x, logp, torch.zeros_like(logp), torch.zeros_like(logp)) if regularize else (x, logp)
+    return integ.solve(cnf, y0, integ.grid(x.device, reverse=True, num_points=num_points))
 
 
 def log_prob(cnf, x, integ, generator=None, return_z=False):
@@ -266,6 +285,15 @@ def log_prob(cnf, x, integ, generator=None, return_z=False):
     z_t, dlogp_t = flow_to_base(cnf, x, integ, generator=generator)
     logp = standard_normal_logprob(z_t[-1]) - dlogp_t[-1, :, 0].to(torch.promote_types(x.dtype, torch.float32))
     return (logp, z_t[-1]) if return_z else logp
+
+
+def nll_and_penalties(cnf, x, integ, generator=None):
+    """The training objective's parts from one solve: the mean NLL of x [n,d], and the
+    means over x of the kinetic energy and Jacobian Frobenius norm integrals,
+    int_0^1 ||f||^2 dt and int_0^1 ||df/dz||_F^2 dt [2] (float32, float64 for float64)."""
+    z_t, dlogp_t, kin_t, jac_t = flow_to_base(cnf, x, integ, generator=generator, regularize=True)
+    logp = standard_normal_logprob(z_t[-1]) - dlogp_t[-1, :, 0].to(torch.promote_types(x.dtype, torch.float32))
+    return -logp.mean(), torch.stack([kin_t[-1].mean(), jac_t[-1].mean()])
 
 
 def flow_from_base(cnf, z, integ, num_points=None, generator=None):

@@ -23,6 +23,11 @@ def plot_optimization(csv_path, out_png, entropy=None, title=""):
     a.plot(df["iter"], df["running_loss"], label="running loss (train)")
     a.plot(df["iter"], df["val_loss"], "o-", ms=3, label="val NLL (float32)")
     a.plot(df["iter"], df["val_loss_lowp"], "x--", ms=3, label="val NLL (training precision)")
+    if "val_loss_fine" in df and df["val_loss_fine"].notna().any():  # the grid watch (older CSVs lack it)
+        a.plot(df["iter"], df["val_loss_fine"], "+:", ms=4, label="val NLL, 4x the grid's steps")
+    if "grid_exploited" in df and (df["grid_exploited"] == 1).any():
+        first = df.loc[df["grid_exploited"] == 1, "iter"].iloc[0]
+        a.axvline(first, color="tab:red", lw=1, label=f"grid_exploited from {first}")
     if entropy is not None:
         a.axhline(entropy, color="k", ls=":", label=f"true entropy {entropy:.3f}")
     a.set(xlabel="iteration", ylabel="nats", title="negative log-likelihood")

@@ -53,7 +53,7 @@ from precision import PRECISIONS, scaler_label  # noqa: E402
 CELL = ["data", "solver", "precision", "scaler"]
 RUN_COLUMNS = [*CELL, "seed", "status", "iter", "test_nll", "test_nll_se", "test_gap", "val_nll", "val_nll_se",
                "nll_gap", "val_nll_exact", "disc_gap", "val_mmd", "ms_fwd", "ms_bwd", "ms_iter", "peak_mb",
-               "overflow_steps", "run", "used"]
+               "overflow_steps", "grid_exploited", "run", "used"]
 # Aggregated over the completed seeds of a cell: mean and sd of each.
 STATS = ["test_nll", "test_nll_se", "test_gap", "val_nll", "nll_gap", "val_nll_exact", "disc_gap", "val_mmd",
          "ms_fwd", "ms_bwd", "ms_iter", "peak_mb"]
@@ -126,6 +126,8 @@ def load_run(folder):
         "peak_mb": float(df["max_memory_mb"].max()) if len(df) else math.nan,
         "ms_iter": 1e3 * float(df["time_fwd"].mean() + df["time_bwd"].mean()) if len(df) else math.nan,
         "overflow_steps": int(last["overflow_steps"]) if last is not None else 0,
+        # the iteration where the grid_exploited flag first rose (NaN: never): its NLLs game the grid
+        "grid_exploited": (status.get("grid_exploited") or {}).get("iter", math.nan),
         "run": os.path.relpath(folder),
         "used": True,
         "_stamp": stamp,
@@ -219,6 +221,12 @@ def status_counts(statuses):
     return ", ".join(f"{n} {s}" for s, n in counts.items())
 
 
+def _flagged(g):
+    """Runs whose grid_exploited flag rose, besides those it stopped (their status says so)."""
+    n = int((g["grid_exploited"].notna() & (g["status"] != "grid_exploited")).sum())
+    return f" ({n} grid_exploited)" if n else ""
+
+
 def cell_table(runs):
     """One row per cell: counts, mean and sd over completed seeds, and the paired comparisons
     (runs marked unused by ``mark_duplicates`` left out)."""
@@ -230,7 +238,7 @@ def cell_table(runs):
     for key, g in runs.groupby(CELL, sort=True):
         ok = g[g["status"] == "completed"]
         row = dict(zip(CELL, key), runs=len(g), n=len(ok), diverged=int((g["status"] == "diverged").sum()),
-                   status=status_counts(g["status"]), seeds=" ".join(str(s) for s in sorted(g["seed"])))
+                   status=status_counts(g["status"]) + _flagged(g), seeds=" ".join(str(s) for s in sorted(g["seed"])))
         for m in STATS:
             row[f"{m}_mean"], row[f"{m}_sd"], _ = mean_sd(ok[m])
         row["overflow_steps_mean"] = float(ok["overflow_steps"].mean()) if len(ok) else math.nan
@@ -299,6 +307,8 @@ def to_markdown(cells, runs):
     out.append("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|")
     for _, r in runs.iterrows():
         status = r.status if r.used else f"{r.status}, *ignored*"
+        if math.isfinite(r.grid_exploited):
+            status += f", **grid_exploited** at {int(r.grid_exploited)}"
         out.append(f"| {r.data} | {r.solver} | {r.precision} | {r.scaler} | {r.seed} | {status} | {r.iter} "
                    f"| {_pm(r.test_nll, r.test_nll_se, '.4f')} | {_pm(r.val_nll, r.val_nll_se, '.4f')} "
                    f"| {_pm(r.disc_gap, math.nan, '.1e', True)} | {r.overflow_steps} |")
