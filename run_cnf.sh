@@ -12,7 +12,8 @@
 #   --per-gpu K        (local) at most K cells on each GPU at a time (default 1)
 #   --dry-run          print the cells and exit
 #   --wait             (SLURM) block until the array finishes; exit with its highest task exit code
-#   --resume DIR       resubmit the cells of sweep DIR whose status.json is not "completed"
+#   --resume DIR       resubmit the cells of sweep DIR not finished (status.json neither "completed"
+#                      nor "grid_exploited"); with --dry-run, only list them
 #   --status DIR       one line per cell of sweep DIR: state, iteration, val NLL, ms/iter, ETA, job
 #   --results-dir DIR  parent of the sweep folder (default ./results)
 #   --partition P  --account A  --gpus N  --time T  --mem M  --cpus N
@@ -152,10 +153,12 @@ if [ -n "$resume" ]; then
   ids=()
   while IFS=$'\t' read -r idx name _; do
     st="$SWEEP/runs/$name/status.json"
-    if ! { [ -f "$st" ] && grep -q '"status": "completed"' "$st"; }; then ids+=("$idx"); fi
+    # finished: completed, or stopped by --on_grid_exploit stop (resumed, it would stop again)
+    if ! { [ -f "$st" ] && grep -Eq '"status": "(completed|grid_exploited)"' "$st"; }; then ids+=("$idx"); fi
   done < "$SWEEP/cells.tsv"
-  echo "sweep $SWEEP: ${#ids[@]} of $(wc -l < "$SWEEP/cells.tsv") cells not completed${ids:+: ${ids[*]}}"
+  echo "sweep $SWEEP: ${#ids[@]} of $(wc -l < "$SWEEP/cells.tsv") cells not finished${ids:+: ${ids[*]}}"
   [ ${#ids[@]} -gt 0 ] || exit 0
+  [ "$dry" = 1 ] && exit 0
 else
   # ------------------------------------------------------------ a new sweep: write its cells
   cells=()

@@ -188,7 +188,7 @@ def test_local_sweep_resume_reruns_exactly_the_unfinished_cells(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cells = {l.split("\t")[1]: l.split("\t")[0] for l in open(os.path.join(d, "cells.tsv")).read().splitlines()}
     expect = sorted(int(cells[names[i]]) for i in (1, 3))
-    assert re.search(rf"2 of 4 cells not completed: {expect[0]} {expect[1]}", proc.stdout), proc.stdout
+    assert re.search(rf"2 of 4 cells not finished: {expect[0]} {expect[1]}", proc.stdout), proc.stdout
     assert set(statuses(d).values()) == {"completed"}
     assert len(os.listdir(os.path.join(d, "runs"))) == 4  # same folders, none added
     for f, first in first_logs.items():  # a rerun cell's log keeps its first attempt
@@ -307,7 +307,7 @@ def test_real_slurm_sweep_summary_and_resume(tmp_path):
     _break(d, (names[0], names[5]))
     proc = sweep(*SLURM_OPTS, "--resume", d)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 of 8 cells not completed" in proc.stdout and re.search(r"\(2 tasks\)", proc.stdout)
+    assert "2 of 8 cells not finished" in proc.stdout and re.search(r"\(2 tasks\)", proc.stdout)
     assert set(statuses(d).values()) == {"completed"}
 
 
@@ -446,3 +446,23 @@ def test_sweep_runs_with_a_bare_interpreter_path(tmp_path):
         proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "--dry-run"], capture_output=True,
                               text=True, cwd=tmp_path, env={**env, "CNF_PYTHON": bad}, timeout=TIMEOUT)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "CNF_PYTHON" in proc.stderr, proc.stderr
+
+
+def test_resume_skips_finished_cells_and_dry_run_only_lists(tmp_path):
+    """--resume reruns what is not finished: a cell stopped by --on_grid_exploit stop is
+    finished (resumed, it would stop again after one validation), like a completed one;
+    --dry-run lists the cells and submits nothing."""
+    sweep = tmp_path / "sweep"
+    states = {"a": "completed", "b": "grid_exploited", "c": "interrupted", "d": "diverged", "e": None}
+    lines = []
+    for i, (name, state) in enumerate(states.items()):
+        lines.append(f"{i}\t{name}\t--data 8gaussians --seed {i}")
+        (sweep / "runs" / name).mkdir(parents=True)
+        if state:
+            ex.write_status(ex.RunDir(sweep / "runs" / name), state, "test", 4, {})
+    (sweep / "cells.tsv").write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "--resume", str(sweep), "--dry-run"],
+                          capture_output=True, text=True, env=with_python(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"3 of 5 cells not finished: 2 3 4$", proc.stdout.strip(), re.M), proc.stdout
+    assert not (sweep / "slurm").exists() or not os.listdir(sweep / "slurm")  # nothing ran
