@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # has direct tests of its own).
 TESTS = {
     "hyper_trace.py": ["test_hyper_trace.py", "tests/test_model.py"],
-    "torchmpnode/": ["tests/test_torchmpnode.py", "tests/test_scaling.py"],
+    "torchmpnode/": ["tests/test_torchmpnode.py", "tests/test_scaling.py", "tests/test_host_syncs.py"],
     "metrics.py": ["tests/test_metrics.py"],
     "toy_data.py": ["tests/test_toy_data.py"],
     "summarize.py": ["tests/test_summary_stats.py", "tests/test_sweeps.py"],

@@ -185,6 +185,14 @@ def test_retries_accumulate_over_solves_and_change_no_gradient(path):
         "one: the retries of a solve are not added to the count")
     for name, g in plain.items():
         assert torch.equal(first[name], g), explain(name, first[name], g, float(scaler.scale), path)
+    # as in training, where the count is read only when a CSV row is written: the fused path
+    # then keeps it on the device, and each solve's retries must add to the unread ones
+    unread = HugeTarget(torch.float32)
+    for _ in range(3):
+        gradients(path, "rk4", 1.0, unread, False)
+    assert int(unread.overflow_steps) == 3 * once, (
+        f"{WHERE[path]}: overflow_steps is {int(unread.overflow_steps)} when first read after three identical "
+        f"solves, {once} after one: retries counted but not yet read are lost by the next solve")
 
 
 def test_fused_reports_the_smallest_block_scale():
