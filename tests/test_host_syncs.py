@@ -20,6 +20,7 @@ import torch
 
 import cnf
 import experiment as ex
+import trainer as trainer_module
 from torchmpnode import DynamicScaler
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu", "__format__")
@@ -206,7 +207,7 @@ def test_cuda_iteration_syncs(monkeypatch, precision, syncs):
     reason = cnf_kernels.unavailable_reason(torch.device("cuda"))
     if reason:
         pytest.skip(reason)
-    monkeypatch.setattr(cnf, "_sync", lambda device: None)
+    monkeypatch.setattr(trainer_module, "_sync", lambda device: None)
     tr = trainer("triton", precision, "cuda", ["--num_samples", "1024", "--width", "128", "--hidden_dim", "32",
                                                "--num_timesteps", "128"])
     for _ in range(2):  # compile, grid plan, Adam's state, pinned buffers
