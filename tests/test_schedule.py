@@ -70,7 +70,9 @@ def test_csv_lr_follows_the_schedule_and_resume_is_bitwise(tmp_path, name):
     df = pd.read_csv(ex.RunDir(full).csv)
     assert list(df["iter"]) == list(range(1, 9))
     want = [expected_lr(k, kind, 8, warmup=warmup) for k in df["iter"]]
-    assert df["lr"].tolist() == pytest.approx(want, rel=1e-12, abs=0), name
+    assert df["lr"].tolist() == pytest.approx(want, rel=1e-12, abs=0), (
+        f"{name}: the CSV's lr column {df['lr'].tolist()} is not the schedule's value after each row's number of "
+        f"updates {want}: the scheduler does not step exactly once per iteration")
     if kind != "constant":
         assert len(set(df["lr"])) > 2  # the test would see a scheduler stepped too often or too rarely
 
