@@ -35,7 +35,8 @@ FAILED = 8  # a cell appended to cells.tsv whose arguments cnf.py refuses
 def _job(sweep, task, *extra):
     """Start one cell exactly as run_cnf.sh --local does (job_cnf.sbatch, log appended)."""
     log = open(os.path.join(sweep, "slurm", f"local_{task}.out"), "a")
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "KIT_DIR": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "KIT_DIR": ROOT, "OMP_NUM_THREADS": "1",
+           "CNF_PYTHON": sys.executable}
     return subprocess.Popen(["bash", os.path.join(ROOT, "job_cnf.sbatch"), sweep, *extra], stdout=log,
                             stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
@@ -82,7 +83,7 @@ def sweep(tmp_path_factory):
                              "8gaussians,checkerboard", "--solvers", "torchmpnode", "--precisions", "float32,bfloat16",
                              "--seeds", "0,1", "--results-dir", str(results), "--", *TINY],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CNF_PYTHON": sys.executable})
     listings = {}
 
     def running_listing():
@@ -170,7 +171,7 @@ def test_status_at_the_end_names_each_state_and_reason(sweep):
                                         "1 failed to start")
     # the same listing through run_cnf.sh
     proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--status", sweep["dir"]], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+                          text=True, cwd=ROOT, timeout=120, env={**os.environ, "CNF_PYTHON": sys.executable})
     assert proc.returncode == 0 and _rows(proc.stdout) == {t: {**r, "updated": _rows(proc.stdout)[t]["updated"]}
                                                            for t, r in rows.items()}
 
