@@ -327,7 +327,7 @@ def _sweep_problem(device, cfg, precision):
     return fwd, bwd, spec
 
 
-def _sweep_settings(kernel, block=None, warps=None, pad=None, partial_mb=None):
+def sweep_settings(kernel, block=None, warps=None, pad=None, partial_mb=None):
     """Apply one choice to ``cnf_kernels`` (the other kernel and the other knobs keep
     their defaults); returns a function restoring the defaults."""
     import cnf_kernels
@@ -378,7 +378,7 @@ def _compile_choice(job):
     """In a worker process: run one choice once, so its kernel compiles into Triton's cache."""
     device, cfg_items, precision, kernel, settings = job
     fwd, bwd, _ = _cached_problem(device, cfg_items, precision)
-    restore = _sweep_settings(kernel, **settings)
+    restore = sweep_settings(kernel, **settings)
     try:
         (fwd if kernel == "forward" else bwd)()
         if torch.device(device).type == "cuda":
@@ -444,7 +444,7 @@ def kernel_sweep(device, cfg, out=print, parts=SWEEP_PARTS, precompile=None):
                     slowest_first = sorted(mine, key=lambda c: (-c[2].get("block", 0), c[2].get("warps", 0)))
                     list(ex.map(_compile_choice, [(str(device), cfg_items, p, k, s) for p, k, s in slowest_first]))
             for _, kernel, settings in mine:
-                restore = _sweep_settings(kernel, **settings)
+                restore = sweep_settings(kernel, **settings)
                 fn = fwd if kernel == "forward" else bwd
                 try:
                     block = cnf_kernels.BLOCKS[device.type][kernel == "backward"]

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 import experiment as ex
-from model import CNF, Integrator, sample
-from metrics import log_prob_batched
+from metrics import load_run_model, log_prob_batched
+from model import Integrator, sample
 
 FILE = "density.npz"
 LIMIT = 4.5  # the plotting box of every toy dataset (the flow frames use the same)
@@ -68,13 +68,9 @@ def from_checkpoint(folder, device="cpu"):
     """Compute and write density.npz of a saved run from its ckpt.pth (read safely).
     Writes only inside that run folder. Returns the path."""
     run = ex.RunDir(folder)
-    state = ex.load_checkpoint(run.ckpt)
-    c = state["config"]
-    cnf = CNF(2, c["hidden_dim"], c["width"], c["trace"]).to(device)
-    cnf.load_state_dict(state["model"])
-    cnf.eval()
+    cnf, c, iteration = load_run_model(run.ckpt, device)
     integ = Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False)
-    save(run, density_arrays(cnf, integ, torch.device(device), int(c["seed"])), state["iter"])
+    save(run, density_arrays(cnf, integ, torch.device(device), int(c["seed"])), iteration)
     return run.file(FILE)
 
 

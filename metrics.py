@@ -162,7 +162,7 @@ def exact_metrics(cnf, x_val, val_loss):
 
 
 # --- python metrics.py RUN_DIR: the exact likelihood of a saved run -----------------------
-def _load_run_model(ckpt, device, backend="torch"):
+def load_run_model(ckpt, device, backend="torch"):
     """(model, config, iteration) of a checkpoint file, on ``device``."""
     state = ex.load_checkpoint(ckpt)
     c = state["config"]
@@ -179,7 +179,7 @@ def _val_set(c, device):
 def run_exact(folder, device="cpu", ckpt=None):
     """(val_loss on the run's grid, exact metrics, seconds) for a run folder, from its
     checkpoint (``ckpt``, default the folder's ckpt.pth)."""
-    cnf, c, _ = _load_run_model(ckpt or ex.RunDir(folder).ckpt, device)
+    cnf, c, _ = load_run_model(ckpt or ex.RunDir(folder).ckpt, device)
     x_val = _val_set(c, device)
     integ = Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False)
     gen = torch.Generator().manual_seed(c["seed"])  # Hutchinson noise, if the run used it
@@ -193,7 +193,7 @@ def checkpoint_metrics(ckpt, device, backend="torch"):
     """The end-of-run metrics of the model in checkpoint file ``ckpt`` (a run's ckpt_valid.pth):
     {iter, val_loss, test_loss, test_loss_se, test_gap, val_loss_exact, disc_gap}, on the
     run's own validation and test sets and trained grid, as a completed run reports them."""
-    cnf, c, it = _load_run_model(ckpt, device, backend)
+    cnf, c, it = load_run_model(ckpt, device, backend)
     x_val = _val_set(c, device)
     x_test = toy_data.inf_train_gen(c["data"], c["num_samples_test"], toy_data.seed_streams(c["seed"])["test"])
     integ = Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False)

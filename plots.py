@@ -4,6 +4,7 @@ import io
 import math
 import os
 import sys
+import textwrap
 
 import matplotlib
 
@@ -160,8 +161,6 @@ def plot_overview(datasets, columns, panels, out_png, out_pdf=None, caption="", 
     Each density has its own colour scale from 0 to its 99.5th percentile, so a sharp
     and a diffuse model are both visible. Writes the PNG (and the PDF) atomically."""
     import experiment
-
-    import textwrap
 
     nr, nc = len(datasets), len(columns)
     left, gap = 0.35, 0.12

@@ -28,10 +28,7 @@ def lr_factor(k, schedule="step", step=1000, gamma=0.1, lr=1.0, lr_min=0.0, warm
     if schedule == "constant":
         return 1.0
     if schedule == "step":
-        f = 1.0
-        for _ in range(k // step):
-            f *= gamma
-        return f
+        return gamma ** (k // step)
     span = max(niters - warmup, 1)
     progress = min(k - warmup, span) / span
     floor = lr_min / lr

@@ -50,17 +50,13 @@ def variants(tune=False):
 
 def compile_one(device, width, n, method, precision, kernel=None, block=None, warps=None):
     """One forward solve and its backward on the fused path with these settings."""
-    import cnf_kernels
+    import bench
     from model import CNF, Integrator, log_prob
     from torchmpnode import DynamicScaler
 
     device = torch.device(device)
-    defaults = cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS
-    if kernel is not None:  # as the sweep sets them; restored after (a pool process runs many variants)
-        slot = 0 if kernel == "forward" else 1
-        blocks, nw = list(defaults[0]), list(defaults[1])
-        blocks[slot], nw[slot] = block, warps
-        cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = tuple(blocks), tuple(nw)
+    # as the sweep sets them; restored after (a pool process runs many variants)
+    restore = bench.sweep_settings(kernel, block, warps) if kernel is not None else (lambda: None)
     try:
         torch.manual_seed(0)
         model = CNF(2, HIDDEN, width, backend="triton").to(device)
@@ -73,7 +69,7 @@ def compile_one(device, width, n, method, precision, kernel=None, block=None, wa
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
-        cnf_kernels.BLOCKS[device.type], cnf_kernels.NUM_WARPS = defaults
+        restore()
 
 
 def _worker(job):

@@ -114,6 +114,9 @@ def test_gaming_a_coarse_grid_raises_the_flag_and_keeps_the_last_unflagged_check
     assert f"completed, **grid_exploited** at {first}" in md and "1 completed (1 grid_exploited)" in md
     runs = pd.read_csv(tmp_path / "sum" / "summary_runs.csv")
     assert runs["grid_exploited"].tolist() == [first]
+    cells = pd.read_csv(tmp_path / "sum" / "summary.csv")
+    assert cells["grid_exploited"].tolist() == [1]
+    assert summarize.FLAG_MARK in open(tmp_path / "sum" / "summary.tex").read()
 
 
 def test_stop_ends_the_run_with_its_exit_code_and_keeps_both_checkpoints(tmp_path):

@@ -303,6 +303,10 @@ def test_decimals_follow_the_standard_error():
     r = next(_fake_cells([("float16", "dynamic", "torchmpnode")]).itertuples())
     # SE 0.0123/sqrt(3) = 0.0071 -> 3 decimals; gap signed with a math minus; ms SE 0.87 -> 1; MB SE 21 -> 0
     assert summarize.tex_cells(r) == [r"3.142 $\pm$ 0.012", r"$-$0.500", r"12.3 $\pm$ 1.5", r"480 $\pm$ 37"]
+    # a cell with a seed that gamed its grid carries the flag's mark, documented in the caption
+    flagged = next(_fake_cells([("float16", "dynamic", "torchmpnode")]).assign(grid_exploited=1).itertuples())
+    assert summarize.tex_cells(flagged)[0] == r"3.142 $\pm$ 0.012" + summarize.FLAG_MARK
+    assert summarize.FLAG_MARK in summarize.tex_caption() and "grid\\_exploited" in summarize.tex_caption()
 
 
 def test_labels_are_escaped_and_marks_documented(tmp_path):

@@ -249,7 +249,7 @@ ENTROPY_BY_INTEGRAL = {
 
 @functools.lru_cache(maxsize=None)
 def integrated_entropy(name):
-    """(entropy, total probability) of ``ENTROPY_BY_INTEGRAL[name]``, computed once per session."""
+    """(entropy, total probability) of ``ENTROPY_BY_INTEGRAL[name]``, computed once per pytest run."""
     return ENTROPY_BY_INTEGRAL[name]()
 
 
