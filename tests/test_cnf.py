@@ -236,6 +236,28 @@ def test_replot_from_the_folder_alone(tmp_path):
         assert os.path.getsize(run.file(f)) > 10000
 
 
+def test_compare_runs_figure_and_its_bad_input(tmp_path):
+    """plots.py --compare draws several runs' validation curves from their folders; runs of
+    different datasets, a wrong number of labels and a folder that is no run exit 2."""
+    a = run_inprocess(tmp_path / "a", "--no-viz", "--data", "checkerboard")[1]
+    b = run_inprocess(tmp_path / "b", "--no-viz", "--data", "checkerboard", "--kinetic", "0.1")[1]
+    c = run_inprocess(tmp_path / "c", "--no-viz", "--data", "moons")[1]
+    plots = os.path.join(ROOT, "plots.py")
+
+    def run(*argv):
+        return subprocess.run([sys.executable, plots, *argv], capture_output=True, text=True, cwd=str(tmp_path))
+
+    out = str(tmp_path / "cmp.png")
+    proc = run(a, b, "--compare", out, "--labels", "plain,kinetic")
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.getsize(out) > 20000 and sorted(os.listdir(tmp_path)) == ["a", "b", "c", "cmp.png"]
+    for argv, msg in (((a, c, "--compare", out), "different datasets"),
+                      ((a, b, "--compare", out, "--labels", "one"), "1 labels for 2 runs"),
+                      ((a, str(tmp_path), "--compare", out), "is not a run folder")):
+        proc = run(*argv)
+        assert proc.returncode == 2 and msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("odeint,event", [("torchdiffeq", "GradScaler scale 65536 -> 32768 (step skipped"),
                                           ("torchmpnode", "DynamicScaler retried")])
 def test_scaler_events_are_logged(tmp_path, odeint, event):
