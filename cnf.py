@@ -10,7 +10,6 @@ self-contained run folder (see README). Exit codes: 0 completed, 2 bad input,
 import argparse
 import math
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -274,7 +273,7 @@ def train(args, run, state, backend_note=""):
     if state is None:
         log.print(f"# run {run.name}")
         ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device)})
-        shutil.copy2(os.path.abspath(__file__), run.file("cnf.py"))
+        ex.snapshot_code(run)
         checkpoint()  # from now on the folder can always be resumed
     else:
         tr.load_state_dict(state)

@@ -249,6 +249,32 @@ def write_args(run, config, extra):
     atomic_write(run.file("args.csv"), buf.getvalue())
 
 
+KIT_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def snapshot_code(run):
+    """Copy the kit's source files that this process has loaded (cnf.py, trainer.py,
+    model.py, torchmpnode/, ...; tests aside) into ``run/code/``, keeping their paths
+    relative to the kit, so the folder records the code that ran."""
+    sources = set()
+    for mod in list(sys.modules.values()):
+        path = getattr(mod, "__file__", None)
+        if not path or not os.path.isabs(path) or not path.endswith(".py") or not os.path.isfile(path):
+            continue  # builtins, extension modules, and a few with a bare relative __file__
+        rel = os.path.relpath(os.path.abspath(path), KIT_DIR)
+        name = os.path.basename(rel)
+        if rel.startswith("..") or rel.split(os.sep)[0] in ("tests", ".venv") or name.startswith(("test_", "conftest")):
+            continue
+        sources.add(rel)
+    for rel in sorted(sources):
+        with open(os.path.join(KIT_DIR, rel), "rb") as f:
+            data = f.read()
+        dest = run.file(os.path.join("code", rel))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        atomic_write(dest, data)
+    return sorted(sources)
+
+
 def read_args(path):
     with open(path, newline="") as f:
         return {r["key"]: r["value"] for r in csv.DictReader(f)}

@@ -42,7 +42,7 @@ def status_data(run):
 
 def check_complete(folder, frames=3, rows=(2, 4)):
     run = ex.RunDir(folder)
-    for f in (run.log, run.csv, run.ckpt, run.status, run.file("args.csv"), run.file("cnf.py"),
+    for f in (run.log, run.csv, run.ckpt, run.status, run.file("args.csv"), run.file("code/cnf.py"),
               run.file("optimization_stats.png"), run.file("mmd_plot.png"), run.file("cnf-viz.gif")):
         assert os.path.isfile(f) and os.path.getsize(f) > 0, f
     assert len(glob.glob(run.file("cnf-viz-*.jpg"))) == frames
@@ -234,6 +234,21 @@ def test_replot_from_the_folder_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for f in ("optimization_stats.png", "mmd_plot.png"):
         assert os.path.getsize(run.file(f)) > 10000
+
+
+def test_the_run_folder_keeps_the_code_that_ran(tmp_path):
+    """code/ holds byte copies of the kit's modules the run loaded, the solver package
+    included, and none of the tests."""
+    code, folder = run_inprocess(tmp_path, "--no-viz")
+    assert code == 0
+    base = os.path.join(folder, "code")
+    kept = sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs)
+    for rel in ("cnf.py", "trainer.py", "model.py", "hyper_trace.py", "metrics.py", "experiment.py", "schedule.py",
+                "toy_data.py", os.path.join("torchmpnode", "_solver.py"), os.path.join("torchmpnode", "__init__.py")):
+        assert rel in kept
+    assert not [r for r in kept if "test" in r or r.startswith("..")]
+    for rel in kept:
+        assert open(os.path.join(base, rel), "rb").read() == open(os.path.join(ROOT, rel), "rb").read(), rel
 
 
 def test_compare_runs_figure_and_its_bad_input(tmp_path):
