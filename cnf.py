@@ -393,7 +393,8 @@ def _final_report(tr, rows, run, log, device):
     flagged = tr.grid_flag is not None
     label = f" [ckpt.pth, iteration {tr.iter}: trained past the grid_exploited flag]" if flagged else ""
     log.print(f"test NLL {final['test_loss']:.4f} ± {final['test_loss_se']:.4f} (SE, {a.num_samples_test} "
-              f"points, gap {final['test_gap']:+.4f}; {secs[0]:.1f} s) | exact val NLL "
+              f"points, gap {final['test_gap']:+.4f}; MMD {final['test_mmd']:.2e} ± {final['test_mmd_se']:.1e}; "
+              f"{secs[0]:.1f} s) | exact val NLL "
               f"{final['val_loss_exact']:.4f} ({metrics.EXACT_METHOD} float64, tol {metrics.EXACT_TOL:g}; "
               f"{secs[1]:.1f} s), disc_gap {final['disc_gap']:+.2e}{label}")
     if not flagged:
@@ -402,7 +403,8 @@ def _final_report(tr, rows, run, log, device):
               "val_loss": rows[-1]["val_loss"], **final}
     valid = {"label": "last checkpoint before the grid_exploited flag rose: quote this one",
              **metrics.checkpoint_metrics(run.ckpt_valid, device, a.backend)}
-    log.print(f"test NLL {valid['test_loss']:.4f} ± {valid['test_loss_se']:.4f} (gap {valid['test_gap']:+.4f}) | "
+    log.print(f"test NLL {valid['test_loss']:.4f} ± {valid['test_loss_se']:.4f} (gap {valid['test_gap']:+.4f}; "
+              f"MMD {valid['test_mmd']:.2e} ± {valid['test_mmd_se']:.1e}) | "
               f"exact val NLL {valid['val_loss_exact']:.4f}, disc_gap {valid['disc_gap']:+.2e} "
               f"[ckpt_valid.pth, iteration {valid['iter']}: the last checkpoint before the flag rose; quote this one]")
     return {"ckpt.pth": latest, "ckpt_valid.pth": valid}

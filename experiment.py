@@ -31,7 +31,7 @@ CKPT_FORMAT = 1
 # val_loss_fine and grid_gap are empty in the rows without a grid watch (--grid_watch);
 # grid_exploited is 1 in a row whose validation raised the flag, else 0. kinetic and jacobian
 # (the last training batch's mean penalty integrals) are empty unless --kinetic or --jacobian is on.
-FINAL_COLUMNS = ("test_loss", "test_loss_se", "test_gap", "val_loss_exact", "disc_gap")
+FINAL_COLUMNS = ("test_loss", "test_loss_se", "test_gap", "test_mmd", "test_mmd_se", "val_loss_exact", "disc_gap")
 CSV_COLUMNS = (
     "iter", "lr", "running_loss", "val_loss", "val_loss_se", "val_loss_lowp", "nll_gap", "val_mmd", "train_mmd",
     "val_loss_fine", "grid_gap", "grid_exploited", "kinetic", "jacobian",

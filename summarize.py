@@ -52,11 +52,11 @@ from precision import PRECISIONS, scaler_label  # noqa: E402
 
 CELL = ["data", "solver", "precision", "scaler"]
 RUN_COLUMNS = [*CELL, "seed", "status", "iter", "test_nll", "test_nll_se", "test_gap", "val_nll", "val_nll_se",
-               "nll_gap", "val_nll_exact", "disc_gap", "val_mmd", "ms_fwd", "ms_bwd", "ms_iter", "peak_mb",
-               "overflow_steps", "grid_exploited", "run", "used"]
+               "nll_gap", "val_nll_exact", "disc_gap", "val_mmd", "test_mmd", "test_mmd_se", "ms_fwd", "ms_bwd",
+               "ms_iter", "peak_mb", "overflow_steps", "grid_exploited", "run", "used"]
 # Aggregated over the completed seeds of a cell: mean and sd of each.
 STATS = ["test_nll", "test_nll_se", "test_gap", "val_nll", "nll_gap", "val_nll_exact", "disc_gap", "val_mmd",
-         "ms_fwd", "ms_bwd", "ms_iter", "peak_mb"]
+         "test_mmd", "ms_fwd", "ms_bwd", "ms_iter", "peak_mb"]
 REFERENCE = ("float32", "none")  # the twin every cell is compared with: same data, solver and seed
 CONFIDENCE = 0.95
 
@@ -120,6 +120,7 @@ def load_run(folder):
         "test_nll": get("test_loss"), "test_nll_se": get("test_loss_se"), "test_gap": get("test_gap"),
         "val_nll": get("val_loss"), "val_nll_se": get("val_loss_se"), "nll_gap": get("nll_gap"),
         "val_nll_exact": get("val_loss_exact"), "disc_gap": get("disc_gap"), "val_mmd": get("val_mmd"),
+        "test_mmd": get("test_mmd"), "test_mmd_se": get("test_mmd_se"),
         # mean over the run of the per-row window averages
         "ms_fwd": 1e3 * float(df["time_fwd"].mean()) if len(df) else math.nan,
         "ms_bwd": 1e3 * float(df["time_bwd"].mean()) if len(df) else math.nan,

@@ -102,6 +102,34 @@ def test_test_metrics_batches_and_standard_error():
     assert m["test_loss"] == pytest.approx(-float(whole.double().mean()), abs=1e-5)
     assert m["test_loss_se"] == pytest.approx(float(whole.double().std()) / math.sqrt(1000), rel=1e-4)
     assert m["test_gap"] == pytest.approx(m["test_loss"] - toy_data.ENTROPY["moons"])
+    # the test MMD: 1000 model samples against the 1000 test points, in 10 blocks of 100
+    gen = torch.Generator().manual_seed(5)
+    m, _ = metrics.test_metrics(cnf, integ, x, "moons", gen)
+    # the exact trace's NLL solve draws no noise, so the samples start from the seed's first draws
+    samples = metrics.sample_batched(cnf, 1000, integ, x.device, torch.Generator().manual_seed(5))
+    vals = torch.tensor([metrics.mmd2(samples[i:i + 100], x[i:i + 100]) for i in range(0, 1000, 100)],
+                        dtype=torch.float64)
+    assert m["test_mmd"] == pytest.approx(float(vals.mean()), abs=1e-6)
+    assert m["test_mmd_se"] == pytest.approx(float(vals.std()) / math.sqrt(10), rel=1e-6)
+
+
+def test_block_mmd_is_the_mean_and_standard_error_over_disjoint_blocks():
+    a, b = moons(1000, 1), moons(1000, 2)
+    mean, se = metrics.block_mmd(a, b, blocks=4)
+    vals = torch.tensor([metrics.mmd2(a[i:i + 250], b[i:i + 250]) for i in range(0, 1000, 250)], dtype=torch.float64)
+    assert mean == pytest.approx(float(vals.mean()), abs=1e-9) and se == pytest.approx(float(vals.std()) / 2, rel=1e-9)
+    assert abs(mean) < 4 * se + 1e-3  # one distribution: about 0, within its error bar
+    far, far_se = metrics.block_mmd(a, b + 1.0, blocks=4)
+    assert far > mean + 10 * (far_se + se)  # a shifted sample is told apart
+    # blocks shrink to keep two points a side; one block has no standard error
+    assert metrics.block_mmd(a[:6], b[:6], blocks=10)[0] == pytest.approx(
+        float(torch.tensor([metrics.mmd2(a[i:i + 2], b[i:i + 2]) for i in (0, 2, 4)]).double().mean()), abs=1e-7)
+    m1, se1 = metrics.block_mmd(a[:3], b[:3])
+    assert m1 == pytest.approx(metrics.mmd2(a[:3], b[:3]), abs=1e-9) and math.isnan(se1)
+    # a NaN sample (a diverged model) reaches the metric
+    bad = a.clone()
+    bad[7] = float("nan")
+    assert math.isnan(metrics.block_mmd(bad, b)[0])
 
 
 def test_metrics_command_reproduces_a_runs_exact_likelihood(tmp_path):
