@@ -144,6 +144,8 @@ def find_runs(root):
         d = d.rstrip("/")
         if d == root.rstrip("/") or d in candidates or any(c.startswith(d + "/") for c in candidates):
             continue
+        if any(d.startswith(c + "/") for c in candidates):
+            continue  # a run's own sub-folder (code/)
         if os.path.basename(d) in ("slurm",):
             continue
         print(f"summarize.py: warning: skipping {d}: not a run folder (no args.csv)", file=sys.stderr)
