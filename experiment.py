@@ -261,7 +261,7 @@ def snapshot_code(run):
         path = getattr(mod, "__file__", None)
         if not path or not os.path.isabs(path) or not path.endswith(".py") or not os.path.isfile(path):
             continue  # builtins, extension modules, and a few with a bare relative __file__
-        rel = os.path.relpath(os.path.abspath(path), KIT_DIR)
+        rel = os.path.relpath(path, KIT_DIR)
         name = os.path.basename(rel)
         if rel.startswith("..") or rel.split(os.sep)[0] in ("tests", ".venv") or name.startswith(("test_", "conftest")):
             continue
@@ -272,7 +272,6 @@ def snapshot_code(run):
         dest = run.file(os.path.join("code", rel))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         atomic_write(dest, data)
-    return sorted(sources)
 
 
 def read_args(path):

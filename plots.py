@@ -235,7 +235,7 @@ def plot_runs(run_dirs, out_png, labels=None, title=""):
     entropy = toy_data.ENTROPY[data.pop()]
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
     lo, hi = 0.0, 0.0
-    for i, (run, a, label) in enumerate(zip(runs, args, labels)):
+    for i, (run, cfg, label) in enumerate(zip(runs, args, labels)):
         df = pd.read_csv(run.csv)
         c = f"C{i}"
         gap = df["val_loss"] - entropy
@@ -244,14 +244,14 @@ def plot_runs(run_dirs, out_png, labels=None, title=""):
         if "grid_gap" in df and df["grid_gap"].notna().any():
             g = df.dropna(subset=["grid_gap"])
             ax[0, 1].plot(g["iter"], g["grid_gap"].abs().clip(lower=1e-7), "-", color=c, lw=1, label=label)
-            if "grid_gap_max" in a:
-                ax[0, 1].axhline(float(a["grid_gap_max"]), color=c, ls=":", lw=1)
+            if "grid_gap_max" in cfg:
+                ax[0, 1].axhline(float(cfg["grid_gap_max"]), color=c, ls=":", lw=1)
         ax[1, 0].plot(df["iter"], df["val_mmd"], "-", color=c, lw=1, label=label)
         ax[1, 1].plot(df["iter"], df["lr"], "-", color=c, lw=1, label=label)
         if "grid_exploited" in df and (df["grid_exploited"] == 1).any():
             first = df.loc[df["grid_exploited"] == 1, "iter"].iloc[0]
-            for a_ in ax.flat:
-                a_.axvline(first, color=c, ls="--", lw=0.8)
+            for a in ax.flat:
+                a.axvline(first, color=c, ls="--", lw=0.8)
     a = ax[0, 0]
     a.axhline(0.0, color="k", ls=":", lw=1, label=f"true entropy {entropy:.4f}")
     # a gamed run dives by nats; keep the honest runs' last hundredths readable
@@ -294,7 +294,7 @@ def main(argv=None):
         else:
             for d in args.runs:
                 replot(d)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a run folder without its CSV yet
         print(f"plots.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -142,10 +142,10 @@ def find_runs(root):
     candidates = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "args.csv"), recursive=True)})
     for d in sorted(glob.glob(os.path.join(root, "**", ""), recursive=True)):
         d = d.rstrip("/")
-        if d == root.rstrip("/") or d in candidates or any(c.startswith(d + "/") for c in candidates):
+        # a run, a folder above runs, or a run's own sub-folder (code/)
+        if (d == root.rstrip("/") or d in candidates
+                or any(c.startswith(d + "/") or d.startswith(c + "/") for c in candidates)):
             continue
-        if any(d.startswith(c + "/") for c in candidates):
-            continue  # a run's own sub-folder (code/)
         if os.path.basename(d) in ("slurm",):
             continue
         print(f"summarize.py: warning: skipping {d}: not a run folder (no args.csv)", file=sys.stderr)
