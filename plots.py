@@ -216,19 +216,39 @@ def replot(run_dir):
     plot_mmd(run.csv, run.file("mmd_plot.png"))
 
 
+# args that say where or how a run was executed, not what it trained
+_NOT_A_DIFFERENCE = ("results_dir", "run_dir", "resume", "threads", "device", "gpu", "viz", "viz_samples",
+                     "viz_timesteps")
+
+
+def default_labels(args, names, most=4):
+    """Legend labels for runs with configs ``args`` (dicts from args.csv): the settings in which
+    they differ ('lr_schedule=cosine, kinetic=0.001'; at most ``most`` of them, in args.csv order),
+    else the folder ``names``."""
+    keys = [k for k in args[0] if k not in _NOT_A_DIFFERENCE
+            and len({a.get(k) for a in args}) > 1] if len(args) > 1 else []
+    keys += [k for a in args[1:] for k in a if k not in args[0] and k not in _NOT_A_DIFFERENCE and k not in keys]
+    if not keys:
+        return list(names)
+    labels = [", ".join(f"{k}={a.get(k, '-')}" for k in keys[:most]) + (", ..." if len(keys) > most else "")
+              for a in args]
+    return labels if len(set(labels)) == len(labels) else list(names)
+
+
 def plot_runs(run_dirs, out_png, labels=None, title=""):
     """Validation curves of several runs of one dataset, one colour per run: the
     val NLL's gap to the true entropy, |grid_gap| against each run's threshold,
     val MMD and the learning rate. A run's grid_exploited flag is a vertical line
-    in its colour. Reads each folder's args.csv and CSV only."""
+    in its colour. Without ``labels``, a run is labelled by the settings in which the
+    runs differ. Reads each folder's args.csv and CSV only."""
     import experiment
     import toy_data
 
     runs = [experiment.RunDir(d) for d in run_dirs]
-    labels = list(labels) if labels else [r.name for r in runs]
+    args = [experiment.read_args(r.file("args.csv")) for r in runs]
+    labels = list(labels) if labels else default_labels(args, [r.name for r in runs])
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
-    args = [experiment.read_args(r.file("args.csv")) for r in runs]
     data = {a["data"] for a in args}
     if len(data) != 1:
         raise ValueError(f"the runs are of different datasets ({', '.join(sorted(data))}); compare one at a time")
@@ -281,7 +301,8 @@ def main(argv=None):
                                  "or compare several runs' validation curves in one figure.")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--compare", metavar="OUT.png", help="draw one comparison figure of the runs instead")
-    p.add_argument("--labels", help="comma-separated legend labels for --compare, one per run")
+    p.add_argument("--labels", help="comma-separated legend labels for --compare, one per run "
+                   "(default: the settings in which the runs differ)")
     p.add_argument("--title", default="", help="the comparison figure's title")
     args = p.parse_args(argv)
     try:

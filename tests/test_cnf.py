@@ -273,6 +273,24 @@ def test_compare_runs_figure_and_its_bad_input(tmp_path):
         assert proc.returncode == 2 and msg in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_compare_default_labels_name_what_differs():
+    """Without --labels, --compare labels each run by the settings in which the runs differ
+    (where and how a run executed is no difference); runs that differ in nothing, or in more
+    settings than a legend holds, keep their folder names or a shortened list."""
+    import plots
+
+    base = {"data": "checkerboard", "lr": "0.01", "lr_schedule": "step", "threads": "1", "results_dir": "r"}
+    cos = dict(base, lr_schedule="cosine", threads="2", results_dir="s")
+    assert plots.default_labels([base, cos], ["a", "b"]) == ["lr_schedule=step", "lr_schedule=cosine"]
+    assert plots.default_labels([base, dict(base, threads="4")], ["a", "b"]) == ["a", "b"]
+    assert plots.default_labels([base], ["a"]) == ["a"]
+    extra = dict(base, kinetic="0.1")  # a setting the other run's args.csv lacks
+    assert plots.default_labels([base, extra], ["a", "b"]) == ["kinetic=-", "kinetic=0.1"]
+    many = dict(base, data="moons", lr="1", lr_schedule="cosine", kinetic="1", jacobian="1")
+    assert plots.default_labels([base, many], ["a", "b"], most=2) == [
+        "data=checkerboard, lr=0.01, ...", "data=moons, lr=1, ..."]
+
+
 @pytest.mark.parametrize("odeint,event", [("torchdiffeq", "GradScaler scale 65536 -> 32768 (step skipped"),
                                           ("torchmpnode", "DynamicScaler retried")])
 def test_scaler_events_are_logged(tmp_path, odeint, event):
