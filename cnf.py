@@ -92,7 +92,8 @@ def build_parser():
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--gpu", type=int, default=None, help="alias for --device cuda:N")
     a("--threads", type=int, default=None,
-      help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per core); 1 on a busy shared machine")
+      help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per core); 1 on a busy shared machine. "
+           "Not taken from a resumed run's checkpoint: pass it again")
     a("--viz", action=argparse.BooleanOptionalAction, default=True, help="flow frames and GIF at the end")
     a("--viz_samples", type=int, default=30000, help="samples in the flow frames")
     a("--viz_timesteps", type=int, default=41, help="frames (time points) in the flow animation")
@@ -285,6 +286,9 @@ def train(args, run, state, backend_note=""):
         ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device),
                                     "resumed_at_iter": tr.iter})
     log.print("config: " + " ".join(f"--{k} {v}" for k, v in sorted(config.items())))
+    before = (state or {}).get("config", {}).get("threads")
+    if before is not None and before != args.threads:  # threads belong to the machine, not to the run
+        tuned += f" (the run's previous segment used {before}; --threads sets it)"
     log.print(f"device {_device_name(device)}, torch {torch.__version__}, runtime: {tuned}"
               + (f"; {tr.prec.note}" if tr.prec.note else ""))
     log.print(f"scalers: {tr.scalers.label}; solver {args.odeint} {args.method}, {args.num_timesteps} grid points; "

@@ -148,6 +148,19 @@ def test_resume_continues_bitwise(tmp_path, extra):
     pd.testing.assert_frame_equal(_rows(full), _rows(part))
 
 
+def test_resume_says_when_its_thread_count_changed(tmp_path):
+    """--threads belongs to the machine, not the run: a resume uses its own (torch's default
+    unless given) and the log says what the previous segment used."""
+    n = torch.get_num_threads()
+    code, folder = run_inprocess(tmp_path, "--no-viz", "--niters", "2", "--threads", str(n))
+    assert code == 0
+    proc = run_subprocess("--resume", folder, "--niters", "4", "--threads", str(n + 1))
+    assert proc.returncode == 0, proc.stderr
+    log = open(ex.RunDir(folder).log).read()
+    assert f"runtime: {n + 1} thread(s)" in log and f"the run's previous segment used {n};" in log
+    assert log.count("previous segment used") == 1  # the first segment has nothing to compare with
+
+
 def test_resume_refuses_a_mismatched_command_line(tmp_path):
     code, folder = run_inprocess(tmp_path, "--no-viz")
     proc = run_subprocess("--resume", folder, "--width", "16", "--niters", "8")
