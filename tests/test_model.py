@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import CNF, Integrator, flow_from_base, flow_to_base, log_prob, sample
+from model import CNF, Integrator, flow_from_base, flow_snapshots, flow_to_base, log_prob, sample
 
 
 class Plain(nn.Module):
@@ -89,6 +89,31 @@ def test_sample_inverts_log_prob_and_density_is_normalised():
     assert abs(mass.item() - 1) < 0.02
     s = sample(cnf, 10, integ, "cpu", generator=torch.Generator().manual_seed(0))
     assert s.shape == (10, 2) and s.dtype == torch.float32
+    # the samples are the generator's noise pushed to t=1: pulled back, they give that noise
+    noise = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)).double()
+    assert (s.double() - noise).abs().max() > 0.01  # the flow moves them 1000 tolerances (else this checks nothing)
+    torch.testing.assert_close(flow_to_base(cnf, s.double(), integ)[0][-1], noise, rtol=0, atol=1e-5)
+
+
+def test_flow_frames_hold_the_model_density_at_both_ends():
+    """flow_snapshots: frame 0 is the base density at the pulled-back grid and its samples
+    the noise; the last frame is log_prob on the grid itself and its samples the model's."""
+    torch.manual_seed(0)
+    cnf = CNF(2, 8, 16).double()
+    integ = Integrator("torchmpnode", "rk4", 16)
+    snap = flow_snapshots(cnf, integ, 20, 5, "cpu", torch.Generator().manual_seed(1), grid_size=12, limit=3.0)
+    assert snap["samples"].shape == (5, 20, 2) and snap["density_logp"].shape == (5, 144)
+    grid = torch.from_numpy(snap["density_xy"][-1]).double()
+    side = torch.linspace(-3.0, 3.0, 12, dtype=torch.float64)
+    torch.testing.assert_close(grid, torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2),
+                               rtol=0, atol=1e-6)
+    want = log_prob(cnf, grid, Integrator("torchmpnode", "rk4", 5)).detach().numpy()  # the frames' own grid of times
+    assert abs(snap["density_logp"][-1] - want).max() < 1e-5
+    z0 = torch.from_numpy(snap["density_xy"][0]).double()
+    base = -0.5 * (2 * math.log(2 * math.pi) + (z0**2).sum(1))
+    assert abs(snap["density_logp"][0] - base.numpy()).max() < 1e-5
+    # the flow changes the density by ~0.01 here: a sign error in between moves it 2000 tolerances
+    assert abs(snap["density_logp"][-1] - snap["density_logp"][0]).max() > 0.005
 
 
 def test_log_prob_is_float32_under_autocast():
