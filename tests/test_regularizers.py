@@ -134,6 +134,24 @@ def test_low_precision_keeps_float32_accumulation(low):
     assert 0 < rel < 0.05  # really computed in the low precision, and still close
 
 
+def test_the_objective_weights_each_penalty_by_its_own_flag():
+    """The training loss is NLL + kinetic * int ||f||^2 + jacobian * int ||df/dz||_F^2, each
+    weight on its own integral (swapped weights would still lower both penalties)."""
+    from trainer import Trainer
+
+    args = cnf.build_parser().parse_args([*TINY, "--kinetic", "0.3", "--jacobian", "0.05"])
+    cnf.validate(args)
+    tr = Trainer(args, torch.device("cpu"))
+    tr.cnf.double()  # float64: the penalties of an untrained field (~1e-4) stand far above roundoff
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss = tr.objective(x)
+    nll, pen = nll_and_penalties(tr.cnf, x, tr.integ)
+    pen = pen.detach()
+    assert abs(float(pen[0] - pen[1])) > 0.2 * float(pen.max())  # a swap changes the weighted sum by > 10 %
+    torch.testing.assert_close(loss.detach() - nll.detach(), 0.3 * pen[0] + 0.05 * pen[1], rtol=1e-9, atol=0)
+    torch.testing.assert_close(tr.penalties, pen)  # what the CSV's kinetic, jacobian columns log
+
+
 def test_cnf_logs_the_penalties_and_they_lower_them(tmp_path):
     base = ["--niters", "30", "--test_freq", "10", "--no-viz", "--lr", "0.02"]
     code, plain = run_inprocess(tmp_path / "a", *base)
