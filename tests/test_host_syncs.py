@@ -194,6 +194,45 @@ def test_deferred_checks_match_checking_every_iteration(tmp_path, monkeypatch, f
         assert "DynamicScaler retried" in lazy[4]
 
 
+class _NanGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
+def test_a_nan_gradient_under_a_finite_loss_is_rolled_back(tmp_path, monkeypatch):
+    """Without GradScaler a non-finite gradient is a failure even when the loss is finite:
+    the deferred checks roll back to the iteration before it and stop there, as a run that
+    checks every iteration does (an update with it would make every parameter NaN)."""
+    real = cnf.Trainer.objective
+
+    # the 8th iteration's gradient is NaN, its loss is not; the row at 8 settles it (a failure
+    # earlier in a row's window would also show as the NaN losses that follow it)
+    def objective(self, x):
+        loss = real(self, x)
+        return _NanGradient.apply(loss) if self.iter == 7 else loss
+
+    flags = ["--niters", "12", "--test_freq", "4", "--ckpt_freq", "12"]
+    out = []
+    for name, checked in (("lazy", False), ("each", True)):
+        monkeypatch.setattr(cnf.Trainer, "objective", objective)
+        out.append(_run(tmp_path / name, monkeypatch, checked, *flags))  # undoes the patches
+    (lazy, each) = out
+    for code, status, rows, ckpt, log in out:
+        assert code != 0 and status["status"] == "diverged", status
+        assert status["exit_reason"].startswith("iteration 8: non-finite gradient") and ckpt["iter"] == 7
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    a, b = lazy[3], each[3]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    pd.testing.assert_frame_equal(lazy[2], each[2])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision,syncs", [("float32", 0), ("bfloat16", 0), ("float16", 1)])
 def test_cuda_iteration_syncs(monkeypatch, precision, syncs):
