@@ -31,7 +31,7 @@ TESTS = {
     "schedule.py": ["tests/test_schedule.py"],
     "precision.py": ["tests/test_precision.py", "tests/test_scaling.py", "tests/test_cnf.py"],
     "model.py": ["tests/test_model.py", "tests/test_regularizers.py", "tests/test_metrics.py"],
-    "trainer.py": ["tests/test_regularizers.py", "tests/test_host_syncs.py", "tests/test_grid_watch.py",
+    "trainer.py": ["tests/test_trainer.py", "tests/test_regularizers.py", "tests/test_host_syncs.py", "tests/test_grid_watch.py",
                    "tests/test_reliability.py", "tests/test_cnf.py"],
     "toy_data.py": ["tests/test_toy_data.py"],
     "summarize.py": ["tests/test_summary_stats.py", "tests/test_sweeps.py"],
