@@ -216,9 +216,9 @@ def replot(run_dir):
     plot_mmd(run.csv, run.file("mmd_plot.png"))
 
 
-# args that say where or how a run was executed, not what it trained
+# args.csv entries that say where or how a run was executed, not what it trained
 _NOT_A_DIFFERENCE = ("results_dir", "run_dir", "resume", "threads", "device", "gpu", "viz", "viz_samples",
-                     "viz_timesteps")
+                     "viz_timesteps", "torch_version", "device_name", "resumed_at_iter")
 
 
 def default_labels(args, names, most=4):

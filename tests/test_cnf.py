@@ -293,7 +293,7 @@ def test_compare_default_labels_name_what_differs():
     import plots
 
     base = {"data": "checkerboard", "lr": "0.01", "lr_schedule": "step", "threads": "1", "results_dir": "r"}
-    cos = dict(base, lr_schedule="cosine", threads="2", results_dir="s")
+    cos = dict(base, lr_schedule="cosine", threads="2", results_dir="s", resumed_at_iter="166")
     assert plots.default_labels([base, cos], ["a", "b"]) == ["lr_schedule=step", "lr_schedule=cosine"]
     assert plots.default_labels([base, dict(base, threads="4")], ["a", "b"]) == ["a", "b"]
     assert plots.default_labels([base], ["a"]) == ["a"]
