@@ -97,12 +97,13 @@ def test_sample_inverts_log_prob_and_density_is_normalised():
 
 def test_flow_frames_hold_the_model_density_at_both_ends():
     """flow_snapshots: frame 0 is the base density at the pulled-back grid and its samples
-    the noise; the last frame is log_prob on the grid itself and its samples the model's."""
+    the generator's noise; the last frame is log_prob on the grid itself."""
     torch.manual_seed(0)
     cnf = CNF(2, 8, 16).double()
     integ = Integrator("torchmpnode", "rk4", 16)
     snap = flow_snapshots(cnf, integ, 20, 5, "cpu", torch.Generator().manual_seed(1), grid_size=12, limit=3.0)
     assert snap["samples"].shape == (5, 20, 2) and snap["density_logp"].shape == (5, 144)
+    assert (snap["samples"][0] == torch.randn(20, 2, generator=torch.Generator().manual_seed(1)).numpy()).all()
     grid = torch.from_numpy(snap["density_xy"][-1]).double()
     side = torch.linspace(-3.0, 3.0, 12, dtype=torch.float64)
     torch.testing.assert_close(grid, torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2),
