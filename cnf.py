@@ -2,61 +2,60 @@
 
     python cnf.py --data 8gaussians --odeint torchmpnode --precision float16
 
-Parses and checks the flags, builds a ``trainer.Trainer``, runs its loop and writes a
-self-contained run folder (see README). Exit codes: 0 completed, 2 bad input,
-3 diverged, 4 interrupted (SIGTERM/SIGINT/SIGUSR1; resumable), 5 stopped by
-``--on_grid_exploit stop``.
+Reads top to bottom: the flags (``build_parser``; ``check_flags`` refuses bad ones before
+torch loads), the machine (device, backend, threads), the run folder (new or resumed),
+then ``train``: start the folder, loop (iterate, validate, checkpoint), and end the run
+(final metrics and status first, then the figures). The model, solver, metrics, figures
+and files live in their own modules (docs/contributing.md says which).
+
+Exit codes (docs/cli.md): 0 completed, 2 bad input, 3 diverged, 4 interrupted
+(SIGTERM/SIGINT/SIGUSR1; resumable), 5 stopped by ``--on_grid_exploit stop``, 6 disk full
+or over quota (nothing lost; resumable), 130 Ctrl-C before the run folder existed.
 """
 import argparse
+import functools
 import math
 import os
+import re
 import sys
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-import density
+import choices
 import experiment as ex
-import metrics
-import plots
-import runtime
 import schedule
 import toy_data
-from model import BACKENDS, SOLVERS, TRACES, flow_snapshots, resolve_backend
-from precision import PRECISIONS, scaler_flags
-from torchmpnode import METHODS
-from trainer import Trainer
+from torchmpnode import METHODS  # plain data: the package loads its solver (and torch) on first use
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
                     "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test",
                     "grid_watch", "grid_gap_max", "on_grid_exploit")
 
-
-# |grid_gap| in nats that raises grid_exploited: see the README's Metrics section for the measurements.
+# |grid_gap| in nats that raises grid_exploited: see docs/metrics.md for the measurements.
 GRID_GAP_MAX = 0.01
 
-# Where and how the run happens is the command line's business, never the checkpoint's.
-NEVER_FROM_CHECKPOINT = ("device", "gpu", "threads", "backend", "results_dir", "resume", "run_dir")
+# Where and how the run happens is the command line's business, never the checkpoint's. (The
+# thread count is the exception: a resume takes the checkpoint's unless --threads is given, since
+# the run's bits depend on it.)
+NEVER_FROM_CHECKPOINT = ("device", "gpu", "backend", "results_dir", "resume", "run_dir")
 
 
 def build_parser():
+    """Every flag of a run, with its default and help: the one place they are defined."""
     p = ex.OneLineParser(prog="cnf.py", description="Train a hypernetwork CNF on a 2D toy density.")
     a = p.add_argument
     a("--data", default="8gaussians", choices=toy_data.DATASETS, help="toy dataset")
-    a("--odeint", default="torchmpnode", choices=SOLVERS, help="ODE solver")
+    a("--odeint", default="torchmpnode", choices=choices.SOLVERS, help="ODE solver")
     a("--method", default="rk4", choices=tuple(METHODS), help="fixed-grid scheme (rk4 is classical RK4 in torchmpnode)")
     a("--num_timesteps", type=int, default=128, help="grid points from t=0 to t=1 (>= 2)")
-    a("--precision", default="float32", choices=tuple(PRECISIONS), help="training precision (autocast dtype)")
+    a("--precision", default="float32", choices=tuple(choices.PRECISIONS), help="training precision (autocast dtype)")
     a("--no_grad_scaler", action="store_true", help="disable GradScaler (torchdiffeq, float16)")
     a("--no_dynamic_scaler", action="store_true", help="disable DynamicScaler (torchmpnode, float16)")
     a("--grad_scaler", action="store_true", help="force GradScaler on for float16 (e.g. torchmpnode without DynamicScaler)")
     a("--adjoint", action="store_true", help="torchdiffeq's adjoint method (torchdiffeq only)")
     a("--hidden_dim", type=int, default=32, help="hypernetwork hidden size")
     a("--width", type=int, default=128, help="width w of the field")
-    a("--trace", default="exact", choices=TRACES, help="divergence: closed form, autograd, or Hutchinson")
-    a("--backend", default="auto", choices=("auto", *BACKENDS),
+    a("--trace", default="exact", choices=choices.TRACES, help="divergence: closed form, autograd, or Hutchinson")
+    a("--backend", default="auto", choices=("auto", *choices.BACKENDS),
       help="who runs torchmpnode's solve of the exact-trace field: the fused Triton kernels, or torch step by step; "
            "auto = triton on CUDA when it can run, else torch")
     a("--kinetic", type=float, default=0.0,
@@ -80,8 +79,7 @@ def build_parser():
     a("--test_freq", type=int, default=20, help="validate and write a CSV row every N iterations")
     a("--ckpt_freq", type=int, default=100, help="checkpoint every N iterations")
     a("--grid_watch", type=int, default=1,
-      help=f"every K-th validation (and the last) also solves on {metrics.FINE_FACTOR}x the grid's steps: "
-           "val_loss_fine, grid_gap; 0: never")
+      help="every K-th validation (and the last) also solves on a finer grid: val_loss_fine, grid_gap; 0: never")
     a("--grid_gap_max", type=float, default=GRID_GAP_MAX,
       help="|grid_gap| (nats) above this raises the grid_exploited flag")
     a("--on_grid_exploit", default="warn", choices=("warn", "stop"),
@@ -92,8 +90,8 @@ def build_parser():
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--gpu", type=int, default=None, help="alias for --device cuda:N")
     a("--threads", type=int, default=None,
-      help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per core); 1 on a busy shared machine. "
-           "Not taken from a resumed run's checkpoint: pass it again")
+      help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per core idle at the start; "
+           "a resume keeps its checkpoint's count)")
     a("--viz", action=argparse.BooleanOptionalAction, default=True, help="flow frames and GIF at the end")
     a("--viz_samples", type=int, default=30000, help="samples in the flow frames")
     a("--viz_timesteps", type=int, default=41, help="frames (time points) in the flow animation")
@@ -109,10 +107,9 @@ def explicit_flags(argv):
     return set(vars(quiet.parse_args(argv)))
 
 
-def validate(args, self_test=True):
-    """Raise ValueError with a one-line message for bad values. Resolves --device
-    and --backend in place; returns a note on the backend for the log. Without
-    ``self_test`` the fused kernels' self-test waits for the run's final config."""
+def check_flags(args):
+    """Raise ValueError with a one-line message for bad values; needs no torch, so a typo is
+    refused at once. What depends on the machine (CUDA, the backend) is ``resolve_machine``'s."""
     positive = ("num_timesteps", "hidden_dim", "width", "niters", "num_samples", "num_samples_val",
                 "num_samples_test", "test_freq", "ckpt_freq", "viz_samples", "viz_timesteps")
     for k in positive:
@@ -134,38 +131,24 @@ def validate(args, self_test=True):
             raise ValueError(f"--{k} must be a number >= 0, got {getattr(args, k)}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if args.threads is None:
-        args.threads = torch.get_num_threads()  # torch's default: OMP_NUM_THREADS, else one per core
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be positive, got {args.threads}")
     if args.adjoint and args.odeint != "torchdiffeq":
         raise ValueError("--adjoint is torchdiffeq's adjoint method; it does not apply to --odeint torchmpnode")
     if args.gpu is not None:
+        if args.gpu < 0:
+            raise ValueError(f"--gpu must be >= 0, got {args.gpu}")
         args.device = f"cuda:{args.gpu}"
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if dev.type not in ("cpu", "cuda"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ValueError(f"--device {args.device!r}: choose auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
-    if args.fused_adam and dev.type != "cuda":
+    if args.fused_adam and args.device == "cpu":
         raise ValueError(f"--fused_adam is torch's fused CUDA Adam; it needs --device cuda, not {args.device}")
-    use_dynamic = scaler_flags(args.odeint, args.precision, args.no_grad_scaler, args.no_dynamic_scaler,
-                               args.grad_scaler)[1]
-    probe = dict(width=args.width, method=args.method, low=PRECISIONS[args.precision], scaled=use_dynamic)
-    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe if self_test else None,
-                                         regularized=args.kinetic > 0 or args.jacobian > 0)
-    if args.backend == "triton" and args.precision == "tfloat32":
-        note += "; tfloat32: the fused kernels have no matmul, so they run plain float32"
+    if args.resume is not None and not os.path.exists(args.resume):
+        raise ValueError(f"--resume {args.resume!r} does not exist")
+    if args.run_dir is not None and os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+        raise ValueError(f"--run_dir {args.run_dir!r} exists and is not a folder")
     if args.resume is None and args.run_dir is None:
         _check_writable_dir(args.results_dir, "--results_dir")
-    return note
 
 
 def _check_writable_dir(path, flag):
@@ -179,19 +162,70 @@ def _check_writable_dir(path, flag):
         raise ValueError(f"{flag} {path!r} is not writable")
 
 
-def resolve_run(args, explicit):
+def parse(argv):
+    """The parsed and checked flags (bad ones: one line on stderr, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_flags(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+if __name__ == "__main__":
+    ex.quiet_exits("cnf.py", interrupted="interrupted before the run started; nothing was written")
+    parse(sys.argv[1:])  # a bad flag or --help is answered now, before torch loads; main() parses again
+
+import torch  # noqa: E402  (after the flags are checked)
+
+import density  # noqa: E402
+import metrics  # noqa: E402
+import plots  # noqa: E402
+import runtime  # noqa: E402
+from model import resolve_backend  # noqa: E402
+from precision import autocast_dtype  # noqa: E402
+from trainer import Trainer  # noqa: E402
+
+
+def resolve_machine(args, self_test=True):
+    """Resolve --device and --backend on this machine, in place (ValueError: one line).
+    Returns a note on the backend for the log. Without ``self_test`` the fused kernels'
+    self-test waits for the run's final config."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if args.fused_adam and dev.type != "cuda":
+        raise ValueError(f"--fused_adam is torch's fused CUDA Adam; it needs --device cuda, not {args.device}")
+    use_dynamic = choices.scaler_flags(args.odeint, args.precision, args.no_grad_scaler, args.no_dynamic_scaler,
+                                       args.grad_scaler)[1]
+    probe = dict(width=args.width, method=args.method, low=autocast_dtype(args.precision), scaled=use_dynamic)
+    args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe if self_test else None,
+                                         regularized=args.kinetic > 0 or args.jacobian > 0)
+    if args.backend == "triton" and choices.PRECISIONS[args.precision].tf32:
+        note += f"; {args.precision}: the fused kernels have no matmul, so they run plain float32"
+    return note
+
+
+def validate(args, self_test=True):
+    """``check_flags`` and ``resolve_machine`` together; returns the backend note."""
+    check_flags(args)
+    return resolve_machine(args, self_test)
+
+
+def resolve_run(args):
     """(run folder or None for a new one, checkpoint state or None). Raises ValueError."""
     if args.resume is not None:
-        if not os.path.exists(args.resume):
-            raise ValueError(f"--resume {args.resume!r} does not exist")
         folder = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
         ckpt = os.path.join(folder, "ckpt.pth") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(ckpt):
             raise ValueError(f"--resume {args.resume!r}: no ckpt.pth in that folder")
         return ex.RunDir(folder), ex.load_checkpoint(ckpt)
     if args.run_dir is not None:
-        if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
-            raise ValueError(f"--run_dir {args.run_dir!r} exists and is not a folder")
         run = ex.RunDir(args.run_dir)
         if os.path.isfile(run.ckpt):
             return run, ex.load_checkpoint(run.ckpt)
@@ -203,16 +237,18 @@ def resolve_run(args, explicit):
 
 
 def _same_run_started(run, args):
-    """A run killed before its first checkpoint left args.csv with this very config."""
+    """A run stopped before its first checkpoint left args.csv with this very config."""
     try:
         saved = ex.read_args(run.file("args.csv"))
     except OSError:
         return False
-    return all(saved.get(k) == str(v) for k, v in vars(args).items() if k not in NEVER_FROM_CHECKPOINT)
+    skip = (*NEVER_FROM_CHECKPOINT, "threads")
+    return all(saved.get(k) == str(v) for k, v in vars(args).items() if k not in skip)
 
 
 def merge_resumed_config(args, explicit, state):
-    """Take the run's config from the checkpoint; explicit flags must agree with it."""
+    """Take the run's config from the checkpoint; explicit flags must agree with it. The
+    thread count too, unless --threads is given."""
     saved = state["config"]
     keys = sorted(k for k in explicit if k not in RESUME_OVERRIDES and k in saved)
     diffs = ex.config_differences(saved, vars(args), keys)
@@ -233,140 +269,180 @@ def run_base_name(a):
 
 
 def main(argv=None):
+    """Parse, resolve the machine and the run folder, train. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
     requested_backend = args.backend
     # a run that may resume takes its config (width, precision, ...) from its checkpoint:
     # the kernels' self-test (a compile on a GPU) waits for that config
     deferred = args.resume is not None or args.run_dir is not None
-    try:
-        backend_note = validate(args, self_test=not deferred)
-        explicit = explicit_flags(argv)
-        run, state = resolve_run(args, explicit)
-        if state is not None:
-            args.backend = requested_backend  # resolved afresh on this machine
-            backend_note = merge_resumed_config(args, explicit, state)
-        elif deferred:
-            args.backend = requested_backend
-            backend_note = validate(args)
-    except (ValueError, ex.CheckpointError) as e:
-        parser.error(str(e))
-    if run is None:
-        run = ex.RunDir.create_unique(args.results_dir, run_base_name(args))
-    else:
-        os.makedirs(run.path, exist_ok=True)
-    return train(args, run, state, backend_note)
+    with ex.StopSignals() as stop:  # from here on Ctrl-C is a request: the run ends cleanly
+        try:
+            backend_note = resolve_machine(args, self_test=not deferred)
+            explicit = explicit_flags(argv)
+            run, state = resolve_run(args)
+            previous = None
+            if state is not None:
+                args.backend = requested_backend  # resolved afresh on this machine
+                backend_note = merge_resumed_config(args, explicit, state)
+                previous = state["config"].get("threads")
+            elif deferred:
+                args.backend = requested_backend
+                backend_note = resolve_machine(args)
+        except (ValueError, ex.CheckpointError) as e:
+            parser.error(str(e))
+        args.threads, how, note = runtime.choose_threads(args.threads if "threads" in explicit else None, previous)
+        threads = (f"{args.threads} ({how})", note)
+        if stop.received:
+            sys.stderr.write("cnf.py: interrupted before the run started; nothing was written\n")
+            return ex.EXIT_CTRL_C
+        created = run is None or not os.path.isdir(run.path)
+        if run is None:
+            run = ex.RunDir.create_unique(args.results_dir, run_base_name(args))
+        else:
+            os.makedirs(run.path, exist_ok=True)
+        try:
+            return train(args, run, state, backend_note, stop, threads)
+        except ex.DiskFull as e:
+            return _disk_full(e, run, args, created)
 
 
-def train(args, run, state, backend_note=""):
+def train(args, run, state, backend_note="", stop=None, threads=("", "")):
+    """One run in its folder: start (or resume) it, loop, end it. Returns the exit code.
+    ``stop``: the StopSignals whose request ends the run cleanly (exit 4); ``threads``:
+    (how the thread count was chosen, a note for the log or '')."""
+    stop = stop or ex.StopSignals()
     device = torch.device(args.device)
-    log = ex.RunLog(run.log)
     config = {k: v for k, v in vars(args).items() if k != "resume"}
     tuned = runtime.configure(args.threads)
     tr = Trainer(args, device)
-    rows = []
-    saved_at = [0]  # the iteration of the checkpoint on disk
+    try:
+        return _train(tr, run, state, config, backend_note, stop, threads, tuned)
+    except ex.DiskFull as e:
+        e.trainer_iter = tr.iter
+        raise
 
-    def checkpoint():
-        ex.save_checkpoint(run.ckpt, tr.state_dict(config))
-        saved_at[0] = tr.iter
-    if state is None:
-        log.print(f"# run {run.name}")
-        ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device)})
-        ex.snapshot_code(run)
-        checkpoint()  # from now on the folder can always be resumed
-    else:
-        tr.load_state_dict(state)
-        saved_at[0] = tr.iter  # the checkpoint it resumes from
-        rows = [r for r in ex.read_csv(run.csv) if r["iter"] <= tr.iter] if os.path.exists(run.csv) else []
-        log.print(f"# resumed {run.name} at iteration {tr.iter} (to {args.niters})")
-        # args.csv holds the config the run has now (--niters, --backend, ... may have changed);
-        # the log keeps every segment's
-        ex.write_args(run, config, {"torch_version": torch.__version__, "device_name": _device_name(device),
-                                    "resumed_at_iter": tr.iter})
-    log.print("config: " + " ".join(f"--{k} {v}" for k, v in sorted(config.items())))
-    before = (state or {}).get("config", {}).get("threads")
-    if before is not None and before != args.threads:  # threads belong to the machine, not to the run
-        tuned += f" (the run's previous segment used {before}; --threads sets it)"
-    log.print(f"device {_device_name(device)}, torch {torch.__version__}, runtime: {tuned}"
+
+def _train(tr, run, state, config, backend_note, stop, threads, tuned):
+    args, device = tr.args, tr.device
+    log, rows, saved_at = _start(tr, run, state, config)
+    log.print(f"device {_device_name(device)}, torch {torch.__version__}, threads {threads[0]}, runtime: {tuned}"
               + (f"; {tr.prec.note}" if tr.prec.note else ""))
+    if threads[1]:
+        log.print(f"note: {threads[1]}")
     log.print(f"scalers: {tr.scalers.label}; solver {args.odeint} {args.method}, {args.num_timesteps} grid points; "
               f"backend {args.backend}" + (f" ({backend_note})" if backend_note else ""))
     log.print(f"model:\n{tr.cnf}\nparameters: {sum(p.numel() for p in tr.cnf.parameters())}")
-
-    def finish(status, reason, code, models=None):
-        ex.write_csv(run.csv, rows)
-        if rows:
-            plots.plot_optimization(run.csv, run.file("optimization_stats.png"), toy_data.ENTROPY[args.data], run.name)
-            plots.plot_mmd(run.csv, run.file("mmd_plot.png"))
-        final = {k: v for k, v in rows[-1].items() if k not in ex.TIMING_COLUMNS} if rows else {}
-        ex.write_status(run, status, reason, tr.iter, final, tr.grid_flag, models, backend=args.backend,
-                        backend_note=backend_note)
-        log.print(f"{status}: {reason}")
-        log.close()
-        return code
-
+    end = Ending(tr, run, log, rows, backend_note)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if tr.iter >= args.niters:
         log.print(f"nothing to train: the checkpoint is at iteration {tr.iter} and --niters is {args.niters}")
+    outcome = _loop(tr, run, log, rows, saved_at, stop)
+    if outcome is not None:
+        return end.stop(*outcome)
+    if stop.received:  # between the last iteration and the end-of-run work
+        return end.interrupted(stop.received)
+    return end.complete(stop)
+
+
+def _start(tr, run, state, config):
+    """Open the run folder: for a new run the first checkpoint (iteration 0: from then on the
+    folder can be resumed), args.csv and the sources; for a resumed one the checkpoint's state,
+    its CSV rows up to that iteration, and args.csv as the run is now. Returns (log, rows,
+    [iteration of the checkpoint on disk])."""
+    a = tr.args
+    meta = {"torch_version": torch.__version__, "device_name": _device_name(tr.device)}
+    if state is None:
+        ex.save_checkpoint(run.ckpt, tr.state_dict(config))
+        ex.write_args(run, config, meta)
+        ex.snapshot_code(run)
+        log, rows = ex.RunLog(run.log), []
+        log.print(f"# run {run.name}")
+    else:
+        tr.load_state_dict(state)
+        rows = [r for r in ex.read_csv(run.csv) if r["iter"] <= tr.iter] if os.path.exists(run.csv) else []
+        if tr.iter < a.niters:  # trained further, an earlier end's metrics are not the end's: the log keeps them
+            rows = [{**r, **dict.fromkeys(ex.FINAL_COLUMNS)} for r in rows]
+        # args.csv holds the config the run has now (--niters, --backend, ... may have changed);
+        # the log keeps every segment's
+        ex.write_args(run, config, {**meta, "resumed_at_iter": tr.iter})
+        log = ex.RunLog(run.log)
+        if not os.path.isfile(run.file(ex.SCRIPT)) or not os.path.isdir(run.file("code")):
+            ex.snapshot_code(run)  # its first segment stopped before writing them (a full disk, say)
+            log.print(f"# {ex.SCRIPT} and code/ were missing: written from the kit as it is now")
+        log.print(f"# resumed {run.name} at iteration {tr.iter} (to {a.niters})")
+    log.print("config: " + " ".join(f"--{k} {v}" for k, v in sorted(config.items())))
+    return log, rows, [tr.iter]
+
+
+def _loop(tr, run, log, rows, saved_at, stop):
+    """Train to --niters: an iteration, its checks, a CSV row every --test_freq iterations, a
+    checkpoint every --ckpt_freq. Returns None when done, or (status, reason, exit code) for a
+    run that ends early (diverged, grid_exploited with --on_grid_exploit stop, interrupted)."""
+    from tqdm import tqdm
+
+    a = tr.args
     window = [0.0, 0.0, 0]
-    with ex.StopSignals() as stop:
-        bar = tqdm(total=args.niters, initial=tr.iter, desc=run.name[:40], dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(total=a.niters, initial=tr.iter, desc=run.name[:40], dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    try:
         tr.settle()  # the state to roll back to
-        while tr.iter < args.niters:
+        while tr.iter < a.niters:
             t_fwd, t_bwd, failure = tr.step()
-            row_due = tr.iter % args.test_freq == 0 or tr.iter == args.niters
-            if failure is not None or row_due or tr.iter % args.ckpt_freq == 0 or stop.received:
+            row_due = tr.iter % a.test_freq == 0 or tr.iter == a.niters
+            if failure is not None or row_due or tr.iter % a.ckpt_freq == 0 or stop.received:
                 failure = tr.settle(failure)
             for e in tr.events:
                 log.print(e)
             tr.events = []
             if failure:
-                bar.close()
-                checkpoint()  # the last good iteration
-                return finish("diverged", f"iteration {tr.iter + 1}: {failure}", ex.EXIT_DIVERGED)
+                _checkpoint(tr, run, saved_at)  # the last good iteration
+                return "diverged", f"iteration {tr.iter + 1}: {failure}", ex.EXIT_DIVERGED
             window = [window[0] + t_fwd, window[1] + t_bwd, window[2] + 1]
             bar.update(1)
             if row_due:
                 bar.set_postfix(loss=f"{tr.running:.3f}", refresh=False)
-                row = tr.evaluate(window)
-                exploit = row.pop("grid_exploit_reason")
-                rows.append(row)
+                exploit = _validate(tr, run, log, rows, window, saved_at)
                 window = [0.0, 0.0, 0]
-                ex.write_csv(run.csv, rows)
-                fine = f", grid_gap {row['grid_gap']:+.1e}" if row.get("grid_gap") is not None else ""
-                if row.get("kinetic") is not None:
-                    fine += f"; kinetic {row['kinetic']:.3g}, jacobian {row['jacobian']:.3g}"
-                log.print(f"iter {row['iter']:5d} | loss {row['running_loss']:.4f} | val NLL {row['val_loss']:.4f} "
-                          f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}{fine}) | "
-                          f"MMD {row['val_mmd']:.2e} | {1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter "
-                          f"| {row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}"
-                          + (" | GRID EXPLOITED" if exploit else ""))
-                if exploit and tr.grid_flag is None:
-                    _raise_grid_flag(tr, run, log, exploit, saved_at[0])
-                if exploit and args.on_grid_exploit == "stop":
-                    bar.close()
-                    checkpoint()
-                    models = _final_report(tr, rows, run, log, device)
-                    return finish("grid_exploited", f"iteration {tr.iter}: {exploit} (--on_grid_exploit stop)",
-                                  ex.EXIT_GRID_EXPLOITED, models)
-            if tr.iter % args.ckpt_freq == 0 or stop.received:
-                checkpoint()
+                if exploit and a.on_grid_exploit == "stop":
+                    _checkpoint(tr, run, saved_at)
+                    return "grid_exploited", f"iteration {tr.iter}: {exploit} (--on_grid_exploit stop)", \
+                        ex.EXIT_GRID_EXPLOITED
+            if tr.iter % a.ckpt_freq == 0 or stop.received:
+                _checkpoint(tr, run, saved_at)
             if stop.received:
-                bar.close()
-                return finish("interrupted", f"{stop.received} after iteration {tr.iter}; resume with --resume "
-                              f"{run.path}", ex.EXIT_INTERRUPTED)
+                return "interrupted", f"{stop.received} after iteration {tr.iter}; resume with --resume {run.path}", \
+                    ex.EXIT_INTERRUPTED
+        return None
+    finally:
         bar.close()
-    checkpoint()
-    models = _final_report(tr, rows, run, log, device)
-    if rows:
-        density.save(run, density.density_arrays(tr.cnf, tr.integ, device, args.seed), tr.iter)  # for overviews
-    if args.viz:
-        _visualize(tr.cnf, tr.integ, args, run, device, log)
-    return finish("completed", f"trained {args.niters} iterations", ex.EXIT_OK, models)
+
+
+def _checkpoint(tr, run, saved_at):
+    ex.save_checkpoint(run.ckpt, tr.state_dict({k: v for k, v in vars(tr.args).items() if k != "resume"}))
+    saved_at[0] = tr.iter
+
+
+def _validate(tr, run, log, rows, window, saved_at):
+    """A CSV row: validate, write the CSV, log the line, raise the grid flag when due.
+    Returns why the grid is exploited, or None."""
+    row = tr.evaluate(window)
+    exploit = row.pop("grid_exploit_reason")
+    rows.append(row)
+    ex.write_csv(run.csv, rows)
+    fine = f", grid_gap {row['grid_gap']:+.1e}" if row.get("grid_gap") is not None else ""
+    if row.get("kinetic") is not None:
+        fine += f"; kinetic {row['kinetic']:.3g}, jacobian {row['jacobian']:.3g}"
+    log.print(f"iter {row['iter']:5d} | loss {row['running_loss']:.4f} | val NLL {row['val_loss']:.4f} "
+              f"(lowp {row['val_loss_lowp']:.4f}, gap {row['nll_gap']:+.4f}{fine}) | "
+              f"MMD {row['val_mmd']:.2e} | {1e3 * row['time_fwd']:.0f}+{1e3 * row['time_bwd']:.0f} ms/iter "
+              f"| {row['max_memory_mb']:.0f} MB | scale {row['loss_scale']:g}"
+              + (" | GRID EXPLOITED" if exploit else ""))
+    if exploit and tr.grid_flag is None:
+        _raise_grid_flag(tr, run, log, exploit, saved_at[0])
+    return exploit
 
 
 def _raise_grid_flag(tr, run, log, reason, saved_at):
@@ -384,7 +460,127 @@ def _raise_grid_flag(tr, run, log, reason, saved_at):
               f"quote its numbers, evaluated at the end of the run.")
 
 
-def _final_report(tr, rows, run, log, device):
+class Ending:
+    """How a run ends. Whatever the outcome, the CSV and status.json are written first; a run
+    that trained to the end then gets its final metrics (test NLL, exact likelihood, test_logp.npy,
+    density.npz) before its status, and its figures after it, so a figure that fails (a full
+    disk) leaves a completed run whose status names the missing figures."""
+
+    def __init__(self, tr, run, log, rows, backend_note):
+        self.tr, self.run, self.log, self.rows, self.backend_note = tr, run, log, rows, backend_note
+        self.disk_full = None  # the DiskFull that stopped the figures, if one did
+
+    def _status(self, status, reason, models=None, **extra):
+        final = {k: v for k, v in self.rows[-1].items() if k not in ex.TIMING_COLUMNS} if self.rows else {}
+        ex.write_status(self.run, status, reason, self.tr.iter, final, self.tr.grid_flag, models,
+                        backend=self.tr.args.backend, backend_note=self.backend_note, **extra)
+
+    def _close(self, status, reason, code):
+        try:
+            self.log.print(f"{status}: {reason}")
+            self.log.close()
+        except ex.DiskFull:
+            if not self.disk_full:  # status.json holds the outcome; the log's last line is a courtesy
+                raise
+        return code
+
+    def stop(self, status, reason, code):
+        """An early end: diverged, stopped by the grid flag (with its final report), interrupted."""
+        models = _final_report(self.tr, self.rows, self.run, self.log) if status == "grid_exploited" else None
+        ex.write_csv(self.run.csv, self.rows)
+        self._status(status, reason, models)
+        missing = self._figures(plots.csv_figures(self.run.path)) if self.rows else []
+        return self._close(status, reason + _missing_note(missing, self.run), code)
+
+    def interrupted(self, signal_name):
+        _checkpoint(self.tr, self.run, [0])
+        return self.stop("interrupted", f"{signal_name} after iteration {self.tr.iter}; resume with --resume "
+                         f"{self.run.path}", ex.EXIT_INTERRUPTED)
+
+    def complete(self, stop):
+        """Trained to --niters: the final metrics, the status, then the figures. A Ctrl-C
+        during the final metrics ends as interrupted (a resume redoes them)."""
+        tr, run, a = self.tr, self.run, self.tr.args
+        _checkpoint(tr, run, [0])
+        models = _final_report(tr, self.rows, run, self.log)
+        if self.rows:
+            density.save(run, density.density_arrays(tr.cnf, tr.integ, tr.device, a.seed), tr.iter)  # for overviews
+        ex.write_csv(run.csv, self.rows)
+        if stop.received:
+            return self.interrupted(stop.received)
+        figures = plots.csv_figures(run.path) if self.rows else {}
+        if a.viz:
+            figures.update(self._flow_frames())
+        reason = f"trained {a.niters} iterations"
+        self._status("completed", reason, models, missing_figures=list(figures))  # until they are drawn
+        missing = self._figures(figures)
+        if missing is not None:
+            try:  # the figures it could draw no longer count as missing
+                self._status("completed", reason, models, missing_figures=missing)
+            except ex.DiskFull:
+                pass  # status.json keeps listing them all: never more drawn than it says
+        if missing and self.disk_full:
+            self._close("completed", reason + _missing_note(missing, run), ex.EXIT_OK)
+            sys.stderr.write(f"cnf.py: disk full while drawing the figures: {self.disk_full.line()}; the run is "
+                             f"completed (status.json) without {_names(missing)}; free some space and draw "
+                             f"them with: python plots.py {run.path}\n")
+            return ex.EXIT_DISK_FULL
+        return self._close("completed", reason + _missing_note(missing, run), ex.EXIT_OK)
+
+    def _figures(self, figures):
+        """Draw each figure ({name: draw}); returns the names not drawn. After a full disk the
+        rest are not tried (they would fail the same way)."""
+        missing = []
+        for name, draw in figures.items():
+            if self.disk_full is not None:
+                missing.append(name)
+                continue
+            try:
+                draw()
+            except ex.DiskFull as e:
+                self.disk_full = e
+                missing.append(name)
+            except Exception as e:  # a figure is optional: the run's numbers are already written
+                self.log.print(f"figure {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                missing.append(name)
+        return missing
+
+    def _flow_frames(self):
+        """{file name: write} of the flow frames and the GIF, drawn in memory first (one solve
+        each way); a drawing that fails leaves them all missing, with the reason in the log."""
+        tr, a = self.tr, self.tr.args
+        try:
+            target, snaps = density.flow_arrays(tr.cnf, tr.integ, vars(a), tr.device)
+            files = plots.flow_frames(target, snaps)
+        except Exception as e:  # optional, like every figure: the run's numbers are already written
+            names = [plots.frame_name(k) for k in range(a.viz_timesteps)] + [plots.GIF]
+            return {n: functools.partial(_raise, e) for n in names}
+        self.log.print(f"drawing {len(files) - 1} frames and {plots.GIF}")
+        return {name: functools.partial(ex.atomic_write, self.run.file(name), data) for name, data in files.items()}
+
+
+def _raise(e):
+    raise e
+
+
+def _names(missing):
+    """The missing figures in a few words: a run of frames is counted, not listed."""
+    frames = [n for n in missing if n.startswith("cnf-viz-")]
+    rest = [n for n in missing if n not in frames]
+    if len(frames) > 3:
+        rest.insert(0, f"{len(frames)} flow frames ({frames[0]} to {frames[-1]})")
+    else:
+        rest = frames + rest
+    return ", ".join(rest)
+
+
+def _missing_note(missing, run):
+    if not missing:
+        return ""
+    return f"; figures missing: {_names(missing)} (draw them with: python plots.py {run.path})"
+
+
+def _final_report(tr, rows, run, log):
     """The end-of-run metrics of the trained model into the last row (and test_logp.npy);
     for a flagged run also those of ckpt_valid.pth. Returns status.json's ``models``
     (None for an unflagged run)."""
@@ -406,7 +602,7 @@ def _final_report(tr, rows, run, log, device):
     latest = {"label": "latest model, trained past the grid_exploited flag: do not quote", "iter": tr.iter,
               "val_loss": rows[-1]["val_loss"], **final}
     valid = {"label": "last checkpoint before the grid_exploited flag rose: quote this one",
-             **metrics.checkpoint_metrics(run.ckpt_valid, device, a.backend)}
+             **metrics.checkpoint_metrics(run.ckpt_valid, tr.device, a.backend)}
     log.print(f"test NLL {valid['test_loss']:.4f} ± {valid['test_loss_se']:.4f} (gap {valid['test_gap']:+.4f}; "
               f"MMD {valid['test_mmd']:.2e} ± {valid['test_mmd_se']:.1e}) | "
               f"exact val NLL {valid['val_loss_exact']:.4f}, disc_gap {valid['disc_gap']:+.2e} "
@@ -414,12 +610,45 @@ def _final_report(tr, rows, run, log, device):
     return {"ckpt.pth": latest, "ckpt_valid.pth": valid}
 
 
-def _visualize(cnf, integ, args, run, device, log):
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    snaps = flow_snapshots(cnf, integ, args.viz_samples, args.viz_timesteps, device, gen)
-    target = toy_data.inf_train_gen(args.data, args.viz_samples, np.random.default_rng(args.seed + 3))
-    frames = plots.save_flow_frames(run.path, target, snaps)
-    log.print(f"wrote {len(frames)} frames and cnf-viz.gif")
+# Bytes a finished run writes besides its checkpoint, as measured on the quick start's run
+# folder (docs/cli.md): the sources, the two PNGs, and per flow frame its JPG and its GIF frame.
+SOURCES_BYTES, PNG_BYTES, FRAME_BYTES = 400_000, 300_000, 90_000
+
+
+def space_to_finish(run, args, ckpt_bytes):
+    """Bytes of free space the run needs to finish, about: a checkpoint is written beside the
+    old one before it replaces it; then the CSV, the end-of-run arrays and the figures."""
+    need = ckpt_bytes + 4 * args.num_samples_test + 64_000 + 300 * (args.niters // args.test_freq + 2) + PNG_BYTES
+    if not os.path.isdir(run.file("code")):
+        need += SOURCES_BYTES
+    if args.viz:
+        need += FRAME_BYTES * args.viz_timesteps
+    return need
+
+
+def _disk_full(e, run, args, created):
+    """One line for a full disk (or quota) during a run, and exit code 6. A run with a
+    checkpoint is resumable; one without (the very first write failed) has trained nothing,
+    and the folder it created, empty, is removed."""
+    ckpt = os.path.getsize(run.ckpt) if os.path.isfile(run.ckpt) else (e.needed or 0)
+    need = ex.megabytes(space_to_finish(run, args, ckpt))
+    if os.path.isfile(run.ckpt):
+        what = (f"the run folder holds {ex.megabytes(ex.folder_bytes(run.path))} and needs about {need} more to finish; "
+                f"nothing is lost: free some space, then resume with: python cnf.py --resume {run.path}")
+    else:
+        if created:
+            try:
+                os.rmdir(run.path)  # only if empty: it holds nothing of the run
+            except OSError:
+                pass
+        what = f"nothing was trained; the run needs about {need} free: free some space and run the command again"
+    if os.path.isfile(run.ckpt):
+        try:  # a small file, and the failed write's space is free again: --status and sweeps read it
+            ex.write_status(run, "disk_full", f"{e.line()}; {what}", getattr(e, "trainer_iter", None), {})
+        except OSError:
+            pass  # the job log's exit code 6 says it (sweep_status.py)
+    sys.stderr.write(f"cnf.py: disk full: {e.line()}; {what}\n")
+    return ex.EXIT_DISK_FULL
 
 
 def _device_name(device):

@@ -2,7 +2,7 @@
 
 One launch runs the whole forward solve; the backward sweep runs in a few
 launches of many steps each (as many as keep its partial buffer within
-``PARTIAL_MB``). Each program owns a block of samples and keeps its state
+``Launch.partial_mb``). Each program owns a block of samples and keeps its state
 (z, logp) and, in the backward sweep, its adjoint in registers across all
 the steps of a launch (between launches, in a float32 buffer). The time-only part
 (the hypernetwork) stays in torch: ``CNF.grid_params`` evaluates it once per
@@ -66,10 +66,13 @@ NaN and +-inf: every rounding point keeps them as torch's casts do, and the padd
 columns of a width below a power of 2 are zeroed where an infinite state or cotangent
 would turn their zero weights into NaN; so a NaN or inf reaches the outputs exactly where
 the torch path puts it (``tests/test_kernel_nonfinite.py``). The compile check and register
-report for a GPU architecture are ``kernel_report.py``.
+report for a GPU architecture are ``python -m tools.kernel_report``; the launch choices
+(samples and warps per program, ...) are ``Launch``, changed only through ``launch_settings``.
 """
+import contextlib
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -80,29 +83,79 @@ except ImportError:  # the torch backend still works; see unavailable_reason()
     triton = None
 
 METHOD_CODES = {"euler": 0, "rk4": 1}
-LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Samples per program (forward, backward), by device type. On a GPU 4 and 4: with 4 warps
-# ptxas for sm_90 spills at most 16 bytes in any variant (triton 3.9), against 248 in the
-# float16 backward with 8 samples (`python kernel_report.py --compile 90 [--blocks F B]`).
-# Not yet timed on a GPU (`bench.py --kernel-sweep`). The CPU interpreter's cost is per
-# program, so it takes large blocks.
-BLOCKS = {"cuda": (4, 4), "cpu": (64, 32)}
-# The backward sweep runs in as many launches as keep its partial buffer [programs,
-# rows, R] float32 within this many MB: at the standard size (256 programs, 255 rows of
-# R = 770) 4 launches of up to 32 steps and 51 MB instead of one of 201 MB. The buffer then no
-# longer grows with the number of steps.
-PARTIAL_MB = 64
-NUM_WARPS = (4, 4)  # warps per program (forward, backward); ``bench.py --kernel-sweep`` times the choices
-# Pad each parameter row of the table (and of the backward's partial buffer) to a multiple
-# of 16 floats. A row of R = 2dw + 2w + d floats (770 at the standard size) then starts
-# 64-byte aligned, and Triton, which specializes an integer argument that is a multiple of
-# 16, can use vector loads and stores for it. Off until ``bench.py --kernel-sweep options``
-# has timed both settings on a GPU; the results are the same bits either way.
-PAD_ROWS = False
+LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' rounding: none, bf16, fp16
+
+
+class Launch(NamedTuple):
+    """How the kernels are launched. The results are the same bits under every choice
+    (tested); only speed and memory change.
+
+    - ``blocks``: samples per program (forward, backward), by device type. On a GPU 4 and
+      4: with 4 warps ptxas for sm_90 spills at most 16 bytes in any variant (triton 3.9),
+      against 248 in the float16 backward with 8 samples (``python -m tools.kernel_report
+      --compile 90``). Not yet timed on a GPU (``python -m tools.kernel_sweep``). The CPU
+      interpreter's cost is per program, so it takes large blocks.
+    - ``warps``: warps per program (forward, backward).
+    - ``pad_rows``: pad each parameter row of the table (and of the backward's partial
+      buffer) to a multiple of 16 floats. A row of R = 2dw + 2w + d floats (770 at the
+      standard size) then starts 64-byte aligned, and Triton, which specializes an integer
+      argument that is a multiple of 16, can use vector loads and stores for it. Off until
+      the sweep's ``options`` part has timed both settings on a GPU.
+    - ``partial_mb``: the backward sweep runs in as many launches as keep its partial
+      buffer [programs, rows, R] float32 within this many MB: at the standard size (256
+      programs, 255 rows of R = 770) 4 launches of up to 32 steps and 51 MB instead of one
+      of 201 MB. The buffer then no longer grows with the number of steps.
+    - ``stub``: the launches are no-ops that only zero their outputs (scaler statistics:
+      scale 1, no retries, no failure), so an iteration times everything else, the host
+      side (``bench.py --no-kernels``). The results are meaningless.
+    """
+
+    blocks: dict = {"cuda": (4, 4), "cpu": (64, 32)}
+    warps: tuple = (4, 4)
+    pad_rows: bool = False
+    partial_mb: float = 64
+    stub: bool = False
+
+
+DEFAULT_LAUNCH = Launch()
+# The launch choices ``tools.kernel_sweep`` times (and ``tools.warm_kernels --tune`` compiles):
+# samples and warps per program, and the backward's partial-buffer budgets in MB (1024: one
+# launch at the standard size).
+SWEEP = {"blocks": (1, 2, 4, 8, 16), "warps": (1, 2, 4), "partial_mb": (16, 64, 1024)}
+_launch_now = DEFAULT_LAUNCH  # changed only by launch_settings()
 # Fused multiply-adds on (Triton's default up to 3.9; 3.10 turns it off): pinned, so the
 # kernels' float32 rounding does not change with the Triton version. nvcc fuses the same
 # way in torch's own CUDA kernels.
 FP_FUSION = True
+
+
+def launch():
+    """The launch choices in force (a ``Launch``)."""
+    return _launch_now
+
+
+@contextlib.contextmanager
+def launch_settings(kernel=None, block=None, warps=None, pad_rows=None, partial_mb=None, stub=None):
+    """Launch the kernels with other choices inside the ``with`` block; the previous ones
+    come back after it. ``block`` (samples per program, on every device type) and ``warps``
+    apply to ``kernel`` ('forward' or 'backward'; None: both); the others as in ``Launch``.
+    The one way to change how the kernels launch: no other module sets them."""
+    global _launch_now
+    before = _launch_now
+    slots = (0, 1) if kernel is None else ((0,) if kernel == "forward" else (1,))
+    if kernel not in (None, "forward", "backward"):
+        raise ValueError(f"kernel is 'forward', 'backward' or None, not {kernel!r}")
+
+    def put(pair, value):
+        return tuple(value if k in slots and value is not None else v for k, v in enumerate(pair))
+
+    _launch_now = before._replace(
+        blocks={dev: put(b, block) for dev, b in before.blocks.items()}, warps=put(before.warps, warps),
+        **{k: v for k, v in (("pad_rows", pad_rows), ("partial_mb", partial_mb), ("stub", stub)) if v is not None})
+    try:
+        yield _launch_now
+    finally:
+        _launch_now = before
 
 
 class KernelError(RuntimeError):
@@ -110,6 +163,14 @@ class KernelError(RuntimeError):
 
 
 def _launch(name, kernel, grid, *args, **kw):
+    if _launch_now.stub:
+        if name == "backward":  # zero the outputs; scaler statistics: scale 1, no retries, no failure
+            az, al, part, stats = args[5:9]
+            for t in (az, al, part, stats):
+                t.zero_()
+            stats[:, 0].fill_(1.0)
+            stats[:, 2].fill_(-1.0)
+        return
     try:
         kernel[grid](*args, enable_fp_fusion=FP_FUSION, **kw)
     except Exception as e:  # compile errors, out of resources, launch failures
@@ -159,9 +220,9 @@ def _next_pow2(x):
 
 def row_stride(d, w):
     """Floats per row of the parameter table: R = 2dw + 2w + d, rounded up to a multiple of
-    16 with ``PAD_ROWS``."""
+    16 with ``Launch.pad_rows``."""
     R = 2 * d * w + 2 * w + d
-    return -(-R // 16) * 16 if PAD_ROWS else R
+    return -(-R // 16) * 16 if _launch_now.pad_rows else R
 
 
 def pack_params(P):
@@ -249,20 +310,20 @@ def solve_forward(P, z0, logp0, spec):
         zs[1:] = z0
         ls[1:] = logp0
         return zs, ls
-    block = BLOCKS[z0.device.type][0]
+    block = _launch_now.blocks[z0.device.type][0]
     grid = (triton.cdiv(n, block),)
     _launch(
         "forward", _forward_kernel, grid, zs, ls, table, coef, n, N, table.shape[1], w,
         D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
-        METHOD=METHOD_CODES[spec.method], LOW=low, MASK_W=w != _next_pow2(w), num_warps=NUM_WARPS[0],
+        METHOD=METHOD_CODES[spec.method], LOW=low, MASK_W=w != _next_pow2(w), num_warps=_launch_now.warps[0],
     )
     return zs, ls
 
 
 def _chunk_steps(N, programs, R, rows_per_step):
     """Steps per backward launch: as many as keep the partial buffer [programs, rows, R]
-    float32 within ``PARTIAL_MB``, spread evenly over the launches."""
-    budget_rows = int(PARTIAL_MB * 2**20) // max(1, 4 * programs * R)
+    float32 within ``Launch.partial_mb``, spread evenly over the launches."""
+    budget_rows = int(_launch_now.partial_mb * 2**20) // max(1, 4 * programs * R)
     most = max(1, (budget_rows - 1) // rows_per_step)
     launches = -(-N // most)
     return -(-N // launches)
@@ -290,7 +351,7 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
     S_rows = P[1].shape[0]
     table = pack_params(P)
     R = table.shape[1]
-    block = BLOCKS[zs.device.type][1]
+    block = _launch_now.blocks[zs.device.type][1]
     programs = triton.cdiv(n, block) if n else 0
     az = grads_z[N].contiguous().clone()  # the adjoint enters the first chunk as the gradient at t_N
     al = grads_l[N].contiguous().clone()
@@ -310,7 +371,7 @@ def solve_backward(P, zs, grads_z, grads_l, spec, scaler=None):
                 n, N, lo, hi, R, w, part.shape[1], float(target), int(max_attempts),
                 D=d, DP=_next_pow2(d), WP=_next_pow2(w), BLOCK=block,
                 METHOD=METHOD_CODES[spec.method], LOW=low, SCALED=scaler is not None, MASK_W=w != _next_pow2(w),
-                num_warps=NUM_WARPS[1],
+                num_warps=_launch_now.warps[1],
             )
             rows = per_step * (hi - lo) + 1
             dP[per_step * lo:per_step * lo + rows] += part[:, :rows].sum(0)

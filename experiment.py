@@ -1,33 +1,44 @@
-"""The run folder: its name, log, CSV, args, checkpoint and status.
+"""The run folder: its name, log, CSV, args, checkpoint and status; and how the kit's
+programs end (exit codes, one-line errors).
 
 Every file is written atomically (a temporary file in the same folder,
 fsynced, then renamed over the target), so a crash or SIGKILL at any moment
-leaves the previous good file or the new one, never a truncated one.
-Checkpoints hold only tensors and plain Python values and are read with
-``torch.load(weights_only=True)``: a checkpoint cannot execute code.
+leaves the previous good file or the new one, never a truncated one; a write
+that fails (a full disk, say) removes its temporary file and leaves the target
+as it was. Checkpoints hold only tensors and plain Python values and are read
+with ``torch.load(weights_only=True)``: a checkpoint cannot execute code.
+
+This module imports no torch at import time (only the checkpoint functions load
+it), so the entry points can check their flags before torch loads.
 """
 import argparse
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
 import pickle
 import resource
+import shutil
 import signal
 import sys
 import time
 import warnings
+import zipfile
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
+# Exit codes of cnf.py (the other entry points use 0, 1, 2, 6 and 130 the same way).
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_GRID_EXPLOITED = 0, 2, 3, 4, 5
+EXIT_DISK_FULL = 6  # ENOSPC or EDQUOT: what could not be written is named; nothing written before is lost
+EXIT_CTRL_C = 130  # Ctrl-C before anything was written (128 + SIGINT, as a shell reports it)
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 CKPT_FORMAT = 1
 
 # The one CSV schema: one row per --test_freq iterations (and the last one).
 # FINAL_COLUMNS are filled at the end of a completed run, in its last row, and are empty
-# in the rows before (a run continued past that end keeps them in that row).
+# in the rows before (a run resumed past an earlier end empties them there: its log keeps them).
 # val_loss_fine and grid_gap are empty in the rows without a grid watch (--grid_watch);
 # grid_exploited is 1 in a row whose validation raised the flag, else 0. kinetic and jacobian
 # (the last training batch's mean penalty integrals) are empty unless --kinetic or --jacobian is on.
@@ -46,21 +57,74 @@ class CheckpointError(Exception):
     """A checkpoint that must not or cannot be used; the message is one line."""
 
 
+class DiskFull(OSError):
+    """A write that failed for want of space (ENOSPC) or quota (EDQUOT). ``filename`` is the
+    file that could not be written and ``needed`` the bytes it needed (None: unknown)."""
+
+    def __init__(self, path, needed, cause):
+        super().__init__(cause.errno, cause.strerror, os.fspath(path))
+        self.needed = needed
+
+    def line(self):
+        """'could not write PATH (1.2 MB): No space left on device'"""
+        size = f" ({megabytes(self.needed)})" if self.needed else ""
+        return f"could not write {self.filename}{size}: {self.strerror}"
+
+
+def is_disk_full(e):
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
+
+
+def megabytes(n):
+    return f"{n / 2**20:.2f} MB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MB"
+
+
 # --- atomic files ------------------------------------------------------------------
 def atomic_write(path, data):
-    """Write bytes or str to ``path`` via a fsynced temporary file and a rename."""
+    """Write bytes or str to ``path`` via a fsynced temporary file in the same folder
+    (``PATH.tmp-PID``: a rename within one filesystem is atomic) and a rename. On any
+    failure, Ctrl-C included, the temporary file is removed and ``path`` is left as it
+    was; a full disk or quota raises ``DiskFull`` naming ``path``."""
     path = os.fspath(path)
+    data = data.encode() if isinstance(data, str) else data
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise DiskFull(path, len(data), e) from None
+        raise
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable
     finally:
         os.close(fd)
+
+
+def atomic_copytree(files, dest):
+    """Write ``files`` ({relative path: bytes}) as the folder ``dest``: into a temporary
+    sibling folder, then one rename, so ``dest`` is complete or absent. On failure the
+    temporary folder is removed (a full disk raises ``DiskFull``)."""
+    tmp = f"{dest.rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        for rel, data in files.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            with open(os.path.join(tmp, rel), "wb") as f:
+                f.write(data)
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise DiskFull(dest, sum(len(d) for d in files.values()), e) from None
+        raise
 
 
 def write_json(path, obj):
@@ -96,33 +160,55 @@ def _number(v):
 # --- checkpoints ----------------------------------------------------------------------
 def save_checkpoint(path, state):
     """The one checkpoint writer: ``state`` holds tensors and plain values only."""
+    import torch
+
     buf = io.BytesIO()
     torch.save({"format": CKPT_FORMAT, **state}, buf)
     atomic_write(path, buf.getvalue())
 
 
 def load_checkpoint(path):
-    """Load safely; raise CheckpointError (one line) for unsafe, corrupt or foreign files."""
+    """Load safely; raise CheckpointError for unsafe, corrupt or foreign files, with one
+    whole sentence that says what is wrong with the file (never the loader's internals)."""
+    import torch
+
     try:
         with warnings.catch_warnings():  # garbage can look like an odd pickle protocol
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist.") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint.") from None
     except pickle.UnpicklingError as e:
         culprit = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), None)
         if culprit is None:  # the bytes are not a pickle the safe loader can even parse
-            raise CheckpointError(f"{path}: truncated or corrupted checkpoint (not a valid torch file)") from None
+            raise CheckpointError(_damage(path)) from None
         culprit = culprit.split("Unsupported global:")[-1].split(" was not")[0].strip()
-        raise CheckpointError(
-            f"{path}: refused: it holds arbitrary pickled objects ({culprit}), which the safe loader does not run"
-        ) from None
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # the safe unpickler runs no code; anything else it hits is damage
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({msg[:150]})") from None
+        raise CheckpointError(f"{path} was refused: it holds arbitrary pickled objects ({culprit}), which the safe "
+                              f"loader does not run, so it is not a checkpoint of this kit.") from None
+    except Exception:  # the safe unpickler runs no code; anything else it hits is damage
+        raise CheckpointError(_damage(path)) from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or "config" not in state:
-        raise CheckpointError(f"{path}: not a checkpoint of this kit (format {CKPT_FORMAT})")
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this kit (format {CKPT_FORMAT}).")
     return state
+
+
+def _damage(path):
+    """The sentence for a file the safe loader cannot read."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    if size == 0:
+        return f"{path} is empty (0 bytes): the write that made it never finished; use another checkpoint."
+    if zipfile.is_zipfile(path):
+        return f"{path} is damaged: torch cannot read its archive ({size} bytes), so it was truncated or corrupted."
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # the start of the zip archive torch writes, without its end
+        return f"{path} is truncated: it begins like a torch checkpoint but its end is missing ({size} bytes)."
+    return f"{path} is not a checkpoint: its {size} bytes are not the zip archive torch writes (nor a truncated one)."
 
 
 def config_differences(saved, wanted, keys):
@@ -198,23 +284,36 @@ class RunDir:
 
 class RunLog:
     """Everything printed goes to the terminal (through tqdm, so the progress bar
-    survives) and is appended to the run's log file. sys.stdout is left alone."""
+    survives) and is appended to the run's log file, a line at a time (the log is a
+    journal, appended to, not replaced). sys.stdout is left alone."""
 
     def __init__(self, path):
-        self.file = open(path, "a", buffering=1)
+        self.path = path
+        self.file = self._guard(lambda: open(path, "a", buffering=1), 0)
+
+    def _guard(self, do, size):
+        """Run a write; a full disk becomes ``DiskFull`` naming the log."""
+        try:
+            return do()
+        except OSError as e:
+            if is_disk_full(e) and not isinstance(e, DiskFull):
+                raise DiskFull(self.path, size, e) from None
+            raise
 
     def print(self, *parts):
         msg = " ".join(str(p) for p in parts)
         tqdm.write(msg)
-        self.file.write(msg + "\n")
+        self._guard(lambda: self.file.write(msg + "\n"), len(msg) + 1)
 
     def flush(self):
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        self._guard(lambda: (self.file.flush(), os.fsync(self.file.fileno())), 0)
 
     def close(self):
-        self.flush()
-        self.file.close()
+        try:
+            self.flush()
+        finally:
+            with contextlib.suppress(OSError):
+                self.file.close()
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -226,6 +325,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def write_npy(path, array):
+    import numpy as np
+
     buf = io.BytesIO()
     np.save(buf, array)
     atomic_write(path, buf.getvalue())
@@ -240,6 +341,16 @@ def write_status(run, status, reason, iteration, metrics, grid_exploited=None, m
                             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
 
 
+def read_status(run):
+    """A run's status.json as a dict ({} when it is missing or unreadable)."""
+    try:
+        with open(run.status) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
 def write_args(run, config, extra):
     rows = [{"key": k, "value": v} for k, v in sorted({**config, **extra}.items())]
     buf = io.StringIO()
@@ -250,28 +361,51 @@ def write_args(run, config, extra):
 
 
 KIT_DIR = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = "cnf.py"  # the training script: at the top of every run folder, the other sources in code/
 
 
-def snapshot_code(run):
-    """Copy the kit's source files that this process has loaded (cnf.py, trainer.py,
-    model.py, torchmpnode/, ...; tests aside) into ``run/code/``, keeping their paths
-    relative to the kit, so the folder records the code that ran."""
-    sources = set()
+def kit_sources():
+    """{path relative to the kit: bytes} of the kit's source files this process has loaded
+    (cnf.py, trainer.py, model.py, ...; tests and tools aside), and every file of a kit package
+    it has loaded (torchmpnode/ loads its solver on first use, so all of it is kept)."""
+    paths = set()
     for mod in list(sys.modules.values()):
         path = getattr(mod, "__file__", None)
         if not path or not os.path.isabs(path) or not path.endswith(".py") or not os.path.isfile(path):
             continue  # builtins, extension modules, and a few with a bare relative __file__
+        paths.add(path)
+        if os.path.basename(path) == "__init__.py":
+            folder = os.path.dirname(path)
+            paths.update(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py"))
+    sources = {}
+    for path in sorted(paths):
         rel = os.path.relpath(path, KIT_DIR)
         name = os.path.basename(rel)
-        if rel.startswith("..") or rel.split(os.sep)[0] in ("tests", ".venv") or name.startswith(("test_", "conftest")):
+        if (rel.startswith("..") or rel.split(os.sep)[0] in ("tests", "tools", ".venv")
+                or name.startswith(("test_", "conftest"))):
             continue
-        sources.add(rel)
-    for rel in sorted(sources):
-        with open(os.path.join(KIT_DIR, rel), "rb") as f:
-            data = f.read()
-        dest = run.file(os.path.join("code", rel))
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        atomic_write(dest, data)
+        with open(path, "rb") as f:
+            sources[rel] = f.read()
+    return sources
+
+
+def snapshot_code(run):
+    """Record the code that ran: the kit's ``cnf.py`` at the top of the run folder (byte
+    for byte), and every other kit source file this process has loaded in ``run/code/``,
+    at its path in the kit. Both are written atomically (code/ as one folder rename)."""
+    with open(os.path.join(KIT_DIR, SCRIPT), "rb") as f:
+        atomic_write(run.file(SCRIPT), f.read())
+    atomic_copytree({rel: data for rel, data in sorted(kit_sources().items()) if rel != SCRIPT}, run.file("code"))
+
+
+def folder_bytes(path):
+    """Bytes of the files under ``path`` (0 for a missing folder)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total
 
 
 def read_args(path):
@@ -282,8 +416,35 @@ def read_args(path):
 def peak_memory_mb(device):
     """Peak so far: the CUDA allocator's on GPU, the process's peak RSS on CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quiet_exits(prog, interrupted="interrupted; nothing half written was left"):
+    """How an entry point ends on Ctrl-C or a full disk: one line on stderr and a documented
+    exit code, never a traceback. Ctrl-C (KeyboardInterrupt reaching the top): ``interrupted``
+    and exit code 130; ENOSPC/EDQUOT: what could not be written and exit code 6. Every other
+    error keeps Python's traceback (it is a bug to report). Call it first thing under
+    ``if __name__ == "__main__":``, before the heavy imports, so it covers them too."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            line, code = f"{prog}: {interrupted}", EXIT_CTRL_C
+        elif is_disk_full(value):
+            what = value.line() if isinstance(value, DiskFull) else f"{value.filename or 'a file'}: {value.strerror}"
+            line, code = f"{prog}: disk full: {what}; free some space and run it again", EXIT_DISK_FULL
+        else:
+            return default(kind, value, tb)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        os._exit(code)
+
+    sys.excepthook = hook
 
 
 class StopSignals:

@@ -1,15 +1,42 @@
 """Validation and end-of-run metrics: NLL (with its standard error) in float32 and
-in the training precision, MMD, the test NLL, and the exact likelihood.
+in the training precision, MMD, the test NLL, and the exact likelihood (docs/metrics.md).
 
     python metrics.py RUN_DIR [RUN_DIR ...]   # val_loss_exact and disc_gap of saved runs
 """
 import math
+import os
+import re
 import sys
 import time
 
-import torch
-
 import experiment as ex
+
+
+def build_parser():
+    p = ex.OneLineParser(prog="metrics.py", description="Exact likelihood (val_loss_exact, disc_gap) "
+                                "of saved runs, from their checkpoints.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each holds ckpt.pth)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    return p
+
+
+def parse(argv=None):
+    """The flags, checked without torch: a bad one is one line and exit code 2."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", a.device):
+        p.error(f"--device {a.device!r} is not a device (cpu, cuda or cuda:N)")
+    for folder in a.run_dirs:
+        if not os.path.isfile(ex.RunDir(folder).ckpt):
+            p.error(f"{folder!r} holds no ckpt.pth (a run folder's checkpoint)")
+    return a
+
+
+if __name__ == "__main__":
+    ex.quiet_exits("metrics.py")  # Ctrl-C or a full disk: one line and an exit code, never a traceback
+    parse()  # a bad flag or --help is answered now, before torch loads; main() parses again
+
+import torch  # noqa: E402  (after the flags are checked)
 import toy_data
 from model import CNF, Integrator, log_prob, sample
 
@@ -228,16 +255,10 @@ def checkpoint_metrics(ckpt, device, backend="torch"):
 
 
 def main(argv=None):
-    p = ex.OneLineParser(prog="metrics.py", description="Exact likelihood (val_loss_exact, disc_gap) "
-                                "of saved runs, from their checkpoints.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each holds ckpt.pth)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    a = p.parse_args(argv)
-    try:
-        dev_type = torch.device(a.device).type
-    except RuntimeError:
-        p.error(f"--device {a.device!r} is not a device (cpu, cuda or cuda:N)")
-    if dev_type == "cuda" and not torch.cuda.is_available():
+    """Print each run's val_loss, val_loss_exact and disc_gap (it only reads the folder)."""
+    a = parse(argv)
+    p = build_parser()
+    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {a.device} requested but CUDA is not available")
     for folder in a.run_dirs:
         try:

@@ -11,6 +11,7 @@ import torchdiffeq
 from torch import nn
 
 import torchmpnode
+from choices import BACKENDS, SOLVERS, TRACES
 from hyper_trace import (
     fused_params,
     hyper_field,
@@ -22,10 +23,6 @@ from hyper_trace import (
     trace_autograd,
     trace_hutchinson,
 )
-
-TRACES = ("exact", "autograd", "hutchinson")
-SOLVERS = ("torchdiffeq", "torchmpnode")
-BACKENDS = ("torch", "triton")  # who runs the grid solve of the exact-trace field
 
 
 class HyperNetwork(nn.Module):

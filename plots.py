@@ -1,12 +1,72 @@
-"""Figures of a run, drawn from its CSV or from arrays, never from training state,
-so a run can be re-plotted from its folder alone: ``python plots.py RUN_DIR``."""
+"""Every figure of the kit, drawn from a run's files or from arrays, never from training
+state, so a run can be re-drawn from its folder alone. Each figure is rendered in memory
+and written atomically: a figure file that exists is complete.
+
+    python plots.py RUN_DIR [RUN_DIR ...]          # re-draw a run's figures (the flow frames from its checkpoint)
+    python plots.py --compare OUT.png RUN_DIR ...  # several runs' validation curves in one figure
+
+- a run: ``optimization_stats.png`` and ``mmd_plot.png`` from its CSV; the flow frames
+  ``cnf-viz-NNN.jpg`` and ``cnf-viz.gif`` from the arrays of ``density.flow_arrays``;
+- a sweep: ``summary.png`` (``plot_summary``) and ``overview.png/.pdf`` (``plot_overview``),
+  from ``summarize.py``'s tables;
+- several runs side by side: ``plot_runs`` (``--compare``).
+"""
 import io
 import math
 import os
 import sys
 import textwrap
 
-import matplotlib
+import experiment as ex
+
+RUN_FIGURES = ("optimization_stats.png", "mmd_plot.png")  # drawn from the CSV
+GIF = "cnf-viz.gif"
+
+
+def frame_name(k):
+    return f"cnf-viz-{k:03d}.jpg"
+
+
+def build_parser():
+    p = ex.OneLineParser(prog="plots.py", description="Re-draw run folders' figures from their files, "
+                         "or compare several runs' validation curves in one figure.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
+    p.add_argument("--compare", metavar="OUT.png", help="draw one comparison figure of the runs into this file "
+                   "(.png, .pdf or .svg) instead")
+    p.add_argument("--labels", help="comma-separated legend labels for --compare, one per run "
+                   "(default: the settings in which the runs differ)")
+    p.add_argument("--title", default="", help="the comparison figure's title")
+    p.add_argument("--device", default="cpu", help="where the flow frames are recomputed from a checkpoint")
+    return p
+
+
+COMPARE_USAGE = "usage: plots.py --compare OUT.png RUN_DIR [RUN_DIR ...]: the output file comes first"
+FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+
+def check_args(p, args):
+    """The checks that need no heavy import; a bad one is one line and exit code 2."""
+    if args.compare:
+        out = args.compare
+        if os.path.isdir(out) or os.path.isfile(os.path.join(out, "args.csv")):
+            p.error(f"--compare {out!r} is a folder, not the output file ({COMPARE_USAGE})")
+        if os.path.splitext(out)[1].lower() not in FORMATS:
+            p.error(f"--compare {out!r}: the output file ends in {', '.join(FORMATS)} ({COMPARE_USAGE})")
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            p.error(f"--compare {out!r}: the folder {parent!r} does not exist")
+    for d in args.runs:
+        if not os.path.isfile(os.path.join(d, "args.csv")):
+            p.error(f"{d!r} is not a run folder (no args.csv)" + (f" ({COMPARE_USAGE})" if args.compare else ""))
+    return args
+
+
+if __name__ == "__main__":
+    ex.quiet_exits("plots.py")  # Ctrl-C or a full disk: one line and an exit code, never a traceback
+    parser = build_parser()
+    check_args(parser, parser.parse_args())  # a bad flag or --help is answered before the heavy imports
+
+import matplotlib  # noqa: E402  (after the flags are checked)
 
 matplotlib.use("Agg")
 import imageio.v2 as imageio  # noqa: E402
@@ -15,7 +75,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import toy_data  # noqa: E402
 
+MMD_LINEAR = 1e-3  # MMD^2 axes: linear within +-this (the noise level of a 1024-point estimate), log beyond
+
+
+def _render(fig, dpi, fmt="png"):
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi)
+    return buf.getvalue()
+
+
+def _save(fig, path, dpi):
+    """Render ``fig`` in the format of ``path``'s extension (PNG by default), close it, and
+    write the file atomically."""
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "png")
+    data = _render(fig, dpi, fmt)
+    plt.close(fig)
+    ex.atomic_write(path, data)
+
+
+# --- a run's figures ------------------------------------------------------------------------
 def plot_optimization(csv_path, out_png, entropy=None, title=""):
     """Loss (with the true entropy as the floor), MMD, learning rate and timing."""
     df = pd.read_csv(csv_path)
@@ -44,29 +124,39 @@ def plot_optimization(csv_path, out_png, entropy=None, title=""):
     a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(fig, out_png, dpi=110)
 
 
 def _plot_mmd_axes(a, df):
-    a.plot(df["iter"], df["val_mmd"].clip(lower=1e-6), "o-", ms=3, label="samples vs data")
-    a.plot(df["iter"], df["train_mmd"].clip(lower=1e-6), "s-", ms=3, label="z(0) of val data vs N(0,I)")
-    a.set(xlabel="iteration", ylabel="MMD$^2$ (unbiased, clipped at 1e-6)", yscale="log", title="MMD")
-    a.legend(fontsize=8)
+    """MMD^2 on a symmetric log axis: linear within +-MMD_LINEAR (shaded), so the unbiased
+    estimate's values at and below 0, which mean "no difference within noise", are drawn
+    where they are, never clipped; the test MMD^2 of a completed run with its standard error."""
+    a.axhspan(-MMD_LINEAR, MMD_LINEAR, color="0.92", zorder=0, label=f"linear scale within ±{MMD_LINEAR:g}")
+    a.axhline(0.0, color="k", lw=0.8)
+    a.plot(df["iter"], df["val_mmd"], "o-", ms=3, label="val: model samples vs data")
+    a.plot(df["iter"], df["train_mmd"], "s-", ms=3, label="val data pulled back vs N(0,I)")
+    if "test_mmd" in df and df["test_mmd"].notna().any():
+        last = df[df["test_mmd"].notna()].iloc[-1]
+        se = last["test_mmd_se"] if "test_mmd_se" in df and math.isfinite(last["test_mmd_se"]) else 0.0
+        a.errorbar([last["iter"]], [last["test_mmd"]], yerr=[se], fmt="D", ms=5, capsize=4, color="tab:red",
+                   label="test: samples vs test set, ± SE")
+    a.set_yscale("symlog", linthresh=MMD_LINEAR)
+    a.set(xlabel="iteration", ylabel="MMD$^2$ (unbiased)", title="MMD (0 or below: no difference within noise)")
+    a.legend(fontsize=7)
 
 
 def plot_mmd(csv_path, out_png):
+    """The MMD panel of ``plot_optimization`` on its own."""
     df = pd.read_csv(csv_path)
-    fig, a = plt.subplots(figsize=(6, 4))
+    fig, a = plt.subplots(figsize=(6.5, 4.2))
     _plot_mmd_axes(a, df)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(fig, out_png, dpi=110)
 
 
-def save_flow_frames(out_dir, target, snapshots, limit=4.5, gif_duration=0.1, bins=200):
-    """Frames ``cnf-viz-XXX.jpg`` (target | samples at t | model density at t) and
-    the animated ``cnf-viz.gif``. Returns the list of frame paths.
+def flow_frames(target, snapshots, limit=4.5, gif_duration=0.1, bins=200):
+    """The flow frames as files in memory: {``cnf-viz-NNN.jpg``: bytes, ..., ``cnf-viz.gif``: bytes},
+    each frame target | samples at t | model density at t.
 
     One figure is drawn once and only its artists' data change per frame: 2D
     histograms of the target and the samples as images, and the model density
@@ -87,7 +177,7 @@ def save_flow_frames(out_dir, target, snapshots, limit=4.5, gif_duration=0.1, bi
     edges = np.linspace(-limit, limit, bins + 1)
     viridis = plt.get_cmap("viridis")
     cmap = viridis.with_extremes(bad=viridis(0))  # the pulled-back grid need not cover the corners
-    fig, ax = plt.subplots(1, 3, figsize=(12, 4.2))
+    fig, ax = plt.subplots(1, 3, figsize=(12, 4.4))
     ims = [a.imshow(np.zeros((bins, bins)), origin="lower", extent=(-limit, limit, -limit, limit), cmap=cmap,
                     interpolation="nearest") for a in ax[:2]]
     ax[2].set_facecolor(cmap(0))
@@ -99,9 +189,11 @@ def save_flow_frames(out_dir, target, snapshots, limit=4.5, gif_duration=0.1, bi
         a.set_xticks([])
         a.set_yticks([])
     ax[0].set_title("target")
+    ax[1].set_title(f"samples, t = {times[0]:.2f}")  # every title in place before the layout, so none is cut
+    ax[2].set_title(f"model density, t = {times[0]:.2f}")
     _show(ims[0], _hist(target, edges))
     fig.tight_layout()
-    paths, images = [], []
+    files, images = {}, []
     for k, t in enumerate(times):
         _show(ims[1], _hist(snapshots["samples"][k], edges))
         ax[1].set_title(f"samples, t = {t:.2f}")
@@ -111,13 +203,22 @@ def save_flow_frames(out_dir, target, snapshots, limit=4.5, gif_duration=0.1, bi
         mesh = ax[2].pcolormesh(X, Y, C, cmap=cmap, shading="flat")
         _show(mesh, C)
         ax[2].set_title(f"model density, t = {t:.2f}")
-        path = os.path.join(out_dir, f"cnf-viz-{k:03d}.jpg")
-        fig.savefig(path, dpi=70)
-        paths.append(path)
-        images.append(imageio.imread(path))
+        files[frame_name(k)] = _render(fig, 70, "jpg")
+        images.append(imageio.imread(files[frame_name(k)]))
     plt.close(fig)
-    imageio.mimsave(os.path.join(out_dir, "cnf-viz.gif"), images, duration=gif_duration, loop=0)
-    return paths
+    buf = io.BytesIO()
+    imageio.mimsave(buf, images, format="GIF", duration=gif_duration, loop=0)
+    files[GIF] = buf.getvalue()
+    return files
+
+
+def save_flow_frames(out_dir, target, snapshots, **kw):
+    """Write the flow frames and the GIF of ``flow_frames`` into ``out_dir``, each atomically.
+    Returns the frame paths."""
+    files = flow_frames(target, snapshots, **kw)
+    for name, data in files.items():
+        ex.atomic_write(os.path.join(out_dir, name), data)
+    return [os.path.join(out_dir, n) for n in files if n != GIF]
 
 
 def _hist(xy, edges):
@@ -160,8 +261,6 @@ def plot_overview(datasets, columns, panels, out_png, out_pdf=None, caption="", 
     ``limit``) or ``text`` (a message drawn in a grey panel: diverged, not run, ...).
     Each density has its own colour scale from 0 to its 99.5th percentile, so a sharp
     and a diffuse model are both visible. Writes the PNG (and the PDF) atomically."""
-    import experiment
-
     nr, nc = len(datasets), len(columns)
     left, gap = 0.35, 0.12
     W = left + nc * (panel_in + gap) + 0.1
@@ -197,23 +296,137 @@ def plot_overview(datasets, columns, panels, out_png, out_pdf=None, caption="", 
                          fontweight="bold", linespacing=1.1)
     if caption:
         fig.text(0.5 * left / W, 0.08 / H, caption, ha="left", va="bottom", fontsize=6.5, linespacing=1.2)
-    for path, fmt in ((out_png, "png"), (out_pdf, "pdf")):
-        if path is not None:
-            buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, dpi=dpi)
-            experiment.atomic_write(path, buf.getvalue())
+    data = {path: _render(fig, dpi, fmt) for path, fmt in ((out_png, "png"), (out_pdf, "pdf")) if path is not None}
     plt.close(fig)
+    for path, blob in data.items():
+        ex.atomic_write(path, blob)
 
 
-def replot(run_dir):
-    """Re-draw the CSV figures of a run folder from its files alone."""
-    import experiment
-    import toy_data
+# --- a sweep's summary figure --------------------------------------------------------------
+_CELL = ["data", "solver", "precision", "scaler"]  # what makes a cell (summarize.CELL)
 
-    run = experiment.RunDir(run_dir)
-    args = experiment.read_args(run.file("args.csv"))
-    plot_optimization(run.csv, run.file("optimization_stats.png"), toy_data.ENTROPY.get(args.get("data")), run.name)
-    plot_mmd(run.csv, run.file("mmd_plot.png"))
+
+def _label(r):
+    return f"{r.solver} {r.precision} {r.scaler}"
+
+
+def paired_labels(g):
+    """The row labels of a dataset's paired panel: the cell, its seed pairs, and whether its
+    interval is indicative (fewer than 3 pairs)."""
+    out = []
+    for r in g.itertuples():
+        if r.reference:
+            out.append(f"{_label(r)} (reference)")
+        else:
+            out.append(f"{_label(r)} ({r.pairs} pairs" + ("; indicative" if getattr(r, "indicative", False) else "") + ")")
+    return out
+
+
+def _curve_stats(dfs):
+    """Validation NLL per iteration over runs: (iters, mean, sd, n); sd is 0 where n == 1."""
+    long = pd.concat([d[["iter", "val_loss"]] for d in dfs if len(d)], ignore_index=True)
+    g = long.groupby("iter")["val_loss"]
+    return g.mean().index.to_numpy(), g.mean().to_numpy(), g.std(ddof=1).fillna(0.0).to_numpy(), g.count().to_numpy()
+
+
+def plot_summary(cells, runs, curves, out_png):
+    """summary.png of a sweep: per dataset, learning curves (mean ± sd over seeds), final test
+    NLL (mean ± sd), paired test-NLL difference to float32 (95 % t interval); then time and
+    memory (± sd). ``cells`` and ``runs`` are ``summarize``'s tables, ``curves`` each run's CSV."""
+    datasets = sorted(cells["data"].unique())
+    height = max(3.6, 0.9 + 0.28 * cells.groupby("data").size().max())
+    # constrained layout gives each panel's row labels their own room: none runs into a neighbour
+    fig, axes = plt.subplots(len(datasets) + 1, 3, figsize=(19, height * (len(datasets) + 1)), squeeze=False,
+                             layout="constrained")
+    for row, data in zip(axes, datasets):
+        g = cells[cells["data"] == data].reset_index(drop=True)
+        floor = toy_data.ENTROPY[data]
+        a = row[0]
+        for k, r in g.iterrows():
+            mine = runs[(runs[_CELL] == list(r[_CELL])).all(axis=1) & runs["used"]]
+            dfs = [curves[p] for p in mine["run"]]
+            if not any(len(d) for d in dfs):
+                continue
+            it, mean, sd, n = _curve_stats(dfs)
+            a.errorbar(it, mean, yerr=sd, fmt="o-", ms=3, capsize=2, lw=1,
+                       label=f"{_label(r)} (n={n.max()}{', ' + r.status if r.n < r.runs else ''})")
+        a.axhline(floor, color="k", ls=":", lw=1, label="true entropy")
+        a.set(title=f"{data}: validation NLL (mean ± sd over seeds)", xlabel="iteration", ylabel="nats")
+        top = np.nanmax(np.r_[g["val_nll_mean"].to_numpy() + np.nan_to_num(g["val_nll_sd"].to_numpy()), floor + 0.1])
+        a.set_ylim(floor - 0.05, floor + 3 * (top - floor))
+        a.legend(fontsize=7)
+        y = np.arange(len(g))
+        labels = [f"{_label(r)} (n={r.n})" for r in g.itertuples()]
+        a = row[1]
+        a.errorbar(g["test_nll_mean"], y, xerr=g["test_nll_sd"].fillna(0.0), fmt="o", capsize=4)
+        a.axvline(floor, color="k", ls=":", lw=1)
+        a.set_yticks(y, labels, fontsize=7)
+        a.set(title=f"{data}: final test NLL (mean ± sd over seeds)", xlabel="nats", ylim=(-0.6, len(g) - 0.4))
+        a = row[2]
+        has_ci = g["diff_ci_low"].notna()
+        half_lo = (g["diff_mean"] - g["diff_ci_low"]).where(has_ci, 0.0)
+        half_hi = (g["diff_ci_high"] - g["diff_mean"]).where(has_ci, 0.0)
+        weak = g["indicative"].astype(bool) if "indicative" in g else pd.Series(False, index=g.index)
+        level = f"{g['ci_level'].iloc[0]:.0%}" if "ci_level" in g else "95%"
+        for sel, style, label in ((~weak, dict(fmt="o"), f"seeds: {level} t interval"),
+                                  (weak, dict(fmt="o", mfc="white"), "seeds: indicative (fewer than 3 pairs)")):
+            if sel.any():
+                a.errorbar(g["diff_mean"][sel], y[sel.to_numpy()], xerr=[half_lo[sel], half_hi[sel]], capsize=4,
+                           color="tab:blue", label=label, **style)
+        a.errorbar(g["point_diff_mean"], y + 0.2, xerr=g["point_diff_se"].fillna(0.0) * 1.96, fmt="s", ms=3,
+                   capsize=3, color="tab:orange", label="per point: ±1.96 SE")
+        a.axvline(0.0, color="k", lw=1)
+        a.set_yticks(y, paired_labels(g), fontsize=7)
+        a.set(title=f"{data}: test NLL minus float32 twin", xlabel="nats", ylim=(-0.6, len(g) - 0.2))
+        a.legend(fontsize=7)
+    labels = [f"{r.data}\n{_label(r)}" for r in cells.itertuples()]
+    y = np.arange(len(cells))
+    a = axes[-1][0]
+    a.barh(y, cells["ms_fwd_mean"], xerr=cells["ms_fwd_sd"].fillna(0.0), capsize=3, label="forward")
+    a.barh(y, cells["ms_bwd_mean"], left=cells["ms_fwd_mean"], xerr=cells["ms_bwd_sd"].fillna(0.0), capsize=3,
+           label="backward")
+    a.set(title="time per iteration (mean ± sd)", xlabel="ms")
+    a.set_yticks(y, labels, fontsize=7)
+    a.legend(fontsize=7)
+    a = axes[-1][1]
+    a.barh(y, cells["peak_mb_mean"], xerr=cells["peak_mb_sd"].fillna(0.0), capsize=3, color="tab:green")
+    a.set(title="peak memory (mean ± sd)", xlabel="MB")
+    a.set_yticks(y, labels, fontsize=7)
+    fig.delaxes(axes[-1][2])  # the last row has two panels
+    _save(fig, out_png, dpi=90)
+
+
+
+# --- re-drawing a run ----------------------------------------------------------------------
+def csv_figures(run_dir):
+    """{name: writer} of the figures drawn from a run's CSV alone."""
+    run = ex.RunDir(run_dir)
+    args = ex.read_args(run.file("args.csv"))
+    entropy = toy_data.ENTROPY.get(args.get("data"))
+    return {"optimization_stats.png": lambda: plot_optimization(run.csv, run.file("optimization_stats.png"), entropy,
+                                                                run.name),
+            "mmd_plot.png": lambda: plot_mmd(run.csv, run.file("mmd_plot.png"))}
+
+
+def replot(run_dir, device="cpu"):
+    """Re-draw a run's figures from its folder: the CSV figures, and for a completed run
+    with ``--viz`` the flow frames and GIF from its checkpoint (one solve each way,
+    ``density.flow_arrays_from_checkpoint``). Once every figure is drawn, a status.json that
+    named missing figures no longer does. Returns the names written."""
+    import density
+
+    run = ex.RunDir(run_dir)
+    written = []
+    for name, draw in csv_figures(run_dir).items():
+        draw()
+        written.append(name)
+    status = ex.read_status(run)
+    if status.get("status") in ("completed", "grid_exploited") and ex.read_args(run.file("args.csv")).get("viz") == "True":
+        target, snaps = density.flow_arrays_from_checkpoint(run_dir, device)
+        written += [os.path.basename(p) for p in save_flow_frames(run.path, target, snaps)] + [GIF]
+    if status.get("missing_figures"):
+        ex.write_json(run.status, {**status, "missing_figures": []})
+    return written
 
 
 # args.csv entries that say where or how a run was executed, not what it trained
@@ -235,17 +448,19 @@ def default_labels(args, names, most=4):
     return labels if len(set(labels)) == len(labels) else list(names)
 
 
+GAP_WINDOW = (-0.3, 0.5)  # nats: the compare figure's NLL-gap axis; what lies outside is marked at its edge
+GRID_GAP_FLOOR = 1e-7  # |grid_gap| below this is drawn at it (log axis), and the figure says so
+
+
 def plot_runs(run_dirs, out_png, labels=None, title=""):
     """Validation curves of several runs of one dataset, one colour per run: the
     val NLL's gap to the true entropy, |grid_gap| against each run's threshold,
     val MMD and the learning rate. A run's grid_exploited flag is a vertical line
     in its colour. Without ``labels``, a run is labelled by the settings in which the
-    runs differ. Reads each folder's args.csv and CSV only."""
-    import experiment
-    import toy_data
-
-    runs = [experiment.RunDir(d) for d in run_dirs]
-    args = [experiment.read_args(r.file("args.csv")) for r in runs]
+    runs differ. Reads each folder's args.csv and CSV only. An axis that cuts values
+    off says so on the figure, with the cut values drawn at its edge."""
+    runs = [ex.RunDir(d) for d in run_dirs]
+    args = [ex.read_args(r.file("args.csv")) for r in runs]
     labels = list(labels) if labels else default_labels(args, [r.name for r in runs])
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
@@ -254,70 +469,74 @@ def plot_runs(run_dirs, out_png, labels=None, title=""):
         raise ValueError(f"the runs are of different datasets ({', '.join(sorted(data))}); compare one at a time")
     entropy = toy_data.ENTROPY[data.pop()]
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))
-    lo, hi = 0.0, 0.0
-    for i, (run, cfg, label) in enumerate(zip(runs, args, labels)):
-        df = pd.read_csv(run.csv)
+    frames = [pd.read_csv(r.csv) for r in runs]
+    gaps = pd.concat([df["val_loss"] - entropy for df in frames])
+    # a gamed run dives by nats and a young one starts a nat above: keep the last hundredths readable
+    lo = max(min(0.0, gaps.min()), GAP_WINDOW[0]) - 0.02
+    hi = min(max(0.0, gaps.max()), GAP_WINDOW[1]) + 0.02
+    flagged, floored = False, False
+    for i, (df, cfg, label) in enumerate(zip(frames, args, labels)):
         c = f"C{i}"
         gap = df["val_loss"] - entropy
-        lo, hi = min(lo, gap.min()), max(hi, gap.quantile(0.98))
-        ax[0, 0].plot(df["iter"], gap, "-", color=c, lw=1, label=label)
+        ax[0, 0].plot(df["iter"], gap.clip(lo, hi), "-", color=c, lw=1, label=label)
+        for side, out in ((lo, gap < lo), (hi, gap > hi)):  # cut values: a triangle on the edge
+            if out.any():
+                ax[0, 0].plot(df["iter"][out], np.full(int(out.sum()), side), "v" if side == lo else "^", color=c, ms=4)
         if "grid_gap" in df and df["grid_gap"].notna().any():
             g = df.dropna(subset=["grid_gap"])
-            ax[0, 1].plot(g["iter"], g["grid_gap"].abs().clip(lower=1e-7), "-", color=c, lw=1, label=label)
+            floored |= bool((g["grid_gap"].abs() < GRID_GAP_FLOOR).any())
+            ax[0, 1].plot(g["iter"], g["grid_gap"].abs().clip(lower=GRID_GAP_FLOOR), "-", color=c, lw=1, label=label)
             if "grid_gap_max" in cfg:
                 ax[0, 1].axhline(float(cfg["grid_gap_max"]), color=c, ls=":", lw=1)
         ax[1, 0].plot(df["iter"], df["val_mmd"], "-", color=c, lw=1, label=label)
         ax[1, 1].plot(df["iter"], df["lr"], "-", color=c, lw=1, label=label)
         if "grid_exploited" in df and (df["grid_exploited"] == 1).any():
+            flagged = True
             first = df.loc[df["grid_exploited"] == 1, "iter"].iloc[0]
             for a in ax.flat:
                 a.axvline(first, color=c, ls="--", lw=0.8)
     a = ax[0, 0]
     a.axhline(0.0, color="k", ls=":", lw=1, label=f"true entropy {entropy:.4f}")
-    # a gamed run dives by nats; keep the honest runs' last hundredths readable
-    a.set_ylim(max(lo, -0.3) - 0.02, min(hi, 0.5) + 0.02)
-    a.set(xlabel="iteration", ylabel="val NLL - true entropy (nats)", title="validation NLL gap (clipped at -0.3)")
+    a.set_ylim(lo, hi)
+    cut = (gaps < lo).any() or (gaps > hi).any()
+    a.set(xlabel="iteration", ylabel="val NLL - true entropy (nats)",
+          title="validation NLL gap" + (f"\n(axis cut to [{lo:+.2f}, {hi:+.2f}]: triangles mark values beyond it)"
+                                        if cut else ""))
     a = ax[0, 1]
     a.set(xlabel="iteration", ylabel="|val NLL - val NLL on 4x the steps|", yscale="log",
-          title="|grid_gap| (dotted: each run's --grid_gap_max)")
-    # the unbiased estimate scatters around 0 for a good model: linear below 1e-3, log above
-    ax[1, 0].set_yscale("symlog", linthresh=1e-3)
-    ax[1, 0].set(xlabel="iteration", ylabel="MMD$^2$ (unbiased)", title="val MMD, samples vs data")
+          title="|grid_gap| (dotted: each run's --grid_gap_max)"
+                + (f"\n(values below {GRID_GAP_FLOOR:g} drawn at {GRID_GAP_FLOOR:g})" if floored else ""))
+    a = ax[1, 0]
+    a.axhspan(-MMD_LINEAR, MMD_LINEAR, color="0.92", zorder=0, label=f"linear scale within ±{MMD_LINEAR:g}")
+    a.axhline(0.0, color="k", lw=0.8)
+    a.set_yscale("symlog", linthresh=MMD_LINEAR)
+    a.set(xlabel="iteration", ylabel="MMD$^2$ (unbiased)", title="val MMD, samples vs data (0 or below: no difference)")
     ax[1, 1].set(xlabel="iteration", ylabel="learning rate", yscale="log", title="learning rate")
     for a in ax.flat:
         a.legend(fontsize=7)
-    fig.suptitle(title or "dashed: where a run's grid_exploited flag rose", fontsize=10)
+    caption = "dashed: where a run's grid_exploited flag rose" if flagged else ""
+    fig.suptitle("\n".join(t for t in (title, caption) if t), fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    experiment.atomic_write(out_png, buf.getvalue())
+    _save(fig, out_png, dpi=100)
 
 
 def main(argv=None):
-    import experiment
-
-    p = experiment.OneLineParser(prog="plots.py", description="Re-draw run folders' figures from their files, "
-                                 "or compare several runs' validation curves in one figure.")
-    p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--compare", metavar="OUT.png", help="draw one comparison figure of the runs instead")
-    p.add_argument("--labels", help="comma-separated legend labels for --compare, one per run "
-                   "(default: the settings in which the runs differ)")
-    p.add_argument("--title", default="", help="the comparison figure's title")
-    args = p.parse_args(argv)
+    """Re-draw the figures of run folders, or (--compare) draw one figure of several runs.
+    Exit 0; 2 for bad input (one line, nothing written); 6 for a full disk."""
+    p = build_parser()
+    args = check_args(p, p.parse_args(argv))
     try:
-        for d in args.runs:
-            if not os.path.isfile(os.path.join(d, "args.csv")):
-                raise ValueError(f"{d!r} is not a run folder (no args.csv)")
         if args.compare:
             labels = args.labels.split(",") if args.labels else None
             plot_runs(args.runs, args.compare, labels, args.title)
+            print(f"wrote {args.compare}")
         else:
             for d in args.runs:
-                replot(d)
-    except (ValueError, OSError) as e:  # OSError: a run folder without its CSV yet
-        print(f"plots.py: error: {e}", file=sys.stderr)
-        return 2
+                print(f"{d}: wrote {', '.join(replot(d, args.device))}")
+    except ex.DiskFull:
+        raise  # quiet_exits: one line, exit code 6
+    except (ValueError, OSError, ex.CheckpointError) as e:  # OSError: a run folder without its CSV yet
+        p.error(str(e))
     return 0
 
 

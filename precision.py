@@ -1,13 +1,20 @@
 """Precision, resolved once before the training loop: an autocast context for the
-run's device type, and which loss scaler (if any) is on."""
+run's device type, and the run's loss scalers. The table of precisions and the rule
+that picks the scalers from the flags are plain data in ``choices.py``."""
 import contextlib
 
 import torch
 
 import torchmpnode
+from choices import PRECISIONS, scaler_flags, scaler_label  # the rule that picks the scalers
 
-# name -> autocast dtype (None: no autocast, plain float32)
-PRECISIONS = {"float32": None, "tfloat32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def autocast_dtype(name):
+    """The torch dtype precision ``name`` runs the model in under autocast; None: no autocast."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[name].autocast
+    return None if dtype is None else getattr(torch, dtype)
 
 
 class Precision:
@@ -15,17 +22,16 @@ class Precision:
     precision means on this device (e.g. tfloat32 on CPU is plain float32)."""
 
     def __init__(self, name, device):
-        if name not in PRECISIONS:
-            raise ValueError(f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}")
-        self.name, self.device_type, self.low = name, torch.device(device).type, PRECISIONS[name]
+        self.name, self.device_type, self.low = name, torch.device(device).type, autocast_dtype(name)
         self.note = ""
-        if name == "tfloat32":
+        spec = PRECISIONS[name]
+        if spec.tf32:
             if self.device_type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
                 self.note = "TF32 matmuls enabled"
             else:
-                self.note = "tfloat32 is a CUDA matmul mode; on CPU this runs plain float32"
+                self.note = f"{name} is a CUDA matmul mode; on CPU this runs plain {spec.cpu_twin or 'float32'}"
         elif self.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -34,20 +40,6 @@ class Precision:
         if self.low is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.low)
-
-
-def scaler_flags(odeint, precision, no_grad_scaler=False, no_dynamic_scaler=False, grad_scaler=False):
-    """(GradScaler on?, DynamicScaler on?) for a run's flags: the one place this is decided."""
-    fp16 = PRECISIONS[precision] == torch.float16
-    use_grad = fp16 and ((odeint == "torchdiffeq" and not no_grad_scaler) or grad_scaler)
-    use_dynamic = fp16 and odeint == "torchmpnode" and not no_dynamic_scaler
-    return use_grad, use_dynamic
-
-
-def scaler_label(*args, **kw):
-    """'none', 'grad', 'dynamic' or 'grad+dynamic'."""
-    use_grad, use_dynamic = scaler_flags(*args, **kw)
-    return "+".join(n for n, on in (("grad", use_grad), ("dynamic", use_dynamic)) if on) or "none"
 
 
 class Scalers:

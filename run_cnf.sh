@@ -26,7 +26,7 @@ KIT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # ---------------------------------------------------------------- the grid (data)
 DATASETS=(8gaussians checkerboard rings circles moons swissroll 2spirals pinwheel)
 SOLVERS=(torchdiffeq torchmpnode)
-PRECISIONS=(float32 tfloat32 bfloat16 float16)
+PRECISIONS=(float32 tfloat32 bfloat16 float16)  # names from choices.py; without CUDA, tfloat32 is skipped
 # Every cell runs once per seed: the paired comparisons in summarize.py need at
 # least three (see README, "How to read a comparison").
 SEEDS=(0 1 2)
@@ -41,7 +41,7 @@ declare -A SCALER_FLAGS=(
   [torchmpnode:dynamic]=""
 )
 # Per-dataset arguments (the harder, sharper densities get more iterations). Measured on the
-# 128-point grid (README, "Sweeps"): against the step schedule over the same iterations the
+# 128-point grid (docs/experiments/2026-11-30-per-dataset-schedules.md): against the step schedule over the same iterations the
 # cosine schedule's test NLL is 0.048 (checkerboard), 0.0095 (2spirals) and 0.0094 (pinwheel)
 # nats lower; a cosine run over 2000 iterations is 0.109, 0.0089 and 0.0090 nats worse.
 declare -A DATA_ARGS=(
@@ -101,10 +101,16 @@ if [ -n "${CNF_PYTHON:-}" ]; then
   export CNF_PYTHON=$py
 fi
 
+# The kit's names (choices.py needs only the Python standard library, so any python3 reads it)
+names_py=${CNF_PYTHON:-$(command -v python3 || command -v python || echo python3)}
+choices() { "$names_py" "$KIT_DIR/choices.py" "$1" || die "cannot read the kit's $1 from choices.py with $names_py"; }
+mapfile -t KNOWN_PRECISIONS < <(choices precisions)
+mapfile -t KNOWN_SOLVERS < <(choices solvers)
+[ ${#KNOWN_PRECISIONS[@]} -gt 0 ] && [ ${#KNOWN_SOLVERS[@]} -gt 0 ] || die "cannot read the kit's names from choices.py"
 valid() { local x=$1; shift; for v in "$@"; do [ "$v" = "$x" ] && return 0; done; return 1; }
 for d in "${DATASETS[@]}"; do valid "$d" 8gaussians checkerboard rings circles moons swissroll 2spirals pinwheel || die "unknown dataset $d"; done
-for s in "${SOLVERS[@]}"; do valid "$s" torchdiffeq torchmpnode || die "unknown solver $s"; done
-for p in "${PRECISIONS[@]}"; do valid "$p" float32 tfloat32 bfloat16 float16 || die "unknown precision $p"; done
+for s in "${SOLVERS[@]}"; do valid "$s" "${KNOWN_SOLVERS[@]}" || die "unknown solver $s (choose from ${KNOWN_SOLVERS[*]})"; done
+for p in "${PRECISIONS[@]}"; do valid "$p" "${KNOWN_PRECISIONS[@]}" || die "unknown precision $p (choose from ${KNOWN_PRECISIONS[*]})"; done
 [ ${#SEEDS[@]} -gt 0 ] || die "--seeds needs at least one seed"
 declare -A seen=()
 for r in "${SEEDS[@]}"; do
@@ -119,6 +125,7 @@ done
 GPUS=()
 detect_gpus() {
   local e
+  GPUS=()
   if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
     IFS=, read -ra cvd <<< "$CUDA_VISIBLE_DEVICES"
     for e in "${cvd[@]+"${cvd[@]}"}"; do
@@ -149,6 +156,25 @@ local_slots() {
     echo "local devices: CPU (no GPU found), $jobs at a time"
   fi
 }
+
+# Without CUDA (local cells and no GPU found, or a SLURM sweep with --gpus 0) a precision that
+# computes on a CPU exactly as another one (tfloat32 as float32; choices.py) would repeat its
+# twin's cells: those are skipped.
+cpu_only=0
+if [ "$mode" = local ]; then detect_gpus; [ ${#GPUS[@]} -gt 0 ] || cpu_only=1; fi
+for o in "${sb[@]+"${sb[@]}"}"; do [ "$o" = --gres=none ] && cpu_only=1; done
+if [ -z "$resume" ] && [ "$cpu_only" = 1 ]; then
+  mapfile -t CPU_PRECISIONS < <(choices cpu-precisions)
+  kept=() skipped=()
+  for p in "${PRECISIONS[@]}"; do
+    if valid "$p" "${CPU_PRECISIONS[@]}"; then kept+=("$p"); else skipped+=("$p"); fi
+  done
+  if [ ${#skipped[@]} -gt 0 ]; then
+    echo "note: no GPU here: skipping the ${skipped[*]} cells (on a CPU they compute exactly as their float32 twins)"
+    [ ${#kept[@]} -gt 0 ] || die "nothing left to run: ${skipped[*]} on a CPU would repeat float32"
+    PRECISIONS=("${kept[@]}")
+  fi
+fi
 
 if [ -n "$resume" ]; then
   # ------------------------------------------------------------ resume a sweep

@@ -1,28 +1,120 @@
-"""Process-level settings that make small-tensor CPU work fast. Entry points
-(cnf.py, bench.py) call ``configure`` once; library modules never do.
+"""Process-level settings: the CPU thread count a run uses, and what makes small-tensor
+CPU work fast. Entry points (cnf.py, bench.py) call ``configure`` once; library modules
+never do.
 
+- Threads. torch's own default, one thread per core, collapses as soon as other work
+  shares the machine: its OpenMP threads spin waiting for a sibling that lost its core
+  (measured 4-8x slower per iteration than one thread with two other busy processes on
+  a 2-core machine; docs/benchmarks.md). A run therefore takes one thread per core that
+  was idle when it started (``default_threads``), unless ``--threads`` or
+  ``OMP_NUM_THREADS`` says otherwise; a resume takes the count its checkpoint recorded
+  (``choose_threads``), since torch's reductions, and so the run's bits, depend on it.
 - glibc's malloc returns freed blocks of a few hundred KB to the OS and
   page-faults them back on the next allocation: with the solver's [n, w]
   temporaries that was ~500 page faults per field evaluation, more than the
   arithmetic itself. Raising the mmap and trim thresholds keeps them in the heap.
 - Denormal floats (from s(1-s) products near saturation) are slow on x86;
   flushing them to zero changes nothing measurable in float32 training.
-- Threads: torch's own default (OMP_NUM_THREADS when set, else one per core)
-  unless the caller asks for a number. On a machine that other work keeps
-  busy, fewer threads than cores avoids OpenMP threads waiting for a sibling
-  that lost its core (see BENCHMARKS.md).
+
+The thread choice needs no torch; ``configure`` imports it.
 """
 import ctypes
+import math
+import os
 import sys
-
-import torch
+import time
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+IDLE_WINDOW = 0.25  # seconds over which default_threads watches the cores
+IDLE_SHARE = 0.8  # a core counts as idle when it was idle this share of the window (or more)
+
+
+def usable_cores():
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota
+    (a container or a SLURM allocation limited to N CPUs)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def _core_times():
+    """{core: (all ticks, idle ticks)} from /proc/stat's per-core lines."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *ticks = line.split()
+                ticks = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
+                out[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
+    return out
+
+
+def idle_cores(window=IDLE_WINDOW):
+    """How many of this process's cores were idle over the next ``window`` seconds (the sum
+    of their idle shares), or None where /proc/stat cannot be read (not Linux). The process
+    sleeps meanwhile, so only other work counts as busy."""
+    try:
+        before = _core_times()
+        time.sleep(window)
+        after = _core_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(before)
+    total = 0.0
+    for core in mine:
+        if core in before and core in after:
+            ticks = after[core][0] - before[core][0]
+            total += (after[core][1] - before[core][1]) / ticks if ticks > 0 else 1.0
+    return total
+
+
+def default_threads():
+    """(count, how it was chosen) when nothing sets the count: one thread per core that was
+    idle (IDLE_SHARE of the window) as the run started, at least 1 and at most the usable
+    cores; one per usable core where the load cannot be read."""
+    cores = usable_cores()
+    idle = idle_cores()
+    if idle is None:
+        return cores, f"one per core ({cores})"
+    n = max(1, min(cores, int(idle + 1 - IDLE_SHARE)))
+    return n, f"one per idle core at the start: {idle:.1f} of {cores} idle"
+
+
+def choose_threads(requested=None, previous=None, env=None):
+    """(count, how it was chosen, note or '') of a run. ``requested`` (--threads) wins; then
+    ``previous``, the count a resumed run's checkpoint recorded, capped at the usable cores;
+    then OMP_NUM_THREADS; then ``default_threads``. The note says when a resume will not
+    continue bit for bit (another count than its previous segment's)."""
+    env = os.environ if env is None else env
+    if requested is not None:
+        n, how = requested, "--threads"
+    elif previous is not None:
+        cores = usable_cores()
+        n, how = min(int(previous), cores), "the checkpoint's"
+        if n != int(previous):
+            how += f", capped at this machine's {cores} core(s)"
+    elif env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        n, how = int(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    else:
+        n, how = default_threads()
+    note = ""
+    if previous is not None and n != int(previous):
+        note = (f"this segment runs {n} thread(s) where the run's previous segment ran {int(previous)}: torch's "
+                f"reductions depend on the count, so it will not continue bit for bit")
+    return n, how, note
 
 
 def configure(threads=None):
     """Apply the settings; ``threads`` (a positive int) sets torch's intra-op
     thread count, None keeps torch's default. Returns a short description for the log."""
+    import torch
+
     if threads is not None:
         torch.set_num_threads(threads)
     done = [f"{torch.get_num_threads()} thread(s)"]

@@ -1,5 +1,6 @@
-"""Aggregate a sweep (or any folder of runs) into statistics over seeds, paired
-comparisons against float32, one table and one figure.
+"""Aggregate a sweep (or any folder of runs) into statistics over seeds and paired
+comparisons against float32: the loading and the statistics live here, the tables'
+formatting in ``tables.py`` and the figures in ``plots.py``.
 
     python summarize.py results/sweep_.../ [--out DIR] [--backfill]
     python summarize.py results/sweep_.../ --status      # one line per cell of a (running) sweep
@@ -10,7 +11,8 @@ the mean and standard deviation over the completed seeds, and compares every
 cell with the float32 run of the same dataset, solver and seed (its "twin"):
 
 - across seeds: the mean difference in test NLL with a 95 % Student-t interval
-  over the seed pairs, and whether that interval contains 0;
+  over the seed pairs, and whether that interval contains 0 (with fewer than
+  three pairs the interval is marked *indicative*);
 - point by point: the runs of one seed share their test set, so the per-point
   NLL differences give a mean and standard error conditional on the trained
   models, far tighter than the spread over seeds.
@@ -20,35 +22,51 @@ per run), summary.png, summary.tex (a booktabs table for a paper; every number
 in it is formatted from summary.csv's row), summary_standalone.tex (the same as
 a complete document) and overview.png/.pdf (each cell's learned density, from
 the runs' density.npz; --backfill first writes it from the checkpoints of runs
-that lack it) into the folder, or --out. A folder without runs, or a single run
-whose files are damaged, is a one-line error with exit code 2. Diverged and
-interrupted runs are counted and listed, never dropped; folders that are not
-runs, and runs that cannot be read, are skipped with a warning. Several runs of the same cell and seed (two sweeps under
-one folder, say) are not independent samples: the newest completed one is used,
-the others are listed as ignored, with a warning.
+that lack it) into the folder, or --out, each atomically, the numbers before the
+figures. A folder without runs, or a single run whose files are damaged, is a
+one-line error with exit code 2; a full disk, one line naming what was and was not
+written, exit code 6. Diverged and interrupted runs are counted and listed, never
+dropped; folders that are not runs, and runs that cannot be read, are skipped with
+a warning. Several runs of the same cell and seed (two sweeps under one folder,
+say) are not independent samples: the newest completed one is used, the others
+are listed as ignored, with a warning.
 """
 import csv
 import glob
-import io
 import json
 import math
 import os
 import sys
 
-import matplotlib
+import experiment as ex
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def build_parser():
+    p = ex.OneLineParser(prog="summarize.py",
+                         description="Aggregate a sweep into statistics over seeds, tables and figures.")
+    p.add_argument("folder", help="a sweep folder, or any folder holding run folders")
+    p.add_argument("--out", default=None, help="where to write summary.* and overview.* (default: the folder)")
+    p.add_argument("--status", action="store_true",
+                   help="list every cell of the sweep (cells.tsv) with its state and progress, and exit")
+    p.add_argument("--backfill", action="store_true",
+                   help="first write density.npz, from their checkpoints, for completed runs that lack it")
+    return p
+
+
+if __name__ == "__main__":
+    ex.quiet_exits("summarize.py")  # Ctrl-C or a full disk: one line and an exit code, never a traceback
+    build_parser().parse_args()  # a bad flag or --help is answered now, before the heavy imports; main() parses again
+
+import numpy as np  # noqa: E402  (after the flags are checked)
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
 import density  # noqa: E402
-import experiment as ex  # noqa: E402
 import plots  # noqa: E402
 import sweep_status  # noqa: E402
+import tables  # noqa: E402
 import toy_data  # noqa: E402
-from precision import PRECISIONS, scaler_label  # noqa: E402
+from choices import scaler_label  # noqa: E402
 
 CELL = ["data", "solver", "precision", "scaler"]
 RUN_COLUMNS = [*CELL, "seed", "status", "iter", "test_nll", "test_nll_se", "test_gap", "val_nll", "val_nll_se",
@@ -59,6 +77,7 @@ STATS = ["test_nll", "test_nll_se", "test_gap", "val_nll", "nll_gap", "val_nll_e
          "test_mmd", "ms_fwd", "ms_bwd", "ms_iter", "peak_mb"]
 REFERENCE = ("float32", "none")  # the twin every cell is compared with: same data, solver and seed
 CONFIDENCE = 0.95
+MIN_SEEDS = 3  # fewer seed pairs than this: the paired interval is marked indicative (docs/sweeps.md)
 
 
 def _flag(args, key):
@@ -255,7 +274,8 @@ def cell_table(runs):
         diffs = [r.test_nll - t.test_nll for r, t in pairs]
         mean, sd, lo, hi = t_interval(diffs)
         row.update(pairs=len(pairs), diff_mean=mean, diff_sd=sd, diff_ci_low=lo, diff_ci_high=hi,
-                   ci_contains_0="" if not math.isfinite(lo) else ("yes" if lo <= 0 <= hi else "no"))
+                   ci_contains_0="" if not math.isfinite(lo) else ("yes" if lo <= 0 <= hi else "no"),
+                   ci_level=CONFIDENCE, indicative=bool(math.isfinite(lo) and len(pairs) < MIN_SEEDS))
         row["point_diff_mean"], row["point_diff_se"], row["point_diff_seeds"] = pointwise_difference(
             [(r.run, t.run) for r, t in pairs])
         row["reference"] = is_ref
@@ -263,194 +283,8 @@ def cell_table(runs):
     return pd.DataFrame(out)
 
 
-# --- the table --------------------------------------------------------------------------------
-def _pm(mean, sd, fmt, signed=False):
-    if not math.isfinite(mean):
-        return "—"
-    s = format(mean, ("+" if signed else "") + fmt)
-    return s if not math.isfinite(sd) else f"{s} ± {format(sd, fmt)}"
-
-
-def to_markdown(cells, runs):
-    out = [f"Mean ± sd over the completed seeds (n). Paired: each cell minus the float32 run of the same solver and "
-           f"seed, in test NLL (nats); the interval is {CONFIDENCE:.0%} Student-t over the seed pairs (none for one "
-           f"pair); per point: mean ± SE of the NLL difference over the shared test points.\n"]
-    for data, g in cells.groupby("data", sort=True):
-        floor = toy_data.ENTROPY.get(data, math.nan)
-        out.append(f"### {data} (true entropy {floor:.4f} nats)\n")
-        out.append("| solver | precision | scaler | n | status | test NLL | test gap | val NLL | NLL gap | val NLL exact "
-                   "| disc_gap | val MMD | fwd ms/iter | bwd ms/iter | peak MB |")
-        out.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for _, r in g.iterrows():
-            out.append(
-                f"| {r.solver} | {r.precision} | {r.scaler} | {r.n} | {r.status} "
-                f"| {_pm(r.test_nll_mean, r.test_nll_sd, '.4f')} | {_pm(r.test_gap_mean, r.test_gap_sd, '.4f', True)} "
-                f"| {_pm(r.val_nll_mean, r.val_nll_sd, '.4f')} | {_pm(r.nll_gap_mean, r.nll_gap_sd, '.4f', True)} "
-                f"| {_pm(r.val_nll_exact_mean, r.val_nll_exact_sd, '.4f')} "
-                f"| {_pm(r.disc_gap_mean, r.disc_gap_sd, '.1e', True)} | {_pm(r.val_mmd_mean, r.val_mmd_sd, '.2e')} "
-                f"| {_pm(r.ms_fwd_mean, r.ms_fwd_sd, '.0f')} | {_pm(r.ms_bwd_mean, r.ms_bwd_sd, '.0f')} "
-                f"| {_pm(r.peak_mb_mean, r.peak_mb_sd, '.0f')} |")
-        out.append("")
-        others = g[~g["reference"]]
-        if len(others):
-            out.append("Paired with float32 (same solver and seed), test NLL difference:\n")
-            out.append("| solver | precision | scaler | pairs | mean diff ± sd | 95% CI (seeds) | CI contains 0 "
-                       "| per point: mean ± SE |")
-            out.append("|---|---|---|---:|---:|---|---|---:|")
-            for _, r in others.iterrows():
-                ci = f"[{r.diff_ci_low:+.4f}, {r.diff_ci_high:+.4f}]" if math.isfinite(r.diff_ci_low) else "—"
-                out.append(f"| {r.solver} | {r.precision} | {r.scaler} | {r.pairs} "
-                           f"| {_pm(r.diff_mean, r.diff_sd, '.4f', True)} | {ci} | {r.ci_contains_0 or '—'} "
-                           f"| {_pm(r.point_diff_mean, r.point_diff_se, '.4f', True)} |")
-            out.append("")
-    ignored = runs[~runs["used"]]
-    out.append("#### Runs\n")
-    if len(ignored):
-        out.append(f"{len(ignored)} run(s) repeat a (cell, seed) that has a newer or completed run and are left out "
-                   f"of the statistics (marked *ignored*).\n")
-    out.append("| data | solver | precision | scaler | seed | status | iter | test NLL ± SE | val NLL ± SE "
-               "| disc_gap | overflow steps |")
-    out.append("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|")
-    for _, r in runs.iterrows():
-        status = r.status if r.used else f"{r.status}, *ignored*"
-        if math.isfinite(r.grid_exploited):
-            status += f", **grid_exploited** at {int(r.grid_exploited)}"
-        out.append(f"| {r.data} | {r.solver} | {r.precision} | {r.scaler} | {r.seed} | {status} | {r.iter} "
-                   f"| {_pm(r.test_nll, r.test_nll_se, '.4f')} | {_pm(r.val_nll, r.val_nll_se, '.4f')} "
-                   f"| {_pm(r.disc_gap, math.nan, '.1e', True)} | {r.overflow_steps} |")
-    return "\n".join(out)
-
-
-# --- the LaTeX table ---------------------------------------------------------------------------
-# The order a paper groups cells in: precision and scaler, then solver.
-SCALER_ORDER = ("none", "grad", "dynamic", "grad+dynamic")
-MARK = r"$^\dagger$"
-FLAG_MARK = r"$^\ddagger$"  # a completed seed of the cell raised grid_exploited
-
-
-def cell_order(cells):
-    """``cells`` sorted by dataset, then precision (PRECISIONS order) and scaler, then solver;
-    unknown names go last, alphabetically."""
-    prec = {p: k for k, p in enumerate(PRECISIONS)}
-    scal = {s: k for k, s in enumerate(SCALER_ORDER)}
-    key = lambda col, rank: col.map(lambda v: (rank.get(v, len(rank)), str(v)))  # noqa: E731
-    order = sorted(range(len(cells)), key=lambda i: (
-        str(cells["data"].iloc[i]), key(cells["precision"], prec).iloc[i], key(cells["scaler"], scal).iloc[i],
-        str(cells["solver"].iloc[i])))
-    return cells.iloc[order].reset_index(drop=True)
-
-
-def decimals(se, value=math.nan):
-    """Decimals that show a number down to the digit its standard error ``se`` affects: the
-    SE rounded to one significant digit, two when its first digit is 1 (0.013 -> 3, 0.04 -> 2,
-    37 -> 0). Without an SE: three significant digits of ``value``."""
-    if math.isfinite(se) and se > 0:
-        e = math.floor(math.log10(se))
-        d = -e + (1 if f"{se:e}"[0] == "1" else 0)
-    elif math.isfinite(value) and value != 0:
-        d = 2 - math.floor(math.log10(abs(value)))
-    else:
-        d = 2
-    return max(0, min(6, d))
-
-
-def standard_error(sd, n, fallback=math.nan):
-    """sd / sqrt(n) over seeds; ``fallback`` (e.g. a single run's own SE) when n < 2."""
-    return sd / math.sqrt(n) if n >= 2 and math.isfinite(sd) else fallback
-
-
-def tex_number(x, d, signed=False):
-    s = format(x, f"{'+' if signed else ''}.{d}f")
-    return s.replace("-", "$-$", 1) if s.startswith("-") else s
-
-
-def tex_pm(mean, sd, d):
-    """'mean $\\pm$ sd' with d decimals; the mean alone without an sd."""
-    return format_pm(mean, sd, d, pm=r" $\pm$ ", minus="$-$") if math.isfinite(mean) else "---"
-
-
-def tex_escape(text):
-    """Text safe in LaTeX's text mode (every special character escaped)."""
-    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-    return "".join(special.get(c, c) for c in str(text))
-
-
-def tex_cells(r):
-    """The four metric cells of one table row: test NLL (mean $\\pm$ sd, marked), test gap,
-    ms/iter and peak MB, each to the decimals its standard error over seeds supports."""
-    if r.n == 0:
-        what = "diverged" if r.diverged == r.runs else f"no completed seed ({r.status})"
-        return [rf"\multicolumn{{4}}{{c}}{{{tex_escape(what)}}}"]
-    d = decimals(standard_error(r.test_nll_sd, r.n, r.test_nll_se_mean))
-    mark = (MARK if r.ci_contains_0 == "no" else "") + (FLAG_MARK if getattr(r, "grid_exploited", 0) else "")
-    dm = decimals(standard_error(r.ms_iter_sd, r.n), r.ms_iter_mean)
-    dp = decimals(standard_error(r.peak_mb_sd, r.n), r.peak_mb_mean)
-    return [tex_pm(r.test_nll_mean, r.test_nll_sd, d) + mark,
-            tex_number(r.test_gap_mean, d, signed=True) if math.isfinite(r.test_gap_mean) else "---",
-            tex_pm(r.ms_iter_mean, r.ms_iter_sd, dm), tex_pm(r.peak_mb_mean, r.peak_mb_sd, dp)]
-
-
-def tex_caption():
-    return (r"Final test NLL (nats) as mean $\pm$ sd over the completed seeds, the test gap (test NLL minus the "
-            r"dataset's true entropy, mean), training time per iteration (forward + backward, ms, mean $\pm$ sd) "
-            r"and peak memory (MB, mean $\pm$ sd). Decimals follow the standard error over seeds (for one seed, "
-            r"the test set's). $n$: completed seeds; $n$/$m$ when only $n$ of $m$ runs completed. "
-            + MARK + rf": the {CONFIDENCE:.0%} Student-$t$ interval over seed pairs of the test-NLL difference to "
-            r"the float32 run of the same solver and seed excludes 0. " + FLAG_MARK + r": the grid\_exploited flag "
-            r"rose in at least one completed seed (its validation NLL fell 3 SE below the entropy or moved from the "
-            r"NLL on 4$\times$ the grid's steps), so these numbers include a model that games its time grid."
-            ).replace("%", r"\%")
-
-
-def to_latex(cells):
-    """The table body (a booktabs ``longtable``, so the full grid breaks across pages):
-    datasets as row groups, precision and scaler then solver as row headers."""
-    cols = r"lllrrrrr"
-    head = [r"\multicolumn{3}{l}{cell} & & \multicolumn{2}{c}{test NLL (nats)} & \multicolumn{2}{c}{cost} \\",
-            r"\cmidrule(lr){1-3}\cmidrule(lr){5-6}\cmidrule(lr){7-8}",
-            r"precision & scaler & solver & $n$ & mean $\pm$ sd & gap & ms/iter & peak MB \\"]
-    out = [rf"\begin{{longtable}}{{{cols}}}",
-           rf"\caption{{{tex_caption()}}}\label{{tab:cnf-summary}}\\",
-           r"\toprule", *head, r"\midrule", r"\endfirsthead",
-           r"\toprule", *head, r"\midrule", r"\endhead",
-           r"\bottomrule", r"\endlastfoot"]
-    cells = cell_order(cells)
-    for k, (data, g) in enumerate(cells.groupby("data", sort=False)):
-        if k:
-            out.append(r"\midrule")
-        floor = toy_data.ENTROPY.get(data, math.nan)
-        out.append(rf"\multicolumn{{8}}{{l}}{{\textbf{{{tex_escape(data)}}} (true entropy {floor:.4f} nats)}} \\*")
-        last = None
-        for r in g.itertuples():
-            group = (r.precision, r.scaler)
-            if last is not None and group != last:
-                out.append(r"\addlinespace[2pt]")
-            first = [tex_escape(r.precision), tex_escape(r.scaler)] if group != last else ["", ""]
-            last = group
-            n = f"{r.n}" if r.n == r.runs else f"{r.n}/{r.runs}"
-            out.append(" & ".join([*first, tex_escape(r.solver), n, *tex_cells(r)]) + r" \\")
-    out.append(r"\end{longtable}")
-    return "\n".join(out) + "\n"
-
-
-def latex_standalone(body):
-    """A complete document around the table: pdflatex with booktabs and longtable (tools)."""
-    return "\n".join([r"\documentclass[10pt]{article}", r"\usepackage[margin=1.5cm]{geometry}",
-                      r"\usepackage{booktabs}", r"\usepackage{longtable}", r"\begin{document}", r"\small",
-                      body.rstrip("\n"), r"\end{document}", ""])
-
-
-# --- the overview figure -------------------------------------------------------------------------
+# --- the overview figure's panels (plots.plot_overview draws them) -------------------------
 TARGET_SAMPLES = 1_000_000  # the target panel: a histogram of this many data points on the density grid
-
-
-def format_pm(mean, sd, d, pm=" ± ", minus="-"):
-    """'mean ± sd' with d decimals (the mean alone without an sd); the table and the figure share it."""
-    if not math.isfinite(mean):
-        return "—"
-    f = lambda x: format(x, f".{d}f").replace("-", minus, 1)  # noqa: E731
-    return f(mean) + (f"{pm}{f(sd)}" if math.isfinite(sd) else "")
 
 
 def column_label(r):
@@ -489,9 +323,9 @@ def overview_panels(cells, runs):
     """(datasets, column labels, {(dataset, label): panel}) for ``plots.plot_overview``: the
     target, then one column per solver x precision x scaler, in the table's order. Each
     cell's title is its test NLL mean ± sd, with the table's decimals and mark."""
-    cells = cell_order(cells)
+    cells = tables.cell_order(cells)
     datasets = sorted(cells["data"].unique())
-    order = cell_order(cells.drop_duplicates(["precision", "scaler", "solver"]).assign(data=""))
+    order = tables.cell_order(cells.drop_duplicates(["precision", "scaler", "solver"]).assign(data=""))
     columns = ["target"] + [column_label(r) for r in order.itertuples()]
     panels = {}
     for data in datasets:
@@ -505,11 +339,10 @@ def overview_panels(cells, runs):
                     else f"no completed seed\n({r.status})")
             panels[(r.data, label)] = {"title": "", "text": text}
             continue
-        d = decimals(standard_error(r.test_nll_sd, r.n, r.test_nll_se_mean))
+        d = tables.decimals(tables.standard_error(r.test_nll_sd, r.n, r.test_nll_se_mean))
         n = f"n={r.n}" if r.n == r.runs else f"n={r.n}/{r.runs}"
-        mark = ("†" if r.ci_contains_0 == "no" else "") + ("‡" if getattr(r, "grid_exploited", 0) else "")
         rep = representative_run(runs, r)
-        title = f"{format_pm(r.test_nll_mean, r.test_nll_sd, d)}{mark} ({n})\nseed {int(rep.seed)}"
+        title = f"{tables.format_pm(r.test_nll_mean, r.test_nll_sd, d)}{overview_marks(r)} ({n})\nseed {int(rep.seed)}"
         try:
             arrays = density.load(rep.run)
         except ValueError as e:
@@ -521,92 +354,32 @@ def overview_panels(cells, runs):
     return datasets, columns, panels
 
 
-OVERVIEW_CAPTION = ("Model density at t = 1 of each cell's representative seed (the completed seed with the median "
-                    "test NLL; the lower middle one for an even count), each panel on its own colour scale from 0.\n"
-                    "Titles: test NLL in nats, mean ± sd over the completed seeds (n; n/m when only n of m runs "
-                    "completed), and the seed shown. † as in summary.tex: the {:.0%} paired interval against float32 "
-                    "excludes 0; ‡: a seed raised grid_exploited.".format(CONFIDENCE))
+def overview_marks(r):
+    """The table's marks as plain characters: †, ‡ and § (see ``tables.tex_marks``)."""
+    return (("†" if r.ci_contains_0 == "no" else "") + ("‡" if getattr(r, "grid_exploited", 0) else "")
+            + ("§" if getattr(r, "indicative", False) else ""))
+
+
+def overview_caption(cells):
+    """The overview figure's caption; each mark is explained only when a panel carries it."""
+    done = cells[cells["n"] > 0]
+    text = ("Model density at t = 1 of each cell's representative seed (the completed seed with the median "
+            "test NLL; the lower middle one for an even count), each panel on its own colour scale from 0.\n"
+            "Titles: test NLL in nats, mean ± sd over the completed seeds (n; n/m when only n of m runs "
+            "completed), and the seed shown.")
+    if (done["ci_contains_0"] == "no").any():
+        text += f" †: the {CONFIDENCE:.0%} paired interval against float32 excludes 0 (as in summary.tex)."
+    if (done["grid_exploited"] > 0).any():
+        text += " ‡: a completed seed raised grid_exploited (its NLL games the time grid)."
+    if done["indicative"].any():
+        text += f" §: indicative only: the paired interval rests on fewer than {MIN_SEEDS} seed pairs."
+    return text
 
 
 def write_overview(cells, runs, out):
     datasets, columns, panels = overview_panels(cells, runs)
     plots.plot_overview(datasets, columns, panels, os.path.join(out, "overview.png"), os.path.join(out, "overview.pdf"),
-                        caption=OVERVIEW_CAPTION)
-
-
-# --- the figure --------------------------------------------------------------------------------
-def _label(r):
-    return f"{r.solver} {r.precision} {r.scaler}"
-
-
-def _curve_stats(dfs):
-    """Validation NLL per iteration over runs: (iters, mean, sd, n); sd is 0 where n == 1."""
-    long = pd.concat([d[["iter", "val_loss"]] for d in dfs if len(d)], ignore_index=True)
-    g = long.groupby("iter")["val_loss"]
-    return g.mean().index.to_numpy(), g.mean().to_numpy(), g.std(ddof=1).fillna(0.0).to_numpy(), g.count().to_numpy()
-
-
-def plot(cells, runs, curves, out_png):
-    """Per dataset: learning curves (mean ± sd over seeds), final test NLL (mean ± sd),
-    paired test-NLL difference to float32 (95 % t interval). Then time and memory (± sd)."""
-    datasets = sorted(cells["data"].unique())
-    height = max(3.6, 0.9 + 0.28 * cells.groupby("data").size().max())
-    fig, axes = plt.subplots(len(datasets) + 1, 3, figsize=(17, height * (len(datasets) + 1)), squeeze=False)
-    for row, data in zip(axes, datasets):
-        g = cells[cells["data"] == data].reset_index(drop=True)
-        floor = toy_data.ENTROPY[data]
-        a = row[0]
-        for k, r in g.iterrows():
-            mine = runs[(runs[CELL] == list(r[CELL])).all(axis=1) & runs["used"]]
-            dfs = [curves[p] for p in mine["run"]]
-            if not any(len(d) for d in dfs):
-                continue
-            it, mean, sd, n = _curve_stats(dfs)
-            a.errorbar(it, mean, yerr=sd, fmt="o-", ms=3, capsize=2, lw=1,
-                       label=f"{_label(r)} (n={n.max()}{', ' + r.status if r.n < r.runs else ''})")
-        a.axhline(floor, color="k", ls=":", lw=1, label="true entropy")
-        a.set(title=f"{data}: validation NLL (mean ± sd over seeds)", xlabel="iteration", ylabel="nats")
-        top = np.nanmax(np.r_[g["val_nll_mean"].to_numpy() + np.nan_to_num(g["val_nll_sd"].to_numpy()), floor + 0.1])
-        a.set_ylim(floor - 0.05, floor + 3 * (top - floor))
-        a.legend(fontsize=7)
-        y = np.arange(len(g))
-        labels = [f"{_label(r)} (n={r.n})" for r in g.itertuples()]
-        a = row[1]
-        a.errorbar(g["test_nll_mean"], y, xerr=g["test_nll_sd"].fillna(0.0), fmt="o", capsize=4)
-        a.axvline(floor, color="k", ls=":", lw=1)
-        a.set_yticks(y, labels, fontsize=7)
-        a.set(title=f"{data}: final test NLL (mean ± sd over seeds)", xlabel="nats", ylim=(-0.6, len(g) - 0.4))
-        a = row[2]
-        has_ci = g["diff_ci_low"].notna()
-        half_lo = (g["diff_mean"] - g["diff_ci_low"]).where(has_ci, 0.0)
-        half_hi = (g["diff_ci_high"] - g["diff_mean"]).where(has_ci, 0.0)
-        a.errorbar(g["diff_mean"], y, xerr=[half_lo, half_hi], fmt="o", capsize=4, label="seeds: 95% t interval")
-        a.errorbar(g["point_diff_mean"], y + 0.2, xerr=g["point_diff_se"].fillna(0.0) * 1.96, fmt="s", ms=3,
-                   capsize=3, color="tab:orange", label="per point: ±1.96 SE")
-        a.axvline(0.0, color="k", lw=1)
-        a.set_yticks(y, [f"{_label(r)} ({r.pairs} pairs)" if not r.reference else f"{_label(r)} (reference)"
-                         for r in g.itertuples()], fontsize=7)
-        a.set(title=f"{data}: test NLL minus float32 twin", xlabel="nats", ylim=(-0.6, len(g) - 0.2))
-        a.legend(fontsize=7)
-    labels = [f"{r.data}\n{_label(r)}" for r in cells.itertuples()]
-    y = np.arange(len(cells))
-    a = axes[-1][0]
-    a.barh(y, cells["ms_fwd_mean"], xerr=cells["ms_fwd_sd"].fillna(0.0), capsize=3, label="forward")
-    a.barh(y, cells["ms_bwd_mean"], left=cells["ms_fwd_mean"], xerr=cells["ms_bwd_sd"].fillna(0.0), capsize=3,
-           label="backward")
-    a.set(title="time per iteration (mean ± sd)", xlabel="ms")
-    a.set_yticks(y, labels, fontsize=7)
-    a.legend(fontsize=7)
-    a = axes[-1][1]
-    a.barh(y, cells["peak_mb_mean"], xerr=cells["peak_mb_sd"].fillna(0.0), capsize=3, color="tab:green")
-    a.set(title="peak memory (mean ± sd)", xlabel="MB")
-    a.set_yticks(y, labels, fontsize=7)
-    axes[-1][2].axis("off")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    ex.atomic_write(out_png, buf.getvalue())
+                        caption=overview_caption(cells))
 
 
 def backfill(root):
@@ -631,14 +404,9 @@ def backfill(root):
 
 
 def main(argv=None):
-    p = ex.OneLineParser(prog="summarize.py",
-                         description="Aggregate a sweep into statistics over seeds, tables and figures.")
-    p.add_argument("folder", help="a sweep folder, or any folder holding run folders")
-    p.add_argument("--out", default=None, help="where to write summary.* and overview.* (default: the folder)")
-    p.add_argument("--status", action="store_true",
-                   help="list every cell of the sweep (cells.tsv) with its state and progress, and exit")
-    p.add_argument("--backfill", action="store_true",
-                   help="first write density.npz, from their checkpoints, for completed runs that lack it")
+    """Summarize a folder of runs (or list a sweep's cells with --status). Exit 0, 2 for bad
+    input, 6 when the disk fills (what was written and what was not are named)."""
+    p = build_parser()
     a = p.parse_args(argv)
     if not os.path.isdir(a.folder):
         p.error(f"{a.folder!r} is not a folder")
@@ -662,18 +430,28 @@ def main(argv=None):
     cells = cell_table(runs)
     out = a.out or a.folder
     os.makedirs(out, exist_ok=True)
-    md = to_markdown(cells, runs)
+    md = tables.to_markdown(cells, runs)
     if skipped:
         md += "\n\n#### Run folders that could not be read (skipped)\n\n" + "\n".join(
             f"- `{d}`: {why}" for d, why in skipped)
-    tex = to_latex(cells)
-    ex.atomic_write(os.path.join(out, "summary.csv"), cells.to_csv(index=False))
-    ex.atomic_write(os.path.join(out, "summary_runs.csv"), runs.to_csv(index=False))
-    ex.atomic_write(os.path.join(out, "summary.md"), md + "\n")
-    ex.atomic_write(os.path.join(out, "summary.tex"), tex)
-    ex.atomic_write(os.path.join(out, "summary_standalone.tex"), latex_standalone(tex))
-    plot(cells, runs, curves, os.path.join(out, "summary.png"))
-    write_overview(cells, runs, out)
+    tex = tables.to_latex(cells)
+    # the numbers first, then the figures: a full disk keeps every file it finished, whole
+    outputs = [("summary.csv", lambda path: ex.atomic_write(path, cells.to_csv(index=False))),
+               ("summary_runs.csv", lambda path: ex.atomic_write(path, runs.to_csv(index=False))),
+               ("summary.md", lambda path: ex.atomic_write(path, md + "\n")),
+               ("summary.tex", lambda path: ex.atomic_write(path, tex)),
+               ("summary_standalone.tex", lambda path: ex.atomic_write(path, tables.latex_standalone(tex))),
+               ("summary.png", lambda path: plots.plot_summary(cells, runs, curves, path)),
+               ("overview.png and .pdf", lambda path: write_overview(cells, runs, out))]
+    for k, (name, write) in enumerate(outputs):
+        try:
+            write(os.path.join(out, name))
+        except ex.DiskFull as e:
+            done = ", ".join(n for n, _ in outputs[:k]) or "nothing"
+            print(f"summarize.py: disk full: {e.line()}; written whole: {done}; not written: "
+                  f"{', '.join(n for n, _ in outputs[k:])}; "
+                  f"free some space and run it again", file=sys.stderr)
+            return ex.EXIT_DISK_FULL
     print(md)
     print(f"{len(runs)} runs in {len(cells)} cells" + (f" ({len(skipped)} run folders skipped)" if skipped else "")
           + f"; wrote summary.md, .csv, .tex, _standalone.tex, .png, summary_runs.csv, overview.png, .pdf to {out}")

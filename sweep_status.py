@@ -10,7 +10,9 @@ Where each state comes from:
   attempt starts and ``[time] cnf.py exit code: <rc>`` when it ends. An attempt started and not
   ended is *running*; one that ended without the run writing its status is *failed to start*
   (or failed), with the error line of its log as the reason;
-- the run's ``status.json`` (completed, diverged, interrupted, or any status a newer kit writes);
+- the run's ``status.json`` (completed, diverged, interrupted, disk_full, or any status a newer kit
+  writes); a job that exited with cnf.py's disk-full code (6) without a status is *disk_full* too:
+  free space and ``run_cnf.sh --resume`` continues it;
 - neither: *pending* (queued, or not yet submitted).
 
 The last iteration and validation NLL come from the run's CSV, ms/iter from its last row
@@ -31,7 +33,8 @@ import time
 
 import experiment as ex
 
-ORDER = ("completed", "running", "pending", "interrupted", "diverged", "failed to start", "failed")
+ORDER = ("completed", "running", "pending", "interrupted", "disk_full", "diverged", "failed to start", "failed")
+EXIT_DISK_FULL = 6  # cnf.py's exit code for a full disk or quota: the cell is resumable
 START = re.compile(r"^\[(?P<time>[^\]]+)\] cell (?P<task>\d+) (?P<name>\S+) on (?P<host>\S+) \(job (?P<job>[^,]+),")
 END = re.compile(r"^\[(?P<time>[^\]]+)\] cnf\.py exit code: (?P<rc>-?\d+)")
 
@@ -134,6 +137,9 @@ def cell_status(sweep, task, name, now=None):
         row["state"] = str(status.get("status", "?"))
         if row["state"] != "completed":
             row["reason"] = str(status.get("exit_reason", ""))
+    elif log is not None and log["rc"] == EXIT_DISK_FULL:
+        row["state"] = "disk_full"  # status.json could not be written either; resumable (run_cnf.sh --resume)
+        row["reason"] = log["reason"]
     elif log is not None:
         started = os.path.isfile(run.ckpt)
         row["state"] = "failed" if started else "failed to start"

@@ -30,13 +30,22 @@ TESTS = {
     "metrics.py": ["tests/test_metrics.py", "tests/test_grid_watch.py"],
     "schedule.py": ["tests/test_schedule.py"],
     "precision.py": ["tests/test_precision.py", "tests/test_scaling.py", "tests/test_cnf.py"],
+    "choices.py": ["tests/test_precision.py", "tests/test_scaling.py", "tests/test_cnf.py"],
     "model.py": ["tests/test_model.py", "tests/test_regularizers.py", "tests/test_metrics.py"],
     "trainer.py": ["tests/test_trainer.py", "tests/test_regularizers.py", "tests/test_host_syncs.py",
                    "tests/test_grid_watch.py", "tests/test_reliability.py", "tests/test_cnf.py"],
     "toy_data.py": ["tests/test_toy_data.py"],
     "summarize.py": ["tests/test_summary_stats.py", "tests/test_sweeps.py"],
-    "experiment.py": ["tests/test_reliability.py", "tests/test_cnf.py"],
+    "experiment.py": ["tests/test_reliability.py", "tests/test_cnf.py", "tests/test_busy_machine.py"],
     "cnf_kernels.py": ["tests/test_scaling.py", "tests/test_cnf_kernels.py"],
+    "sweep_status.py": ["tests/test_sweep_status.py"],
+    "runtime.py": ["tests/test_busy_machine.py::test_thread_choice_order_and_cap",
+                   "tests/test_busy_machine.py::test_idle_cores_sees_a_busy_core",
+                   "tests/test_busy_machine.py::test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit"],
+    "tables.py": ["tests/test_busy_machine.py::test_intervals_over_fewer_than_three_seeds_are_marked_indicative",
+                  "tests/test_summary_stats.py", "tests/test_summarize.py"],
+    "plots.py": ["tests/test_plots.py"],
+    "run_cnf.sh": ["tests/test_busy_machine.py::test_a_local_cpu_sweep_skips_tfloat32"],
 }
 
 # (file, text as it is, text with the bug, what the bug is). Each text occurs once in its file.
@@ -74,7 +83,7 @@ MUTATIONS = [
      "fused: the largest block scale reported"),
     ("torchmpnode/scaler.py", "self._overflow_dev = k if self._overflow_dev is None else self._overflow_dev + k",
      "self._overflow_dev = k", "fused: retries not accumulated over solves"),
-    ("torchmpnode/odeint.py", "return DynamicScaler(low) if low == torch.float16 else None",
+    ("torchmpnode/_odeint.py", "return DynamicScaler(low) if low == torch.float16 else None",
      "return DynamicScaler(low) if low in _LOW else None", "automatic scaler for bfloat16 too"),
     # metrics.py
     ("metrics.py", "MMD_BANDWIDTHS = (0.1, 0.2, 0.5, 1.0, 2.0)", "MMD_BANDWIDTHS = (0.1, 0.2, 0.5, 1.0)",
@@ -100,13 +109,14 @@ MUTATIONS = [
     ("schedule.py", "return (k + 1) / warmup", "return k / warmup", "warmup's first update at rate 0"),
     ("schedule.py", "return floor + (1.0 - floor) * 0.5", "return (1.0 - floor) * 0.5", "cosine ignores --lr_min"),
     # precision.py
-    ("precision.py", '(odeint == "torchdiffeq" and not no_grad_scaler) or grad_scaler)',
+    ("choices.py", '(odeint == "torchdiffeq" and not no_grad_scaler) or grad_scaler)',
      '(odeint == "torchdiffeq") or grad_scaler)', "--no_grad_scaler ignored"),
-    ("precision.py", 'use_dynamic = fp16 and odeint == "torchmpnode"', 'use_dynamic = odeint == "torchmpnode"',
+    ("choices.py", 'use_dynamic = fp16 and odeint == "torchmpnode"', 'use_dynamic = odeint == "torchmpnode"',
      "DynamicScaler on in every precision"),
     ("precision.py", "return torch.autocast(self.device_type, dtype=self.low)",
      'return torch.autocast("cuda", dtype=self.low)', "CUDA autocast on every device (a CPU run silently float32)"),
-    ("precision.py", '"bfloat16": torch.bfloat16,', '"bfloat16": torch.float16,', "bfloat16 runs as float16"),
+    ("choices.py", '"bfloat16": PrecisionSpec("bfloat16", "bf16"),', '"bfloat16": PrecisionSpec("float16", "bf16"),',
+     "bfloat16 runs as float16"),
     # model.py
     ("model.py", "logp = standard_normal_logprob(z_t[-1]) - dlogp_t[-1, :, 0].to(torch.promote_types(x.dtype, "
      "torch.float32))\n    return (logp",
@@ -159,6 +169,48 @@ MUTATIONS = [
      "SLURM's warning signal not caught"),
     ("experiment.py", 'if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT or "config" not in state:',
      'if not isinstance(state, dict) or "config" not in state:', "checkpoint format not checked"),
+    # the failure paths (the second set: written from the behaviour a user relies on)
+    ("torchmpnode/scaler.py", "        if step >= 0:", "        if step > 0:",
+     "fused: a failure at step 0 (t = 0) reported as none"),
+    ("torchmpnode/scaler.py", "if self._attempts >= self.max_attempts:", "if self._attempts > self.max_attempts:",
+     "one halving more than max_attempts"),
+    ("torchmpnode/_solver.py", "            scaler.on_overflow(i, pb.t_list[i])", "            scaler.on_overflow(i, pb.t_list[i + 1])",
+     "the failed step's time misnamed"),
+    ("cnf_kernels.py", "                        failed = tl.maximum(failed, i * 1.0)",
+     "                        failed = tl.maximum(failed, i - 1.0)", "fused: the failed step reported one too low"),
+    ("cnf_kernels.py", "                    if attempts >= max_attempts:  # give up",
+     "                    if attempts > max_attempts:  # give up", "fused: one halving more than max_attempts"),
+    ("experiment.py", '    tmp = f"{path}.tmp-{os.getpid()}"\n    try:',
+     '    tmp = os.path.join("/tmp", os.path.basename(path) + f".tmp-{os.getpid()}")\n    try:',
+     "atomic write: the temporary file on another filesystem"),
+    ("experiment.py", "        with contextlib.suppress(OSError):\n            os.remove(tmp)\n        if is_disk_full(e)",
+     "        if is_disk_full(e)", "atomic write: the temporary file left after a failure"),
+    ("experiment.py", "            raise DiskFull(path, len(data), e) from None",
+     "            raise", "a full disk raised as a bare OSError (a traceback)"),
+    ("summarize.py", 'row["grid_exploited"] = int(ok["grid_exploited"].notna().sum())',
+     'row["grid_exploited"] = int(g["grid_exploited"].notna().sum())', "the grid mark counts seeds left out of the statistics"),
+    ("summarize.py", "indicative=bool(math.isfinite(lo) and len(pairs) < MIN_SEEDS))",
+     "indicative=bool(math.isfinite(lo) and len(pairs) <= MIN_SEEDS))", "three seed pairs marked indicative"),
+    ("sweep_status.py", 'if log is not None and log["rc"] is None and log["attempts"] > 0:',
+     'if log is not None and log["rc"] is None:', "a job that died before its first line listed as running"),
+    ("sweep_status.py", 'elif log is not None and log["rc"] == EXIT_DISK_FULL:', 'elif log is None:',
+     "a disk-full cell listed as failed"),
+    # the busy-machine work
+    ("runtime.py", "    elif previous is not None:", "    elif False:", "a resume ignores its checkpoint's thread count"),
+    ("runtime.py", "n = max(1, min(cores, int(idle + 1 - IDLE_SHARE)))", "n = max(1, min(cores, math.ceil(idle)))",
+     "a core busy 90 % of the time counted as idle"),
+    ("runtime.py", "ticks[3] + ticks[4]", "ticks[0] + ticks[1]", "busy time read as idle"),
+    ("tables.py", '+ (INDICATIVE_MARK if getattr(r, "indicative", False) else ""))', '+ "")',
+     "an indicative interval not marked in summary.tex"),
+    ("plots.py", '    a.plot(df["iter"], df["val_mmd"], "o-", ms=3, label="val: model samples vs data")',
+     '    a.plot(df["iter"], df["val_mmd"].clip(lower=1e-6), "o-", ms=3, label="val: model samples vs data")',
+     "MMD^2 clipped at 1e-6"),
+    ("plots.py", '          title="validation NLL gap" + (f', '          title="validation NLL gap" + 0 * (f',
+     "the compare figure's cut axis not said"),
+    ("plots.py", '    caption = "dashed: where a run\'s grid_exploited flag rose" if flagged else ""',
+     '    caption = "dashed: where a run\'s grid_exploited flag rose"', "a caption where no flag rose"),
+    ("run_cnf.sh", '    if valid "$p" "${CPU_PRECISIONS[@]}"; then kept+=("$p"); else skipped+=("$p"); fi',
+     '    kept+=("$p")', "tfloat32 cells run on a CPU"),
     # cnf_kernels.py
     ("cnf_kernels.py", "new_z = a_z + ybar * inv + g_z", "new_z = a_z + ybar + g_z", "fused: adjoint VJP not unscaled"),
     ("cnf_kernels.py", "_store_row(part, i - r0, R, WIDTH, _row_mul(q0, inv), D, DP, WP)",
@@ -193,7 +245,7 @@ def run_one(work, path, old, new):
     open(target, "w").write(text.replace(old, new))
     t0 = time.time()
     try:
-        tests = [t for t in tests_for(path) if os.path.exists(os.path.join(work, t))]
+        tests = [t for t in tests_for(path) if os.path.exists(os.path.join(work, t.split("::")[0]))]
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=work,
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:

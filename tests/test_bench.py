@@ -1,4 +1,4 @@
-"""bench.py runs end to end (quick mode) and writes its table; timings live in BENCHMARKS.md."""
+"""bench.py runs end to end (quick mode) and writes its table; timings live in docs/benchmarks.md."""
 import json
 import os
 import subprocess
@@ -45,7 +45,7 @@ def test_bench_triton_paths_run(tmp_path):
 
 
 def test_bench_tools_for_a_gpu_slot(tmp_path):
-    """--no-kernels (the host side alone), --kernel-sweep and --profile run end to end
+    """--no-kernels (the host side alone), tools.kernel_sweep and --profile run end to end
     (on the CPU: the interpreter, tiny sizes), so a GPU slot is not spent finding their bugs."""
     need_triton(interpreted=True)
     env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
@@ -56,17 +56,19 @@ def test_bench_tools_for_a_gpu_slot(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["backend"] for r in json.loads(out.read_text())["rows"]] == ["triton", "triton"]
     assert "no-kernels" in proc.stdout
-    sweep = subprocess.run([sys.executable, "bench.py", "--quick", "--kernel-sweep", "forward-float32", "backward-float16",
-                            "options"], capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, env=env)
+    sweep = subprocess.run([sys.executable, "-m", "tools.kernel_sweep", "--device", "cpu", "--quick", "forward-float32",
+                            "backward-float16", "options"], capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT,
+                           env=env)
     assert sweep.returncode == 0, sweep.stderr[-2000:]
-    # | precision | kernel | samples/program | warps | padded rows | PARTIAL_MB: launches | ms | max rel. diff |
+    # | precision | kernel | samples/program | warps | padded rows | partial_mb: launches | ms | max rel. diff |
     rows = [[c.strip() for c in l.split("|")[1:-1]] for l in sweep.stdout.splitlines() if l.startswith(("| float", "| bfloat"))]
     assert len(rows) == 8 and all(float(r[6]) > 0 and float(r[7]) < 1e-5 for r in rows), sweep.stdout
     assert rows[0][:4] == ["float32", "forward", "16", "4"] and rows[1][:4] == ["float16", "backward", "16", "4"]
     assert [r[4] for r in rows[2:6]] == ["no", "yes", "no", "yes"], sweep.stdout  # padded rows off and on
     assert [r[5] for r in rows[6:]] == ["0.002: 7", "64: 1"], sweep.stdout  # one step per launch, and one launch
-    bad = subprocess.run([sys.executable, "bench.py", "--kernel-sweep", "sideways"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "forward-float32" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "tools.kernel_sweep", "sideways"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "forward-float32" in bad.stderr
     prof = subprocess.run([sys.executable, "bench.py", "--quick", "--profile", "triton", "--iters", "1"],
                           capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, env=env)
     assert prof.returncode == 0 and "Self CPU" in prof.stdout, prof.stderr[-2000:]

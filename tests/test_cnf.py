@@ -42,7 +42,7 @@ def status_data(run):
 
 def check_complete(folder, frames=3, rows=(2, 4)):
     run = ex.RunDir(folder)
-    for f in (run.log, run.csv, run.ckpt, run.status, run.file("args.csv"), run.file("code/cnf.py"),
+    for f in (run.log, run.csv, run.ckpt, run.status, run.file("args.csv"), run.file("cnf.py"), run.file("code/model.py"),
               run.file("optimization_stats.png"), run.file("mmd_plot.png"), run.file("cnf-viz.gif")):
         assert os.path.isfile(f) and os.path.getsize(f) > 0, f
     assert len(glob.glob(run.file("cnf-viz-*.jpg"))) == frames
@@ -119,13 +119,10 @@ def _params(folder):
     return ex.load_checkpoint(ex.RunDir(folder).ckpt)["model"]
 
 
-def _rows(folder, final=True):
-    """The CSV rows without timing; with ``final`` the end-of-run columns of the last row only
-    (a run continued past an earlier end keeps that end's values in its row)."""
-    df = pd.read_csv(ex.RunDir(folder).csv).drop(columns=list(ex.TIMING_COLUMNS))
-    if final:
-        df.loc[df.index[:-1], list(ex.FINAL_COLUMNS)] = math.nan
-    return df
+def _rows(folder):
+    """The CSV rows without timing (a run resumed past an earlier end empties that end's
+    columns, so its rows are an uninterrupted run's)."""
+    return pd.read_csv(ex.RunDir(folder).csv).drop(columns=list(ex.TIMING_COLUMNS))
 
 
 @pytest.mark.parametrize("extra", [["--precision", "float16"],
@@ -149,16 +146,20 @@ def test_resume_continues_bitwise(tmp_path, extra):
 
 
 def test_resume_says_when_its_thread_count_changed(tmp_path):
-    """--threads belongs to the machine, not the run: a resume uses its own (torch's default
-    unless given) and the log says what the previous segment used."""
-    n = torch.get_num_threads()
-    code, folder = run_inprocess(tmp_path, "--no-viz", "--niters", "2", "--threads", str(n))
+    """A resume keeps its checkpoint's thread count; --threads changes it, and the log then
+    says once that this segment will not continue bit for bit."""
+    code, folder = run_inprocess(tmp_path, "--no-viz", "--niters", "2", "--threads", "1")
     assert code == 0
-    proc = run_subprocess("--resume", folder, "--niters", "4", "--threads", str(n + 1))
+    proc = run_subprocess("--resume", folder, "--niters", "3", env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr
     log = open(ex.RunDir(folder).log).read()
-    assert f"runtime: {n + 1} thread(s)" in log and f"the run's previous segment used {n};" in log
-    assert log.count("previous segment used") == 1  # the first segment has nothing to compare with
+    assert "threads 1 (the checkpoint's)" in log and "not continue bit for bit" not in log
+    proc = run_subprocess("--resume", folder, "--niters", "4", "--threads", "2")
+    assert proc.returncode == 0, proc.stderr
+    log = open(ex.RunDir(folder).log).read()
+    assert "threads 2 (--threads)" in log and "runtime: 2 thread(s)" in log
+    assert log.count("will not continue bit for bit") == 1  # the first segments had nothing to warn about
+    assert ex.load_checkpoint(ex.RunDir(folder).ckpt)["config"]["threads"] == 2  # what the run uses now
 
 
 def test_resume_refuses_a_mismatched_command_line(tmp_path):
@@ -202,17 +203,25 @@ def test_bad_input_one_line_exit_2_no_folder(tmp_path, bad):
     assert not os.path.exists(tmp_path / "res") or not os.listdir(tmp_path / "res")
 
 
-@pytest.mark.parametrize("env,flags,threads", [("1", [], 1), ("3", ["--threads", "2"], 2)],
-                         ids=["OMP_NUM_THREADS", "--threads"])
-def test_threads_are_set_logged_and_recorded(tmp_path, env, flags, threads):
-    """Without --threads a run honours OMP_NUM_THREADS (torch's default); --threads wins over it."""
+@pytest.mark.parametrize("env,flags,threads,how", [("1", [], 1, "OMP_NUM_THREADS"), ("3", ["--threads", "2"], 2, "--threads"),
+                                                   (None, [], None, "one per idle core at the start")],
+                         ids=["OMP_NUM_THREADS", "--threads", "default"])
+def test_threads_are_set_logged_and_recorded(tmp_path, env, flags, threads, how):
+    """Without --threads a run honours OMP_NUM_THREADS; --threads wins over it; with neither it
+    takes one thread per core idle at its start (at least one, at most the cores). The log says
+    which and args.csv records the count."""
+    import runtime
+
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path), *flags,
-                          env={**os.environ, "OMP_NUM_THREADS": env})
+                          env={**environ, **({"OMP_NUM_THREADS": env} if env else {})})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (folder,) = run_dirs(tmp_path)
     run = ex.RunDir(folder)
-    assert ex.read_args(run.file("args.csv"))["threads"] == str(threads)
-    assert f"runtime: {threads} thread(s)" in open(run.log).read()
+    used = int(ex.read_args(run.file("args.csv"))["threads"])
+    assert used == threads if threads else 1 <= used <= runtime.usable_cores()
+    log = open(run.log).read()
+    assert f"runtime: {used} thread(s)" in log and f"threads {used} ({how}" in log
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -250,18 +259,24 @@ def test_replot_from_the_folder_alone(tmp_path):
 
 
 def test_the_run_folder_keeps_the_code_that_ran(tmp_path):
-    """code/ holds byte copies of the kit's modules the run loaded, the solver package
-    included, and none of the tests."""
-    code, folder = run_inprocess(tmp_path, "--no-viz")
-    assert code == 0
+    """The run folder's top holds cnf.py, byte for byte the kit's (as the run folder's
+    specification says), and code/ byte copies of the other kit modules the run loaded, the
+    solver package included, and none of the tests or tools; no temporary file is left."""
+    proc = run_subprocess(*TINY, "--no-viz", "--niters", "5", "--results_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (folder,) = run_dirs(tmp_path)
+    assert open(os.path.join(folder, "cnf.py"), "rb").read() == open(os.path.join(ROOT, "cnf.py"), "rb").read()
     base = os.path.join(folder, "code")
     kept = sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs)
-    for rel in ("cnf.py", "trainer.py", "model.py", "hyper_trace.py", "metrics.py", "experiment.py", "schedule.py",
-                "toy_data.py", os.path.join("torchmpnode", "_solver.py"), os.path.join("torchmpnode", "__init__.py")):
+    for rel in ("trainer.py", "model.py", "hyper_trace.py", "metrics.py", "experiment.py", "schedule.py", "choices.py",
+                "toy_data.py", "plots.py", "density.py", os.path.join("torchmpnode", "_solver.py"),
+                os.path.join("torchmpnode", "__init__.py")):
         assert rel in kept
-    assert not [r for r in kept if "test" in r or r.startswith("..")]
+    assert "cnf.py" not in kept  # at the top instead
+    assert not [r for r in kept if "test" in r or r.startswith(("..", "tools"))]
     for rel in kept:
         assert open(os.path.join(base, rel), "rb").read() == open(os.path.join(ROOT, rel), "rb").read(), rel
+    assert not [f for _, _, fs in os.walk(folder) for f in fs if ".tmp" in f]
 
 
 def test_compare_runs_figure_and_its_bad_input(tmp_path):

@@ -336,8 +336,8 @@ def test_identical_runs_give_identical_bits(device):
 
 
 def _one_step_per_launch(monkeypatch):
-    """Make every backward launch a single step (a partial buffer budget of ~0), and count
-    the launches."""
+    """Make every backward launch a single step (a partial buffer budget of ~0), for the
+    rest of the test, and count the launches."""
     import cnf_kernels
 
     launches = []
@@ -347,9 +347,21 @@ def _one_step_per_launch(monkeypatch):
         launches.append(name)
         return launch(name, *args, **kw)
 
-    monkeypatch.setattr(cnf_kernels, "PARTIAL_MB", 1e-9)
+    settings = cnf_kernels.launch_settings(partial_mb=1e-9)
+    settings.__enter__()
+    _undo.append(settings)
     monkeypatch.setattr(cnf_kernels, "_launch", counting)
     return launches
+
+
+_undo = []  # launch settings entered by a test, left after it by the fixture below
+
+
+@pytest.fixture(autouse=True)
+def _restore_launch_settings():
+    yield
+    while _undo:
+        _undo.pop().__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("method,low", [("rk4", None), ("euler", None), ("rk4", torch.float16)])
@@ -376,27 +388,29 @@ def test_backward_in_chunks_matches_one_launch(device, monkeypatch, method, low)
 @pytest.mark.parametrize("method,low,scaled", [("rk4", torch.float16, True), ("euler", torch.bfloat16, False),
                                                ("rk4", None, False)])
 def test_padded_parameter_rows_give_the_same_bits(interpreter, monkeypatch, method, low, scaled):
-    """PAD_ROWS changes where each parameter row starts (a multiple of 16 floats), not what
+    """Padded parameter rows change where each row starts (a multiple of 16 floats), not what
     is computed: states, log-densities and every gradient are the same bits either way.
-    (On a GPU ``bench.py --kernel-sweep options`` compares the two settings as it times them.)"""
+    (On a GPU ``python -m tools.kernel_sweep options`` compares the two settings as it times them.)"""
     import cnf_kernels
 
     cnf, x, points = make(interpreter, 4)
     plain = solve(cnf, x, points, method, "triton", low, DynamicScaler() if scaled else False)
-    monkeypatch.setattr(cnf_kernels, "PAD_ROWS", True)
     R = 2 * 2 * cnf.width + 2 * cnf.width + 2
-    assert R % 16 and cnf_kernels.row_stride(2, cnf.width) == R + 16 - R % 16  # the rows really move
-    padded = solve(cnf, x, points, method, "triton", low, DynamicScaler() if scaled else False)
+    with cnf_kernels.launch_settings(pad_rows=True):
+        assert R % 16 and cnf_kernels.row_stride(2, cnf.width) == R + 16 - R % 16  # the rows really move
+        padded = solve(cnf, x, points, method, "triton", low, DynamicScaler() if scaled else False)
+    assert cnf_kernels.row_stride(2, cnf.width) == R  # and back after the block
     for a, b in zip(plain, padded):
         assert torch.equal(a, b)
 
 
 def test_partial_buffer_stays_within_budget():
-    """The backward's partial buffer [programs, rows, R] float32 stays within PARTIAL_MB
-    (or one step, if even that is larger), whatever the grid, in few even launches."""
+    """The backward's partial buffer [programs, rows, R] float32 stays within its budget,
+    ``Launch.partial_mb`` (or one step, if even that is larger), whatever the grid, in few
+    even launches."""
     import cnf_kernels
 
-    budget = cnf_kernels.PARTIAL_MB * 2**20
+    budget = cnf_kernels.launch().partial_mb * 2**20
     assert cnf_kernels._chunk_steps(127, 256, 770, 2) == 32  # the standard size: 4 launches, 51 MB
     for N in (1, 7, 127, 1000):
         for programs in (1, 128, 256, 4096):
@@ -536,7 +550,7 @@ def test_kernels_compile_for_hopper():
     need_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for extra in ([], ["--width", "100", "--pad-rows"]):
-        proc = subprocess.run([sys.executable, "kernel_report.py", "--compile", "90", *extra], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "tools.kernel_report", "--compile", "90", *extra], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("cubin") == 12, proc.stdout

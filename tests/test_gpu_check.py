@@ -1,4 +1,4 @@
-"""gpu_check.sh's plumbing, with stubs in place of the GPU and its steps.
+"""tools/gpu_check.sh's plumbing, with stubs in place of the GPU and its steps.
 
 GPU_CHECK_STUBS=DIR runs DIR/probe instead of the CUDA probe and DIR/<step> instead of
 each step's command, with the same arguments; GPU_CHECK_TIME_SCALE shrinks every limit,
@@ -19,7 +19,7 @@ import tarfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "gpu_check.sh")
+SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 SMALL_FILES = {"summary.txt", "versions.txt", "bench_table.md", "bench.json", "cnf_log_tail.txt", "sweep_table.md",
                "profile.txt"}
 
@@ -166,17 +166,32 @@ def test_results_are_never_overwritten(tmp_path):
     assert (tmp_path / "out" / "summary.txt").read_text() == "an earlier check\n"
 
 
-@pytest.mark.parametrize("name", ["warm_kernels.py", "run_report.py", "bench.py"])
-def test_step_tools_parse(name):
-    proc = subprocess.run([sys.executable, name, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.parametrize("cmd", [["-m", "tools.warm_kernels"], ["-m", "tools.run_report"], ["-m", "tools.kernel_sweep"],
+                                 ["-m", "tools.kernel_report"], ["bench.py"]])
+def test_step_tools_parse(cmd):
+    """Each tool runs from the kit's root as the script calls it, with no install and no sys.path edit."""
+    proc = subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
+def test_gpu_check_from_anywhere_without_a_gpu(tmp_path):
+    """Called by its path from another folder, on a machine without CUDA: one line, exit 2, nothing written."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("GPU_CHECK_STUBS", None)
+    proc = subprocess.run(["bash", SCRIPT, "out"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no CUDA GPU" in proc.stderr, proc.stderr
+    assert proc.stdout == "" and not os.listdir(tmp_path)
 
 
 def test_warm_kernels_variants_run(monkeypatch):
     """The compile step's variants: what the later steps launch, and with --tune the
     sweep's 5 block sizes x 3 warp counts per kernel and precision. Each runs the
     production solve and backward (here in Triton's interpreter, at a tiny size)."""
-    import warm_kernels
+    from tools import warm_kernels
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the kernels in Triton's interpreter")
@@ -189,20 +204,19 @@ def test_warm_kernels_variants_run(monkeypatch):
     assert len({name for name, _ in tuned}) == len(tuned)
     monkeypatch.setattr(warm_kernels, "POINTS", 3)
     monkeypatch.setattr(warm_kernels, "HIDDEN", 4)
-    blocks, warps = dict(cnf_kernels.BLOCKS), cnf_kernels.NUM_WARPS
     for settings in (dict(width=6, n=5, method="rk4", precision="float16+scaler"),
                      dict(width=6, n=5, method="euler", precision="bfloat16"),
                      dict(width=6, n=5, method="rk4", precision="float32", kernel="backward", block=2, warps=1)):
         name, secs, err = warm_kernels._worker(("cpu", "tiny", settings))
         assert err is None, err
-    assert cnf_kernels.BLOCKS == blocks and cnf_kernels.NUM_WARPS == warps  # the sweep's settings do not leak
+    assert cnf_kernels.launch() == cnf_kernels.DEFAULT_LAUNCH  # the sweep's settings do not leak
 
 
 def test_run_report_on_a_real_run(tmp_path):
-    """status.json says which backend ran; run_report.py reads it with the CSV's speed,
+    """status.json says which backend ran; tools.run_report reads it with the CSV's speed,
     and a run on another backend than expected fails with the log's reason."""
     import cnf
-    import run_report
+    from tools import run_report
     from test_cnf import TINY
 
     assert cnf.main([*TINY, "--no-viz", "--device", "cpu", "--results_dir", str(tmp_path)]) == 0

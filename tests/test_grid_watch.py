@@ -108,6 +108,7 @@ def test_gaming_a_coarse_grid_raises_the_flag_and_keeps_the_last_unflagged_check
     assert assf in log
     # summarize.py marks the run in its per-run table and its cell's status
     import summarize
+    import tables
 
     assert summarize.main([str(tmp_path), "--out", str(tmp_path / "sum")]) == 0
     md = open(tmp_path / "sum" / "summary.md").read()
@@ -116,7 +117,7 @@ def test_gaming_a_coarse_grid_raises_the_flag_and_keeps_the_last_unflagged_check
     assert runs["grid_exploited"].tolist() == [first]
     cells = pd.read_csv(tmp_path / "sum" / "summary.csv")
     assert cells["grid_exploited"].tolist() == [1]
-    assert summarize.FLAG_MARK in open(tmp_path / "sum" / "summary.tex").read()
+    assert tables.FLAG_MARK in open(tmp_path / "sum" / "summary.tex").read()
 
 
 def test_stop_ends_the_run_with_its_exit_code_and_keeps_both_checkpoints(tmp_path):

@@ -156,7 +156,15 @@ def test_corrupted_and_foreign_checkpoints_are_refused(tmp_path):
     cases.update({f"garbage{k}.pth": random.Random(k).randbytes(4096) for k in range(30)})
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(ex.CheckpointError, match="truncated or corrupted"):
+        with pytest.raises(ex.CheckpointError) as err:
+            ex.load_checkpoint(tmp_path / name)
+        # one whole sentence about the file, never the loader's internals ("pop from empty list")
+        msg = str(err.value)
+        assert msg.startswith(str(tmp_path / name)) and msg.endswith(".") and "\n" not in msg, msg
+        assert msg[:-1].count(". ") == 0 and "Error" not in msg and "pop from" not in msg, msg
+        assert any(w in msg for w in ("truncated", "damaged", "is empty", "is not a checkpoint")), msg
+        want = {"truncated.pth": "is truncated: ", "empty.pth": "is empty", "tail.pth": "is damaged: "}
+        with pytest.raises(ex.CheckpointError, match=want.get(name, "is not a checkpoint")):
             ex.load_checkpoint(tmp_path / name)
     torch.save({"model": {}}, tmp_path / "foreign.pth")
     with pytest.raises(ex.CheckpointError, match="not a checkpoint of this kit"):
@@ -170,7 +178,7 @@ def test_corrupted_and_foreign_checkpoints_are_refused(tmp_path):
     (run / "ckpt.pth").write_bytes(raw[: len(raw) // 3])
     proc = cnf("--resume", str(run))
     _, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 2 and err.count("\n") == 1 and "truncated or corrupted" in err
+    assert proc.returncode == 2 and err.count("\n") == 1 and "ckpt.pth is truncated: " in err, err
 
 
 def test_periodic_checkpoints(tmp_path):
@@ -181,3 +189,37 @@ def test_periodic_checkpoints(tmp_path):
     assert ex.load_checkpoint(run.ckpt)["iter"] == 7
     log = open(run.log).read()
     assert "completed" in log
+
+
+def test_an_atomic_write_keeps_its_temporary_file_beside_the_target(tmp_path, monkeypatch):
+    """The temporary file of an atomic write lives in its target's folder: a rename is atomic
+    only within one filesystem, and a results folder is often on another one than /tmp."""
+    renames = []
+    real = os.replace
+
+    def watching(src, dst):
+        renames.append((os.path.dirname(os.path.abspath(src)), os.path.dirname(os.path.abspath(dst))))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", watching)
+    for name in ("a.json", "sub/b.bin"):
+        (tmp_path / os.path.dirname(name)).mkdir(exist_ok=True)
+        ex.atomic_write(tmp_path / name, b"data")
+    monkeypatch.undo()
+    assert renames and all(src == dst for src, dst in renames), renames
+
+
+def test_a_results_folder_on_another_filesystem_works(tmp_path):
+    """A whole run, its checkpoints, CSV, status, arrays and figures, into a folder on another
+    filesystem than /tmp and than the kit (a tmpfs mounted for the test, as root; as in CI)."""
+    from test_busy_machine import leftovers, tmpfs
+
+    with tmpfs(tmp_path / "fs", "64m") as fs:
+        assert os.stat(fs).st_dev not in (os.stat("/tmp").st_dev, os.stat(ROOT).st_dev)
+        proc = cnf(*TINY, "--niters", "10", "--viz", "--viz_samples", "200", "--viz_timesteps", "3",
+                   "--results_dir", str(fs))
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err[-2000:]
+        run = only_run(fs)
+        assert json.load(open(run.status))["status"] == "completed"
+        assert os.path.isfile(run.file("cnf-viz.gif")) and os.path.isfile(run.test_logp) and not leftovers(fs)

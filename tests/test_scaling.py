@@ -217,3 +217,51 @@ def test_fused_reports_the_smallest_block_scale():
     assert small >= 2.0**8 * big  # the blocks' own scales are far apart
     assert both == big, (f"the fused backward reported scale {both:g}; its blocks' scales are {big:g} and {small:g}: "
                          "the reported scale must be the smallest block scale")
+
+
+# --- the failure path: a backward that stays non-finite ---------------------------------------------------
+def _persistent_failure_at_step_0(path, max_attempts):
+    """A float16 solve on 4 grid points whose loss reads the first grid point (z at t = 0)
+    with weight NaN: the adjoint after step 0 is non-finite whatever the scale, and nothing
+    before it is. Returns (the error or None, the scaler, dL/dx, the parameter gradients)."""
+    cnf = field(path)
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(3)) * 1.5  # one block of samples when fused
+    xl = x.clone().requires_grad_()
+    scaler = DynamicScaler(max_attempts=max_attempts)
+    with torch.autocast("cpu", dtype=torch.float16):
+        zs, _ = torchmpnode.odeint(cnf, (xl, torch.zeros(len(x), 1)), torch.linspace(0.0, 1.0, 4), loss_scaler=scaler)
+    w = torch.ones_like(zs)
+    w[0] = float("nan")
+    try:
+        (zs * w).sum().backward()
+    except RuntimeError as e:
+        return e, scaler, xl.grad, [p.grad for p in cnf.parameters()]
+    return None, scaler, xl.grad, [p.grad for p in cnf.parameters()]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_persistent_failure_at_step_0_raises_naming_the_step(path):
+    """Step 0 (t = 0) is the sweep's last step: a failure there must raise like any other,
+    naming the step, never return a non-finite input gradient beside finite parameter
+    gradients as if all were well."""
+    err, scaler, gx, gp = _persistent_failure_at_step_0(path, 3)
+    assert err is not None, (f"{WHERE[path]}: no error, dL/dx finite: {bool(torch.isfinite(gx).all())}, "
+                             f"parameter gradients finite: {[bool(torch.isfinite(g).all()) for g in gp if g is not None]}")
+    assert "the VJP of step 0 (t=0) stayed non-finite after 3 halvings" in str(err), str(err)
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3, 6])
+def test_the_number_of_halvings_is_max_attempts_on_every_path(max_attempts):
+    """A persistent failure is retried exactly ``max_attempts`` times (each halving the scale)
+    before the error, which names that number; the torch paths and the fused kernels agree on
+    the count and on the scale they end at."""
+    seen = {}
+    for path in PATHS:
+        try:
+            err, scaler, _, _ = _persistent_failure_at_step_0(path, max_attempts)
+        except pytest.skip.Exception:
+            continue
+        assert err is not None and f"after {max_attempts} halvings" in str(err), (path, err)
+        seen[path] = (scaler.overflow_steps, scaler.scale)
+        assert scaler.overflow_steps == max_attempts, (WHERE[path], scaler.overflow_steps)
+    assert len(set(seen.values())) == 1, seen  # one count, one final scale

@@ -21,6 +21,7 @@ import density
 import experiment as ex
 import plots
 import summarize
+import tables
 import sweep_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +242,7 @@ def test_table_numbers_equal_the_csv(sweep):
             assert metrics == [r"\multicolumn{4}{c}{diverged}"] and c.diverged == c.runs == 2
             continue
         assert n == (str(c.n) if c.n == c.runs else f"{c.n}/{c.runs}")
-        pairs = [(metrics[0].replace(summarize.MARK, ""), c.test_nll_mean, c.test_nll_sd),
+        pairs = [(metrics[0].replace(tables.MARK, ""), c.test_nll_mean, c.test_nll_sd),
                  (metrics[2], c.ms_iter_mean, c.ms_iter_sd), (metrics[3], c.peak_mb_mean, c.peak_mb_sd)]
         for text, mean, sd in pairs:
             parts = text.split(r" $\pm$ ")
@@ -256,8 +257,8 @@ def test_table_numbers_equal_the_csv(sweep):
         assert abs(gap - c.test_gap_mean) <= 0.5 * 10 ** -len(metrics[1].split(".")[1]) + 1e-12
         # decimals follow the standard error over seeds (for one seed, the test set's)
         se = c.test_nll_sd / math.sqrt(c.n) if c.n >= 2 else c.test_nll_se_mean
-        assert len(metrics[0].split(" ")[0].split(".")[1]) == summarize.decimals(se)
-        assert (summarize.MARK in metrics[0]) == (c.ci_contains_0 == "no")
+        assert len(metrics[0].split(" ")[0].split(".")[1]) == tables.decimals(se)
+        assert (tables.MARK in metrics[0]) == (c.ci_contains_0 == "no")
     assert checked == 9  # 3 completed cells x 3 numbers
     # the interrupted seed leaves its cell with one of two runs, the diverged cell has none
     partial = cells[(cells["data"] == "checkerboard") & (cells["precision"] == "float32")].iloc[0]
@@ -293,35 +294,39 @@ def _fake_cells(labels):
         rows.append(dict(data="we_ird&%$#{data}~^\\", solver=solver, precision=prec, scaler=scaler, runs=3, n=3,
                          diverged=0, status="3 completed", test_nll_mean=3.14159 + k, test_nll_sd=0.0123,
                          test_nll_se_mean=0.01, test_gap_mean=-0.5, ms_iter_mean=12.345, ms_iter_sd=1.5,
-                         peak_mb_mean=480.0, peak_mb_sd=37.0, ci_contains_0=["", "no", "yes"][k % 3]))
+                         peak_mb_mean=480.0, peak_mb_sd=37.0, ci_contains_0=["", "no", "yes"][k % 3],
+                         ci_level=0.95, indicative=False, grid_exploited=0))
     return pd.DataFrame(rows)
 
 
 def test_decimals_follow_the_standard_error():
-    assert [summarize.decimals(se) for se in (0.04, 0.013, 0.0099, 0.25, 3.0, 37.0, 1.2e-7)] == [2, 3, 3, 1, 0, 0, 6]
-    assert summarize.decimals(math.nan, 480.0) == 0 and summarize.decimals(math.nan, 3.14159) == 2
+    assert [tables.decimals(se) for se in (0.04, 0.013, 0.0099, 0.25, 3.0, 37.0, 1.2e-7)] == [2, 3, 3, 1, 0, 0, 6]
+    assert tables.decimals(math.nan, 480.0) == 0 and tables.decimals(math.nan, 3.14159) == 2
     r = next(_fake_cells([("float16", "dynamic", "torchmpnode")]).itertuples())
     # SE 0.0123/sqrt(3) = 0.0071 -> 3 decimals; gap signed with a math minus; ms SE 0.87 -> 1; MB SE 21 -> 0
-    assert summarize.tex_cells(r) == [r"3.142 $\pm$ 0.012", r"$-$0.500", r"12.3 $\pm$ 1.5", r"480 $\pm$ 37"]
+    assert tables.tex_cells(r) == [r"3.142 $\pm$ 0.012", r"$-$0.500", r"12.3 $\pm$ 1.5", r"480 $\pm$ 37"]
     # a cell with a seed that gamed its grid carries the flag's mark, documented in the caption
-    flagged = next(_fake_cells([("float16", "dynamic", "torchmpnode")]).assign(grid_exploited=1).itertuples())
-    assert summarize.tex_cells(flagged)[0] == r"3.142 $\pm$ 0.012" + summarize.FLAG_MARK
-    assert summarize.FLAG_MARK in summarize.tex_caption() and "grid\\_exploited" in summarize.tex_caption()
+    cells = _fake_cells([("float16", "dynamic", "torchmpnode")]).assign(grid_exploited=1)
+    flagged = next(cells.itertuples())
+    assert tables.tex_cells(flagged)[0] == r"3.142 $\pm$ 0.012" + tables.FLAG_MARK
+    assert tables.FLAG_MARK in tables.tex_caption(cells) and "grid\\_exploited" in tables.tex_caption(cells)
 
 
 def test_labels_are_escaped_and_marks_documented(tmp_path):
     cells = _fake_cells([("float32", "none", "tor_ch"), ("float16", "grad+dynamic", "a&b"), ("bfloat16", "x%", "c")])
-    tex = summarize.to_latex(cells)
+    tex = tables.to_latex(cells)
     assert r"we\_ird\&\%\$\#\{data\}\textasciitilde{}\textasciicircum{}\textbackslash{}" in tex
     assert r"tor\_ch" in tex and r"a\&b" in tex and r"x\%" in tex
     rows = _tex_rows(tex)
-    marked = {k[1:] for k, v in rows.items() if summarize.MARK in v[1]}
+    marked = {k[1:] for k, v in rows.items() if tables.MARK in v[1]}
     assert marked == {("float16", "grad+dynamic", "a&b".replace("&", r"\&"))}
-    assert summarize.MARK in summarize.tex_caption() and "excludes 0" in summarize.tex_caption()
+    assert tables.MARK in tables.tex_caption(cells) and "excludes 0" in tables.tex_caption(cells)
+    plain = tables.tex_caption(_fake_cells([("float32", "none", "tor_ch")]))  # no cell marked: no mark explained
+    assert not any(m in plain for m in (tables.MARK, tables.FLAG_MARK, tables.INDICATIVE_MARK))
     # order: precision (float32, bfloat16, float16), then scaler, then solver
     assert [k[1] for k in rows] == ["float32", "bfloat16", "float16"]
     if _have_pdflatex():  # the escaped labels really compile
-        (tmp_path / "t.tex").write_text(summarize.latex_standalone(tex))
+        (tmp_path / "t.tex").write_text(tables.latex_standalone(tex))
         proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout[-2000:]
@@ -346,8 +351,8 @@ def test_overview_shows_diverged_partial_and_median_seed(sweep, monkeypatch):
         best = mine.sort_values("test_nll").iloc[0]
         c = cells[(cells["data"] == data) & (cells["precision"] == "float32")].iloc[0]
         title = panels[(data, columns[1])]["title"]
-        d_ = summarize.decimals(c.test_nll_sd / math.sqrt(c.n) if c.n > 1 else c.test_nll_se_mean)
-        assert title.startswith(summarize.format_pm(c.test_nll_mean, c.test_nll_sd, d_))
+        d_ = tables.decimals(c.test_nll_sd / math.sqrt(c.n) if c.n > 1 else c.test_nll_se_mean)
+        assert title.startswith(tables.format_pm(c.test_nll_mean, c.test_nll_sd, d_))
         assert title.endswith(f"seed {int(best.seed)}")
         np.testing.assert_array_equal(panels[(data, columns[1])]["image"],
                                       density.load(best.run)["logp"])
@@ -383,7 +388,7 @@ def test_overview_stays_readable_at_the_full_grid(tmp_path):
             cells.append(dict(data=data, solver=v, precision=p, scaler=s, runs=3, n=0 if diverged else 3,
                               diverged=3 if diverged else 0, status="3 diverged" if diverged else "3 completed",
                               test_nll_mean=3.0 + 0.01 * k, test_nll_sd=0.02, test_nll_se_mean=0.01,
-                              ci_contains_0="no" if k == 8 else "yes"))
+                              ci_contains_0="no" if k == 8 else "yes", grid_exploited=0, indicative=False))
             runs.append(dict(data=data, solver=v, precision=p, scaler=s, seed=0, used=True, test_nll=3.0,
                              status="diverged" if diverged else "completed", run=str(folder)))
     datasets, columns, panels = summarize.overview_panels(pd.DataFrame(cells), pd.DataFrame(runs))
@@ -393,7 +398,7 @@ def test_overview_stays_readable_at_the_full_grid(tmp_path):
     assert "†" in panels[("moons", columns[8])]["title"] and "†" not in panels[("moons", columns[9])]["title"]
     out = tmp_path / "overview.png"
     plots.plot_overview(datasets, columns, panels, str(out), str(tmp_path / "overview.pdf"),
-                        caption=summarize.OVERVIEW_CAPTION)
+                        caption=summarize.overview_caption(pd.DataFrame(cells)))
     h, w = matplotlib.image.imread(str(out)).shape[:2]
     # about 1.3 inches per panel at 100 dpi: a page-wide figure whose 6.5-7 pt text prints legibly
     assert 1500 <= w <= 1800 and 1200 <= h <= 1600, (w, h)

@@ -75,3 +75,40 @@ def test_duplicate_runs_keep_the_newest_completed_one():
     assert dict(zip(runs["run"], runs["used"])) == {"old": False, "new": True, "newest_but_diverged": False,
                                                     "only": True, "a": False, "b": True}
     assert len(warnings) == 2 and "using new" in warnings[0] and "using b" in warnings[1]
+
+
+def _full_runs(rows):
+    """A runs table with every column cell_table reads; ``rows``: (seed, status, grid flag
+    iteration or NaN, used)."""
+    import uuid
+
+    cell = dict(data="checkerboard", solver="torchmpnode", precision="float16", scaler="dynamic")
+    out = []
+    for seed, status, flag, used in rows:
+        out.append(dict(cell, seed=seed, status=status, iter=100, test_nll=3.5 + 0.01 * seed, test_nll_se=0.01,
+                        test_gap=0.03, val_nll=3.6, val_nll_se=0.03, nll_gap=0.1, val_nll_exact=3.6, disc_gap=0.0,
+                        val_mmd=1e-3, test_mmd=1e-4, test_mmd_se=1e-4, ms_fwd=1.0, ms_bwd=2.0, ms_iter=3.0,
+                        peak_mb=10.0, overflow_steps=0, grid_exploited=flag, run=f"/nowhere/{uuid.uuid4()}",
+                        used=used))
+    return pd.DataFrame(out)
+
+
+def test_the_grid_mark_counts_only_the_seeds_in_the_statistics():
+    """‡ (and the cell's grid_exploited count) says that a number in the cell comes from a model
+    that games its grid. A run that is not in the cell's statistics (stopped by
+    --on_grid_exploit stop, or an ignored duplicate of a seed) cannot put it there; a completed
+    seed in the statistics does."""
+    import tables
+
+    nan = math.nan
+    clean = _full_runs([(0, "completed", nan, True), (1, "completed", nan, True),
+                        (2, "grid_exploited", 5250, True),  # stopped at the flag: status grid_exploited
+                        (0, "completed", 4000, False)])  # a duplicate of seed 0, ignored
+    cells = summarize.cell_table(clean)
+    assert cells["n"].tolist() == [2] and cells["grid_exploited"].tolist() == [0]
+    assert tables.FLAG_MARK not in tables.to_latex(cells) and "‡" not in summarize.overview_marks(cells.iloc[0])
+    flagged = _full_runs([(0, "completed", nan, True), (1, "completed", 3000, True)])
+    cells = summarize.cell_table(flagged)
+    assert cells["grid_exploited"].tolist() == [1]
+    assert tables.FLAG_MARK in tables.to_latex(cells) and "‡" in summarize.overview_marks(cells.iloc[0])
+    assert "grid\\_exploited" in tables.tex_caption(cells)

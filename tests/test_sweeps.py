@@ -297,7 +297,7 @@ def test_real_slurm_sweep_summary_and_resume(tmp_path):
     assert len(logs) == 8 and all("cnf.py exit code: 0" in open(f).read() for f in logs)
     for run in glob.glob(os.path.join(d, "runs", "*")):
         name = os.path.basename(run)
-        for f in (f"{name}.csv", f"{name}.txt", "args.csv", "ckpt.pth", "code/cnf.py", "cnf-viz.gif",
+        for f in (f"{name}.csv", f"{name}.txt", "args.csv", "ckpt.pth", "cnf.py", "code/model.py", "cnf-viz.gif",
                   "optimization_stats.png", "mmd_plot.png"):
             assert os.path.isfile(os.path.join(run, f)), (run, f)
     table, _ = summarize(d)

@@ -1,7 +1,7 @@
 """Compile the fused kernels of ``cnf_kernels.py`` for an NVIDIA GPU without one, and report
 each variant's registers and spills.
 
-    python kernel_report.py --compile 90 [--blocks F B] [--warps F B] [--pad-rows] [--width W]
+    python -m tools.kernel_report --compile 90 [--blocks F B] [--warps F B] [--pad-rows] [--width W]
 
 Every variant a run can use (method x precision, and for the backward scaled in float16)
 is compiled to a cubin by Triton's own toolchain (ptxas), which catches what the
@@ -12,7 +12,6 @@ another width):
 With cuobjdump at hand (it ships with Triton's NVIDIA backend) each line reports
 registers per thread and stack bytes (spills).
 """
-import argparse
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ import sys
 import tempfile
 
 import cnf_kernels
+from experiment import OneLineParser
 
 STANDARD = dict(n=1024, width=128, points=128, d=2)
 
@@ -44,7 +44,7 @@ def resource_usage(cubin):
 def _standard_ints(pad_rows, backward_block, width):
     """The integer arguments of both kernels at the standard size with this width (the
     backward's chunking as ``solve_backward`` picks it with this block and the default
-    PARTIAL_MB)."""
+    partial-buffer budget)."""
     n, w, points, d = STANDARD["n"], width, STANDARD["points"], STANDARD["d"]
     N = points - 1
     R = 2 * d * w + 2 * w + d
@@ -57,10 +57,10 @@ def _standard_ints(pad_rows, backward_block, width):
 def compile_check(capability=90, out=print, blocks=None, warps=None, pad_rows=False, specialize=True,
                   width=STANDARD["width"]):
     """Compile every kernel variant for compute capability ``capability`` and report it (one
-    line each). ``blocks`` / ``warps`` (forward, backward) default to the GPU settings,
-    ``cnf_kernels.BLOCKS['cuda']`` and ``cnf_kernels.NUM_WARPS``; ``pad_rows`` compiles as
-    ``cnf_kernels.PAD_ROWS = True`` runs; ``specialize=False`` compiles without the alignment
-    marks (as a launch whose sizes are not multiples of 16)."""
+    line each). ``blocks`` / ``warps`` (forward, backward) default to the GPU settings of
+    ``cnf_kernels.DEFAULT_LAUNCH``; ``pad_rows`` compiles as a launch with padded parameter rows
+    runs (``launch_settings(pad_rows=True)``); ``specialize=False`` compiles without the
+    alignment marks (as a launch whose sizes are not multiples of 16)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -69,9 +69,9 @@ def compile_check(capability=90, out=print, blocks=None, warps=None, pad_rows=Fa
     fwd = {k: ptr for k in ("zs", "ls", "T", "coef")} | {k: "i32" for k in ("n", "N", "R", "WIDTH")}
     bwd = ({k: ptr for k in ("zs", "gzs", "gls", "T", "coef", "az", "al", "part", "stats")}
            | {k: "i32" for k in ("n", "N", "lo", "hi", "R", "WIDTH", "CH_ROWS")} | {"target": "fp32", "max_attempts": "i32"})
-    fb, bb = blocks or cnf_kernels.BLOCKS["cuda"]
+    fb, bb = blocks or cnf_kernels.DEFAULT_LAUNCH.blocks["cuda"]
     ints = _standard_ints(pad_rows, bb, width)
-    fw, bw = warps or cnf_kernels.NUM_WARPS
+    fw, bw = warps or cnf_kernels.DEFAULT_LAUNCH.warps
     w = ints["WIDTH"]
     variants = []
     for method in cnf_kernels.METHOD_CODES.values():
@@ -92,13 +92,14 @@ def compile_check(capability=90, out=print, blocks=None, warps=None, pad_rows=Fa
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Compile-check the fused kernels for a GPU architecture (no GPU needed).")
+    p = OneLineParser(prog="python -m tools.kernel_report",
+                      description="Compile-check the fused kernels for a GPU architecture (no GPU needed).")
     p.add_argument("--compile", type=int, default=90, metavar="SM", help="compute capability, e.g. 90 for H100/H200")
     p.add_argument("--blocks", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
-                   help=f"samples per program (default {cnf_kernels.BLOCKS['cuda']})")
+                   help=f"samples per program (default {cnf_kernels.DEFAULT_LAUNCH.blocks['cuda']})")
     p.add_argument("--warps", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
-                   help=f"warps per program (default {cnf_kernels.NUM_WARPS})")
-    p.add_argument("--pad-rows", action="store_true", help="parameter rows padded to 16 floats (cnf_kernels.PAD_ROWS)")
+                   help=f"warps per program (default {cnf_kernels.DEFAULT_LAUNCH.warps})")
+    p.add_argument("--pad-rows", action="store_true", help="parameter rows padded to 16 floats (Launch.pad_rows)")
     p.add_argument("--width", type=int, default=STANDARD["width"],
                    help="hidden width (not a power of 2: the masked variants)")
     a = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Test-session setup shared by test_hyper_trace.py and tests/.
+"""Test-session setup for tests/.
 
 Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors;
 that mode is fixed when ``cnf_kernels`` is imported, so it is set here, before

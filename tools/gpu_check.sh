@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a short GPU slot. The default steps' time limits add up
 # to at most 6 minutes, with GPU_CHECK_TUNE=1 at most 8:
-#   1. compile  warm_kernels.py: every fused-kernel variant the later steps launch, compiled
+#   1. compile  tools.warm_kernels: every fused-kernel variant the later steps launch, compiled
 #               in parallel processes into Triton's per-user cache (GPU_CHECK_TUNE=1: also
 #               the kernel sweep's), so that the later steps time steady state
 #   2. pytest   pytest -m cuda: the fused-kernel checks, compiled, at full size
@@ -12,11 +12,11 @@
 #               is the cold-cache figure): which backend ran, its ms/iter; a run that
 #               fell back to the torch backend is a failed step, with the reason
 #   GPU_CHECK_TUNE=1 adds:
-#   5. sweep    bench.py --kernel-sweep: the fused kernels' samples and warps per program
+#   5. sweep    tools.kernel_sweep: the fused kernels' samples and warps per program
 #               (float32 and float16 parts; see the step for the others)
 #   6. profile  bench.py --profile triton: where an iteration's time goes
 #
-#   bash gpu_check.sh [OUT_DIR]      (default: results/gpu_check_<time>)
+#   bash tools/gpu_check.sh [OUT_DIR]      (from the kit's root; default: results/gpu_check_<time>)
 #
 # OUT_DIR then holds at most 7 small files: summary.txt (one line per step: status, exit
 # code, wall and limit seconds; then the cnf run's backend and speed), versions.txt,
@@ -30,7 +30,9 @@
 # DIR/<step> instead of each step's command (same arguments), and GPU_CHECK_TIME_SCALE
 # multiplies every limit.
 set -uo pipefail
-cd "$(dirname "$0")"
+out_arg=${1:-}
+[ -z "$out_arg" ] || [ "${out_arg:0:1}" = / ] || out_arg=$PWD/$out_arg  # relative to where it was called
+cd "$(dirname "$0")/.."  # the kit's root: every step runs from there
 stubs=${GPU_CHECK_STUBS:-}
 scale=${GPU_CHECK_TIME_SCALE:-1}
 tune=${GPU_CHECK_TUNE:-0}
@@ -69,7 +71,7 @@ if ! "${probe[@]}" > /dev/null 2>&1; then
   exit 2
 fi
 
-out=${1:-results/gpu_check_$(date +%Y%m%d-%H%M%S)}
+out=${out_arg:-results/gpu_check_$(date +%Y%m%d-%H%M%S)}
 if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
   echo "gpu_check.sh: $out already holds results; give a new folder" >&2
   exit 2
@@ -107,20 +109,20 @@ step() {  # step NAME LIMIT CMD...: runs CMD (or the stub), logs to work/NAME.lo
   return "$rc"
 }
 
-step compile "$limit_compile" "$py" warm_kernels.py --device cuda --jobs 8 $([ "$tune" = 1 ] && echo --tune)
+step compile "$limit_compile" "$py" -m tools.warm_kernels --device cuda --jobs 8 $([ "$tune" = 1 ] && echo --tune)
 step pytest "$limit_pytest" "$py" -m pytest -q -m cuda -p no:cacheprovider
 step bench "$limit_bench" "$py" bench.py --device cuda --iters 10 --json "$out/bench.json" --table "$out/bench_table.md" \
   --paths torchmpnode triton torchmpnode-bf16 triton-bf16 torchmpnode-fp16 triton-fp16 \
   triton+graph triton-bf16+graph triton+fused_adam
 TRITON_CACHE_DIR=$work/cold_triton_cache step cnf "$limit_cnf" "$py" cnf.py --results_dir "$work/runs"
 # which backend the default run used, and how fast: a fallback to torch is a failed step
-"$py" run_report.py "$work/runs" --expect-backend triton --log-tail "$out/cnf_log_tail.txt" \
+"$py" -m tools.run_report "$work/runs" --expect-backend triton --log-tail "$out/cnf_log_tail.txt" \
   >> "$out/summary.txt" 2>&1 || status=1
 if [ "$tune" = 1 ]; then
   # the parts whose variants the compile step built (float32, float16 with the DynamicScaler);
   # the bfloat16 parts and `options` (padded rows, partial-buffer budgets) compile ~50 more
-  # variants and do not fit: run them by hand, `bench.py --device cuda --kernel-sweep options`
-  step sweep "$limit_sweep" "$py" bench.py --device cuda --kernel-sweep \
+  # variants and do not fit: run them by hand, `python -m tools.kernel_sweep --device cuda options`
+  step sweep "$limit_sweep" "$py" -m tools.kernel_sweep --device cuda \
     forward-float32 backward-float32 forward-float16 backward-float16
   grep '^|' "$work/sweep.log" > "$out/sweep_table.md" 2>/dev/null
   step profile "$limit_profile" "$py" bench.py --device cuda --profile triton --iters 5

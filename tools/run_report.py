@@ -1,13 +1,12 @@
 """One line on a cnf.py run: its status, the backend that ran, and its speed.
 
-    python run_report.py RESULTS_DIR_OR_RUN [--expect-backend triton] [--log-tail FILE]
+    python -m tools.run_report RESULTS_DIR_OR_RUN [--expect-backend triton] [--log-tail FILE]
 
 Reads the run folder alone (status.json, the CSV, the log). ms/iter is the median over
 the CSV rows of time_fwd + time_bwd (each row's mean since the previous row).
 Exit 0, or 1 when the run did not complete or ran another backend than
 ``--expect-backend`` (the line then says why), 2 for a missing run.
 """
-import argparse
 import glob
 import json
 import os
@@ -54,7 +53,7 @@ def report(run, expect_backend=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ex.OneLineParser(prog="python -m tools.run_report", description=__doc__.split("\n")[0])
     p.add_argument("path", help="a cnf.py run folder, or a --results_dir holding one")
     p.add_argument("--expect-backend", default=None, choices=("triton", "torch"),
                    help="a run on another backend is a failure (e.g. auto fell back to torch)")

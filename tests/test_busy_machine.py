@@ -1,0 +1,357 @@
+"""A real, busy machine: competing jobs, a full disk, Ctrl-C, typos and misused commands.
+
+- threads: a resume takes its checkpoint's count unless --threads is given, and continues bit
+  for bit however the machine's default would choose;
+- a full disk is an outcome: real small filesystems (tmpfs, mounted as root, as in CI; without
+  root these skip, and REQUIRE_TMPFS=1 turns the skip into a failure);
+- Ctrl-C at any moment, bad flags before torch loads, plots.py --compare misused, local CPU
+  sweeps without tfloat32, and summaries over fewer than three seeds marked indicative.
+"""
+import contextlib
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import imageio.v2 as imageio
+import numpy as np
+import pandas as pd
+import pytest
+
+import experiment as ex
+import plots
+import summarize
+import tables
+from test_cnf import TINY, run_dirs, run_subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 1800  # a busy machine is slow, not broken
+# a run small enough for a tmpfs of a few hundred KB: its checkpoint is ~18 KB, its sources ~200 KB
+SMALL = [*TINY, "--niters", "40", "--test_freq", "10", "--ckpt_freq", "20", "--threads", "1"]
+
+
+@contextlib.contextmanager
+def tmpfs(path, size):
+    """A real filesystem of ``size`` (e.g. '260k') mounted at ``path`` while the block runs."""
+    os.makedirs(path, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        if os.environ.get("REQUIRE_TMPFS") == "1":
+            pytest.fail(f"REQUIRE_TMPFS=1 but no tmpfs can be mounted here: {proc.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def grow(path, size):
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def leftovers(folder):
+    return [os.path.join(d, f) for d, dirs, fs in os.walk(folder) for f in fs + dirs if ".tmp" in f]
+
+
+def error_lines(stderr, prog="cnf.py"):
+    """The program's own lines on stderr (tqdm's progress bar also writes there)."""
+    return [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith(f"{prog}:")]
+
+
+def rows_without_timing(folder):
+    return pd.read_csv(ex.RunDir(folder).csv).drop(columns=list(ex.TIMING_COLUMNS))
+
+
+# --- threads ---------------------------------------------------------------------------------------
+def test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit(tmp_path):
+    """20 iterations with --threads 1, resumed to 40 without --threads, give the CSV rows of the
+    uninterrupted 40-iteration run (timing columns aside), at the default batch and width, even
+    with OMP_NUM_THREADS=2 in the resume's environment; a resume given --threads 2 does not (so
+    the count matters here and the first comparison can fail)."""
+    common = ["--num_timesteps", "8", "--test_freq", "10", "--num_samples_test", "512", "--no-viz"]
+    env1 = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    full = run_subprocess(*common, "--niters", "40", "--threads", "1", "--results_dir", str(tmp_path / "full"),
+                          env=env1, timeout=TIMEOUT)
+    assert full.returncode == 0, full.stderr[-2000:]
+    for name, resume_flags, env in (("kept", [], {**env1, "OMP_NUM_THREADS": "2"}), ("kept_no_env", [], env1),
+                                    ("changed", ["--threads", "2"], env1)):
+        part = run_subprocess(*common, "--niters", "20", "--threads", "1", "--results_dir", str(tmp_path / name),
+                              env=env1, timeout=TIMEOUT)
+        assert part.returncode == 0, part.stderr[-2000:]
+        (folder,) = run_dirs(tmp_path / name)
+        proc = run_subprocess("--resume", folder, "--niters", "40", *resume_flags, env=env, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        same = rows_without_timing(folder).equals(rows_without_timing(run_dirs(tmp_path / "full")[0]))
+        log = open(ex.RunDir(folder).log).read()
+        if name == "changed":
+            assert not same and log.count("will not continue bit for bit") == 1
+        else:
+            assert same and "threads 1 (the checkpoint's)" in log and "bit for bit" not in log
+
+
+def test_thread_choice_order_and_cap(monkeypatch):
+    """--threads, then the checkpoint's count (capped at the usable cores), then OMP_NUM_THREADS,
+    then one per idle core."""
+    import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    monkeypatch.setattr(runtime, "idle_cores", lambda window=0: 1.1)
+    assert runtime.choose_threads(3, previous=1, env={"OMP_NUM_THREADS": "4"})[:2] == (3, "--threads")
+    n, how, note = runtime.choose_threads(None, previous=1, env={"OMP_NUM_THREADS": "4"})
+    assert (n, how, note) == (1, "the checkpoint's", "")
+    n, how, note = runtime.choose_threads(None, previous=8, env={})
+    assert n == 2 and "capped at this machine's 2" in how and "not continue bit for bit" in note
+    assert runtime.choose_threads(None, env={"OMP_NUM_THREADS": "4"})[:2] == (4, "OMP_NUM_THREADS")
+    assert runtime.choose_threads(None, env={})[0] == 1  # 1.1 idle cores: one thread
+    monkeypatch.setattr(runtime, "idle_cores", lambda window=0: 1.85)
+    assert runtime.choose_threads(None, env={})[0] == 2
+    monkeypatch.setattr(runtime, "idle_cores", lambda window=0: 0.05)
+    assert runtime.choose_threads(None, env={})[0] == 1  # at least one
+    monkeypatch.setattr(runtime, "idle_cores", lambda window=0: None)
+    assert runtime.choose_threads(None, env={})[0] == 2  # no /proc/stat: one per core
+
+
+def test_idle_cores_sees_a_busy_core():
+    """One more process spinning takes about one core off the idle count."""
+    import runtime
+
+    before = runtime.idle_cores(0.5)
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    if before < 0.8:
+        pytest.skip(f"the machine is already busy ({before:.1f} idle cores): nothing to take off")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        during = runtime.idle_cores(0.5)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert 0.0 <= during <= before - 0.5, (before, during)
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+def test_a_full_disk_during_training_is_one_line_and_resumable(tmp_path):
+    """On a 260 KB filesystem the run stops at a checkpoint it cannot write: exit 6, one line
+    naming the file and the space the run needs, no traceback, no temporary file, a status
+    that says so. Enlarged, --resume completes with the rows of an uninterrupted run."""
+    with tmpfs(tmp_path / "fs", "260k") as fs:
+        proc = run_subprocess(*SMALL, "--no-viz", "--results_dir", str(fs), timeout=TIMEOUT)
+        assert proc.returncode == ex.EXIT_DISK_FULL, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        (line,) = error_lines(proc.stderr)
+        assert line.startswith("cnf.py: disk full: could not write ") and "No space left on device" in line
+        assert "needs about" in line and "MB more to finish" in line and "resume with: python cnf.py --resume" in line
+        (folder,) = run_dirs(fs)
+        assert not leftovers(folder)
+        assert json.load(open(ex.RunDir(folder).status))["status"] == "disk_full"
+        ex.load_checkpoint(ex.RunDir(folder).ckpt)  # the checkpoint on disk is whole
+        grow(fs, "4m")
+        proc = run_subprocess("--resume", folder, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.load(open(ex.RunDir(folder).status))["status"] == "completed" and not leftovers(folder)
+        resumed = rows_without_timing(folder)
+    full = run_subprocess(*SMALL, "--no-viz", "--results_dir", str(tmp_path / "full"), timeout=TIMEOUT)
+    assert full.returncode == 0
+    pd.testing.assert_frame_equal(resumed, rows_without_timing(run_dirs(tmp_path / "full")[0]))
+
+
+def test_a_full_disk_before_the_first_checkpoint_leaves_nothing(tmp_path):
+    """Nothing trained yet: exit 6, one line that says so, and no run folder left behind."""
+    with tmpfs(tmp_path / "fs", "8k") as fs:
+        proc = run_subprocess(*SMALL, "--no-viz", "--results_dir", str(fs), timeout=TIMEOUT)
+        assert proc.returncode == ex.EXIT_DISK_FULL, proc.stderr[-2000:]
+        (line,) = error_lines(proc.stderr)
+        assert "nothing was trained" in line and "run the command again" in line and "Traceback" not in proc.stderr
+        assert os.listdir(fs) == []
+
+
+def test_a_full_disk_while_drawing_the_figures_still_completes_the_run(tmp_path):
+    """On 3 MB with --viz the numbers fit and the GIF does not: the run is completed, status.json
+    names the missing figures, every figure file that exists is whole (no truncated GIF), no
+    temporary file is left, exit 6 with one line; `python plots.py RUN` draws them later."""
+    with tmpfs(tmp_path / "fs", "3m") as fs:
+        proc = run_subprocess(*SMALL, "--viz_samples", "5000", "--viz_timesteps", "41", "--results_dir", str(fs),
+                              timeout=TIMEOUT)
+        assert proc.returncode == ex.EXIT_DISK_FULL, proc.stderr[-2000:]
+        (line,) = error_lines(proc.stderr)
+        assert "disk full while drawing the figures" in line and "the run is completed" in line
+        assert "python plots.py" in line and "Traceback" not in proc.stderr
+        (folder,) = run_dirs(fs)
+        run = ex.RunDir(folder)
+        status = json.load(open(run.status))
+        assert status["status"] == "completed" and "cnf-viz.gif" in status["missing_figures"]
+        assert status["final"]["test_loss"] > 0 and os.path.isfile(run.test_logp) and os.path.isfile(run.file("density.npz"))
+        assert not leftovers(folder)
+        for name in status["missing_figures"]:
+            assert not os.path.exists(run.file(name))
+        for frame in glob.glob(run.file("cnf-viz-*.jpg")):
+            assert imageio.imread(frame).shape[:2] == imageio.imread(glob.glob(run.file("cnf-viz-*.jpg"))[0]).shape[:2]
+        grow(fs, "64m")
+        redraw = subprocess.run([sys.executable, os.path.join(ROOT, "plots.py"), folder], capture_output=True,
+                                text=True, timeout=TIMEOUT)
+        assert redraw.returncode == 0, redraw.stderr
+        assert len(imageio.mimread(run.file("cnf-viz.gif"))) == 41
+        assert json.load(open(run.status))["missing_figures"] == []
+
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    """A write that fails, for want of space or because the target is a folder, removes its
+    temporary file and leaves the target as it was; a full disk names the file."""
+    target = tmp_path / "folder_target"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError):
+        ex.atomic_write(target, b"x" * 1000)
+    assert not leftovers(tmp_path) and target.is_dir()
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        kept = fs / "kept.bin"
+        ex.atomic_write(kept, b"old")
+        with pytest.raises(ex.DiskFull) as err:
+            ex.atomic_write(kept, b"y" * 200_000)
+        assert err.value.filename == str(kept) and err.value.needed == 200_000
+        assert kept.read_bytes() == b"old" and not leftovers(fs)
+
+
+def test_summaries_on_a_full_disk_say_what_was_written(tmp_path):
+    """summarize.py writes its numbers before its figures; out of space it says which files are
+    whole and which were not written, exit 6, and leaves no temporary file."""
+    run = run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path / "runs"), timeout=TIMEOUT)
+    assert run.returncode == 0
+    with tmpfs(tmp_path / "fs", "48k") as fs:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "summarize.py"), str(tmp_path / "runs"), "--out",
+                               str(fs)], capture_output=True, text=True, timeout=TIMEOUT)
+        assert proc.returncode == ex.EXIT_DISK_FULL, proc.stderr[-2000:]
+        (line,) = error_lines(proc.stderr, "summarize.py")
+        assert "disk full" in line and "written whole: summary.csv" in line and "not written:" in line
+        assert "Traceback" not in proc.stderr and not leftovers(fs)
+
+
+# --- Ctrl-C, typos --------------------------------------------------------------------------------
+@pytest.mark.parametrize("after", [0.5, 1.5])
+def test_ctrl_c_at_any_moment_is_one_line(tmp_path, after):
+    """SIGINT soon after the start: no traceback. Before the run folder exists: exit 130 and
+    nothing written; once it exists: exit 4, status interrupted, resumable."""
+    results = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cnf.py"), *TINY, "--niters", "100000",
+                             "--results_dir", str(results)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode in (ex.EXIT_CTRL_C, ex.EXIT_INTERRUPTED), (proc.returncode, err)
+    if proc.returncode == ex.EXIT_CTRL_C:
+        assert error_lines(err) == ["cnf.py: interrupted before the run started; nothing was written"]
+        assert not results.exists() or not os.listdir(results)
+    else:
+        (folder,) = run_dirs(results)
+        assert json.load(open(ex.RunDir(folder).status))["status"] == "interrupted"
+
+
+ENTRY_POINTS = [
+    ("cnf.py", ["--data", "nope"]), ("cnf.py", ["--odeint", "scipy"]), ("cnf.py", ["--precision", "float8"]),
+    ("cnf.py", ["--niters", "0"]), ("cnf.py", ["--help"]), ("summarize.py", ["--nope"]), ("summarize.py", ["--help"]),
+    ("plots.py", ["--help"]), ("plots.py", ["--compare", "x.png", "/no/such/run"]), ("metrics.py", ["--device", "tpu", "."]),
+    ("metrics.py", ["--help"]), ("bench.py", ["--paths", "nope"]), ("bench.py", ["--help"]),
+    ("density.py", ["/no/such/run"]), ("density.py", ["--help"]),
+]
+
+
+@pytest.mark.parametrize("script,argv", ENTRY_POINTS, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+def test_bad_flags_and_help_are_answered_before_torch_loads(script, argv):
+    """Every entry point checks its flags (and answers --help) before importing torch, so a
+    typo is answered in a fraction of the time torch takes to load. Counted, not timed:
+    Python's own import log (-X importtime) must not list torch."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", script, *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    imported = {ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    assert "torch" not in imported and "pandas" not in imported, (script, argv)
+    if argv == ["--help"]:
+        assert proc.returncode == 0 and "usage:" in proc.stdout
+    else:
+        errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "error" in errors[0], proc.stderr[-1000:]
+
+
+def test_compare_refuses_a_run_folder_as_its_output(tmp_path):
+    """`plots.py --compare RUN_A RUN_B` (the output file forgotten): exit 2, one line with the
+    usage, nothing left behind; the same for an existing folder; a good call prints its path."""
+    for name in ("a", "b"):
+        assert run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path / name)).returncode == 0
+    a, b = run_dirs(tmp_path / "a")[0], run_dirs(tmp_path / "b")[0]
+    before = {d: sorted(os.listdir(d)) for d in (a, b, tmp_path)}
+
+    def compare(*argv):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "plots.py"), "--compare", *argv],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT)
+
+    for argv in ((a, b), (str(tmp_path), a, b)):
+        proc = compare(*argv)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "is a folder, not the output file" in proc.stderr and "--compare OUT.png RUN_DIR" in proc.stderr
+        assert {d: sorted(os.listdir(d)) for d in (a, b, tmp_path)} == before
+    out = tmp_path / "cmp.png"
+    proc = compare(str(out), a, b)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {out}" and out.stat().st_size > 10000
+
+
+# --- sweeps on a CPU ---------------------------------------------------------------------------------
+def test_a_local_cpu_sweep_skips_tfloat32(tmp_path):
+    """Without a GPU the tfloat32 cells would repeat float32: skipped, with a one-line note, and
+    the dry run counts the rest; with a GPU (here: one named by CUDA_VISIBLE_DEVICES) they stay."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "CNF_PYTHON": sys.executable}
+    cpu = subprocess.run(["bash", "run_cnf.sh", "--local", "--dry-run"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    assert cpu.returncode == 0, cpu.stderr
+    notes = [ln for ln in cpu.stdout.splitlines() if ln.startswith("note:")]
+    assert notes == ["note: no GPU here: skipping the tfloat32 cells (on a CPU they compute exactly as their "
+                     "float32 twins)"]
+    assert cpu.stdout.splitlines()[-1] == "216 cells (local)" and "tfloat32" not in cpu.stdout.replace(notes[0], "")
+    gpu = subprocess.run(["bash", "run_cnf.sh", "--local", "--dry-run"], capture_output=True, text=True, cwd=ROOT,
+                         env={**env, "CUDA_VISIBLE_DEVICES": "0"}, timeout=300)
+    assert gpu.stdout.splitlines()[-1] == "264 cells (local)" and "note:" not in gpu.stdout
+    alone = subprocess.run(["bash", "run_cnf.sh", "--local", "--dry-run", "--precisions", "tfloat32"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert alone.returncode == 2 and "nothing left to run" in alone.stderr
+
+
+def _cell_runs(seeds, data="moons"):
+    """A runs table for summarize.cell_table: float32 and float16 cells of one solver, one run per seed."""
+    rows = []
+    for precision, scaler, shift in (("float32", "none", 0.0), ("float16", "dynamic", 0.01)):
+        for seed in seeds:
+            rows.append(dict(data=data, solver="torchmpnode", precision=precision, scaler=scaler, seed=seed,
+                             status="completed", iter=100, test_nll=2.5 + shift + 0.003 * seed, test_nll_se=0.01,
+                             test_gap=0.1, val_nll=2.6, val_nll_se=0.03, nll_gap=0.2, val_nll_exact=2.6, disc_gap=0.0,
+                             val_mmd=1e-3, test_mmd=1e-4, test_mmd_se=1e-4, ms_fwd=10.0, ms_bwd=20.0, ms_iter=30.0,
+                             peak_mb=100.0, overflow_steps=0, grid_exploited=float("nan"),
+                             run=f"/nowhere/{uuid.uuid4()}", used=True))
+    return pd.DataFrame(rows)
+
+
+def test_intervals_over_fewer_than_three_seeds_are_marked_indicative(tmp_path):
+    """Two seed pairs give an interval with a t quantile of 12.7: the tables and the figure mark it
+    indicative, and only then; three pairs are not marked."""
+    for seeds, marked in (((0, 1), True), ((0, 1, 2), False)):
+        runs = _cell_runs(seeds)
+        cells = summarize.cell_table(runs)
+        row = cells[cells["precision"] == "float16"].iloc[0]
+        assert row["pairs"] == len(seeds) and bool(row["indicative"]) == marked
+        md = tables.to_markdown(cells, runs)
+        tex = tables.to_latex(cells)
+        assert ("*indicative*" in md) == marked and (tables.INDICATIVE_MARK in tex) == marked
+        assert ("indicative only" in tables.tex_caption(cells)) == marked
+        labels = plots.paired_labels(cells[cells["data"] == "moons"].reset_index(drop=True))
+        assert any("indicative" in label for label in labels) == marked
+        out = tmp_path / f"summary_{len(seeds)}.png"
+        plots.plot_summary(cells, runs, {r: pd.DataFrame({"iter": [50, 100], "val_loss": [2.7, 2.6]})
+                                         for r in runs["run"]}, str(out))
+        assert out.stat().st_size > 10000
+    one = summarize.cell_table(_cell_runs((0,)))
+    assert not one["indicative"].any()  # one seed: no interval at all, nothing to mark
+
