@@ -368,8 +368,9 @@ def plot_summary(cells, runs, curves, out_png):
         half_hi = (g["diff_ci_high"] - g["diff_mean"]).where(has_ci, 0.0)
         weak = g["indicative"].astype(bool) if "indicative" in g else pd.Series(False, index=g.index)
         level = f"{g['ci_level'].iloc[0]:.0%}" if "ci_level" in g else "95%"
-        for sel, style, label in ((~weak, dict(fmt="o"), f"seeds: {level} t interval"),
-                                  (weak, dict(fmt="o", mfc="white"), "seeds: indicative (fewer than 3 pairs)")):
+        paired = g["diff_mean"].notna()  # the reference row has no difference to draw
+        for sel, style, label in ((paired & ~weak, dict(fmt="o"), f"seeds: {level} t interval"),
+                                  (paired & weak, dict(fmt="o", mfc="white"), "seeds: indicative (fewer than 3 pairs)")):
             if sel.any():
                 a.errorbar(g["diff_mean"][sel], y[sel.to_numpy()], xerr=[half_lo[sel], half_hi[sel]], capsize=4,
                            color="tab:blue", label=label, **style)

@@ -21,7 +21,9 @@
 #   --env-setup CMD    a line each job runs first, e.g. "source ~/venvs/cnf/bin/activate"
 #                      (default: $CNF_ENV_SETUP)
 set -euo pipefail
-KIT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+here=${BASH_SOURCE[0]}
+case $here in */*) here=${here%/*} ;; *) here=. ;; esac  # bash alone: no dirname needed
+KIT_DIR=$(cd "$here" && pwd)
 
 # ---------------------------------------------------------------- the grid (data)
 DATASETS=(8gaussians checkerboard rings circles moons swissroll 2spirals pinwheel)
@@ -94,7 +96,7 @@ for e in "${@}"; do case "$e" in --seed|--seed=*) die "give seeds with --seeds, 
 # SLURM jobs start in the kit folder; unset, each job takes python from its PATH.
 if [ -n "${CNF_PYTHON:-}" ]; then
   case "$CNF_PYTHON" in
-    */*) py="$(cd "$(dirname "$CNF_PYTHON")" 2>/dev/null && pwd)/$(basename "$CNF_PYTHON")" ;;
+    */*) py="$(cd "${CNF_PYTHON%/*}/" 2>/dev/null && pwd || true)/${CNF_PYTHON##*/}" ;;
     *) py=$(command -v "$CNF_PYTHON" || true) ;;
   esac
   [ -x "$py" ] && [ ! -d "$py" ] || die "CNF_PYTHON=$CNF_PYTHON is not an executable"

@@ -59,7 +59,8 @@ def summarize(d):
 
 
 def test_dry_run_lists_the_published_grid():
-    proc = sweep("--dry-run")
+    # a GPU machine (one named by CUDA_VISIBLE_DEVICES; SLURM nodes have theirs): the whole grid
+    proc = sweep("--dry-run", env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     assert proc.returncode == 0
     # per dataset: torchdiffeq 3 + fp16 {none, grad}; torchmpnode 3 + fp16 {none, grad, dynamic}; x 3 seeds
     assert proc.stdout.strip().endswith("264 cells (slurm)") or proc.stdout.strip().endswith("264 cells (local)")
@@ -67,10 +68,11 @@ def test_dry_run_lists_the_published_grid():
     for r in (0, 1, 2):
         assert f"8gaussians_float16_torchmpnode_dynamic_s{r}\t--data 8gaussians" in proc.stdout
         assert re.search(rf"_s{r}\t.*--seed {r}( |$)", proc.stdout, re.M)
-    # without sbatch on the PATH the launcher falls back to local mode by itself
+    # without sbatch on the PATH the launcher falls back to local mode by itself (here: no GPU
+    # either, so the tfloat32 cells, float32 on a CPU, are left out)
     nosb = subprocess.run(["/bin/bash", os.path.join(ROOT, "run_cnf.sh"), "--dry-run"], capture_output=True,
-                          text=True, env={"PATH": "/nonexistent"})
-    assert nosb.returncode == 0 and nosb.stdout.strip().endswith("264 cells (local)")
+                          text=True, env={"PATH": "/nonexistent", "CNF_PYTHON": sys.executable})
+    assert nosb.returncode == 0 and nosb.stdout.strip().endswith("216 cells (local)"), nosb.stderr
     narrow = sweep("--dry-run", "--datasets", "moons", "--precisions", "float16", "--", "--niters", "5")
     cells = [l for l in narrow.stdout.splitlines() if "--data moons" in l]
     assert len(cells) == 15 and all(l.rstrip().endswith("--niters 5") for l in cells)
