@@ -253,7 +253,7 @@ def test_closed_form_is_cheaper_than_autograd():
     """The closed form saves at least 3x fewer bytes for backward and does at least
     3x fewer matmul FLOPs than trace_autograd on the example's field (measured:
     1.0 against 5.5 MB, 1.6 against 7.3 MFLOP). Counted, not timed: the wall-clock
-    ratio is in BENCHMARKS.md and ``python test_hyper_trace.py``; on a loaded
+    ratio is in docs/benchmarks.md and ``python test_hyper_trace.py``; on a loaded
     machine it can flip, these counts cannot."""
     closed_form, by_autograd = trace_problem()
     (b_exact, f_exact), (b_auto, f_auto) = cost(closed_form), cost(by_autograd)

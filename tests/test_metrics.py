@@ -153,7 +153,7 @@ def test_metrics_command_reproduces_a_runs_exact_likelihood(tmp_path):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "metrics.py: error" in proc.stderr
 
 
-# The bandwidths the README documents for val_mmd and train_mmd, written out here so that
+# The bandwidths docs/metrics.md documents for val_mmd and train_mmd, written out here so that
 # the reference below does not read them from the module it checks.
 DOCUMENTED_BANDWIDTHS = (0.1, 0.2, 0.5, 1.0, 2.0)
 

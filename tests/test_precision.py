@@ -6,7 +6,7 @@ import torch
 import precision
 
 # (odeint, precision, flags) -> the scaler label the run must have; written out by hand
-# from the README (Training, "Scalers"), not derived from precision.scaler_flags
+# from docs/cli.md ("Precision and loss scaling"), not derived from choices.scaler_flags
 EXPECTED = {
     ("torchdiffeq", "float16", ()): "grad",
     ("torchdiffeq", "float16", ("no_grad_scaler",)): "none",
@@ -24,7 +24,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("odeint,name,flags", list(EXPECTED))
 def test_scalers_follow_the_flags(odeint, name, flags):
-    """Every flag combination turns on exactly the scalers the README lists (a flag that is
+    """Every flag combination turns on exactly the scalers docs/cli.md lists (a flag that is
     ignored, or a scaler outside float16, fails here), in the label and in the objects."""
     kw = {f: True for f in flags}
     want = EXPECTED[(odeint, name, flags)]
