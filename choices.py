@@ -54,7 +54,9 @@ def cpu_precisions():
 
 
 if __name__ == "__main__":  # for shell scripts: one name per line
-    tables = {"precisions": tuple(PRECISIONS), "cpu-precisions": cpu_precisions(), "solvers": SOLVERS}
+    twins = tuple(f"{p} {spec.cpu_twin}" for p, spec in PRECISIONS.items() if spec.cpu_twin)
+    tables = {"precisions": tuple(PRECISIONS), "cpu-precisions": cpu_precisions(), "cpu-twins": twins,
+              "solvers": SOLVERS}
     if len(sys.argv) != 2 or sys.argv[1] not in tables:
         print(f"usage: python3 choices.py {{{','.join(tables)}}}", file=sys.stderr)
         sys.exit(2)

@@ -167,12 +167,15 @@ if [ "$mode" = local ]; then detect_gpus; [ ${#GPUS[@]} -gt 0 ] || cpu_only=1; f
 for o in "${sb[@]+"${sb[@]}"}"; do [ "$o" = --gres=none ] && cpu_only=1; done
 if [ -z "$resume" ] && [ "$cpu_only" = 1 ]; then
   mapfile -t CPU_PRECISIONS < <(choices cpu-precisions)
-  kept=() skipped=()
+  declare -A TWIN=()
+  while read -r p twin; do TWIN[$p]=$twin; done < <(choices cpu-twins)
+  kept=() skipped=() why=()
   for p in "${PRECISIONS[@]}"; do
-    if valid "$p" "${CPU_PRECISIONS[@]}"; then kept+=("$p"); else skipped+=("$p"); fi
+    if valid "$p" "${CPU_PRECISIONS[@]}"; then kept+=("$p"); else skipped+=("$p"); why+=("$p as ${TWIN[$p]:-?}"); fi
   done
   if [ ${#skipped[@]} -gt 0 ]; then
-    echo "note: no GPU here: skipping the ${skipped[*]} cells (on a CPU they compute exactly as their float32 twins)"
+    twins=$(printf '%s, ' "${why[@]}")
+    echo "note: no GPU here: skipping the ${skipped[*]} cells (on a CPU they compute exactly like another precision: ${twins%, })"
     [ ${#kept[@]} -gt 0 ] || die "nothing left to run: ${skipped[*]} on a CPU would repeat float32"
     PRECISIONS=("${kept[@]}")
   fi

@@ -309,8 +309,8 @@ def test_a_local_cpu_sweep_skips_tfloat32(tmp_path):
                          env=env, timeout=300)
     assert cpu.returncode == 0, cpu.stderr
     notes = [ln for ln in cpu.stdout.splitlines() if ln.startswith("note:")]
-    assert notes == ["note: no GPU here: skipping the tfloat32 cells (on a CPU they compute exactly as their "
-                     "float32 twins)"]
+    assert notes == ["note: no GPU here: skipping the tfloat32 cells (on a CPU they compute exactly like another "
+                     "precision: tfloat32 as float32)"]
     assert cpu.stdout.splitlines()[-1] == "216 cells (local)" and "tfloat32" not in cpu.stdout.replace(notes[0], "")
     gpu = subprocess.run(["bash", "run_cnf.sh", "--local", "--dry-run"], capture_output=True, text=True, cwd=ROOT,
                          env={**env, "CUDA_VISIBLE_DEVICES": "0"}, timeout=300)

@@ -37,8 +37,20 @@ def test_scalers_follow_the_flags(odeint, name, flags):
     assert s.loss_scale() == (65536.0 if "grad" in want else 1.0)  # GradScaler's initial scale, else 1
 
 
-@pytest.mark.parametrize("name,dtype", [("float32", torch.float32), ("tfloat32", torch.float32),
-                                        ("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+AUTOCAST = {"float32": torch.float32, "tfloat32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def test_every_precision_and_solver_has_its_rows_here():
+    """A precision added to choices.PRECISIONS (or a solver) fails here until its expected
+    scalers and autocast dtype are written out above by hand."""
+    import choices
+
+    missing = [(o, p) for o in choices.SOLVERS for p in choices.PRECISIONS if (o, p, ()) not in EXPECTED]
+    assert not missing, f"write the expected scalers of {missing} into EXPECTED"
+    assert set(AUTOCAST) == set(choices.PRECISIONS), "write each precision's autocast dtype into AUTOCAST"
+
+
+@pytest.mark.parametrize("name,dtype", list(AUTOCAST.items()))
 def test_autocast_runs_the_precision_on_the_cpu(name, dtype):
     """A matmul under the precision's autocast comes out in that dtype on the CPU (CUDA's
     autocast on a CPU tensor would leave it float32 without a word)."""
