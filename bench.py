@@ -72,6 +72,7 @@ BY_TAG = {spec.tag: name for name, spec in PRECISIONS.items()}
 
 
 def build_parser():
+    """bench.py's flags (bad ones: one line, exit code 2)."""
     p = ex.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--iters", type=int, default=5, help="timed iterations per path (after 2 warm-ups)")
@@ -232,20 +233,14 @@ def run_worker(path, device, cfg, iters, no_kernels=False, threads=None):
         return dict(_iterations(path, device, cfg, iters), threads=torch.get_num_threads())
 
 
-def _iterations(path, device, cfg, iters):
-    import numpy as np
+def _build(solver, prec, device, cfg):
+    """(model, its mean NLL as a function of a batch, its scalers) for one path's solver."""
     import torchdiffeq
 
-    import toy_data
     from model import CNF, Integrator, log_prob, standard_normal_logprob
-    from precision import Precision, Scalers
+    from precision import Scalers
 
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    path, _, option = path.partition("+")
-    solver, _, prec_tag = path.partition("-")
-    precision = BY_TAG[prec_tag]
-    prec = Precision(precision, device)
     if solver in ("original", "seed"):
         model = _RepeatedCNF(cfg["hidden"], cfg["width"], closed_form=solver == "seed").to(device)
         t = torch.linspace(1.0, 0.0, cfg["num_timesteps"], device=device)
@@ -254,17 +249,32 @@ def _iterations(path, device, cfg, iters):
             z, dl = torchdiffeq.odeint(model, (x, torch.zeros(x.shape[0], 1, device=device)), t, method="rk4")
             return -(standard_normal_logprob(z[-1]) - dl[-1, :, 0]).mean()
 
-        scalers = Scalers("torchdiffeq", prec, device)
-    else:
-        backend = "triton" if solver == "triton" else "torch"
-        odeint = "torchmpnode" if solver == "triton" else solver
-        model = CNF(2, cfg["hidden"], cfg["width"], backend=backend).to(device)
-        scalers = Scalers(odeint, prec, device)
-        integ = Integrator(odeint, "rk4", cfg["num_timesteps"], loss_scaler=scalers.solver_scaler)
+        return model, nll, Scalers("torchdiffeq", prec, device)
+    backend = "triton" if solver == "triton" else "torch"
+    odeint = "torchmpnode" if solver == "triton" else solver
+    model = CNF(2, cfg["hidden"], cfg["width"], backend=backend).to(device)
+    scalers = Scalers(odeint, prec, device)
+    integ = Integrator(odeint, "rk4", cfg["num_timesteps"], loss_scaler=scalers.solver_scaler)
 
-        def nll(x):
-            return -log_prob(model, x, integ).mean()
+    def nll(x, m=model):
+        return -log_prob(m, x, integ).mean()
 
+    return model, nll, scalers
+
+
+def _iterations(path, device, cfg, iters):
+    """The timed iterations of one path (after two warm-ups): its row of the table."""
+    import numpy as np
+
+    import toy_data
+    from precision import Precision
+
+    rng = np.random.default_rng(0)
+    path, _, option = path.partition("+")
+    solver, _, prec_tag = path.partition("-")
+    precision = BY_TAG[prec_tag]
+    prec = Precision(precision, device)
+    model, nll, scalers = _build(solver, prec, device, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True if option == "fused_adam" else None,
                            capturable=option == "graph")
     if device.type == "cuda":
@@ -276,7 +286,7 @@ def _iterations(path, device, cfg, iters):
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
     if option == "graph":
-        r = _graphed(model, lambda m, x: -log_prob(m, x, integ).mean(), opt, prec, batch, device, iters)
+        r = _graphed(model, lambda m, x: nll(x, m), opt, prec, batch, device, iters)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         return dict(path=f"{path}+{option}", precision=precision, backend=model.backend, peak_mb=peak,
                     growth_mb=peak - base_mb, **r)
@@ -297,10 +307,7 @@ def _iterations(path, device, cfg, iters):
         t2 = time.perf_counter()
         if it >= 2:
             times.append((t1 - t0, t2 - t1))
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = _peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     fwd, bwd = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
     return dict(path=path + (f"+{option}" if option else ""), precision=precision, backend=getattr(model, "backend", "torch"),
                 ms_iter=1e3 * statistics.median(a + b for a, b in times),
@@ -375,6 +382,7 @@ def _ms(x):
 
 
 def table_header(device):
+    """The markdown table's two header lines (peak RSS on a CPU, the CUDA allocator's peak on a GPU)."""
     mem = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
     return [f"| path | precision | threads | ms/iter | fwd ms | bwd ms | speedup vs original | {mem} | growth MB |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -265,6 +265,7 @@ def merge_resumed_config(args, explicit, state):
 
 
 def run_base_name(a):
+    """The run folder's name before its timestamp: data, precision, solver, method, grid points, seed."""
     return f"{a.data}_{a.precision}_{a.odeint}_{a.method}_nt_{a.num_timesteps}_{a.seed}"
 
 

@@ -118,6 +118,7 @@ def from_checkpoint(folder, device="cpu"):
 
 
 def build_parser():
+    """density.py's flags (bad ones: one line, exit code 2)."""
     p = ex.OneLineParser(prog="density.py", description="Write density.npz (model density and samples at t = 1) "
                          "of saved runs from their checkpoints.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each holds ckpt.pth)")

@@ -13,6 +13,7 @@ import experiment as ex
 
 
 def build_parser():
+    """metrics.py's flags (bad ones: one line, exit code 2)."""
     p = ex.OneLineParser(prog="metrics.py", description="Exact likelihood (val_loss_exact, disc_gap) "
                                 "of saved runs, from their checkpoints.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (each holds ckpt.pth)")

@@ -24,10 +24,12 @@ GIF = "cnf-viz.gif"
 
 
 def frame_name(k):
+    """The file name of flow frame ``k``."""
     return f"cnf-viz-{k:03d}.jpg"
 
 
 def build_parser():
+    """plots.py's flags (bad ones: one line, exit code 2)."""
     p = ex.OneLineParser(prog="plots.py", description="Re-draw run folders' figures from their files, "
                          "or compare several runs' validation curves in one figure.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
@@ -340,46 +342,14 @@ def plot_summary(cells, runs, curves, out_png):
                              layout="constrained")
     for row, data in zip(axes, datasets):
         g = cells[cells["data"] == data].reset_index(drop=True)
-        floor = toy_data.ENTROPY[data]
-        a = row[0]
-        for k, r in g.iterrows():
-            mine = runs[(runs[_CELL] == list(r[_CELL])).all(axis=1) & runs["used"]]
-            dfs = [curves[p] for p in mine["run"]]
-            if not any(len(d) for d in dfs):
-                continue
-            it, mean, sd, n = _curve_stats(dfs)
-            a.errorbar(it, mean, yerr=sd, fmt="o-", ms=3, capsize=2, lw=1,
-                       label=f"{_label(r)} (n={n.max()}{', ' + r.status if r.n < r.runs else ''})")
-        a.axhline(floor, color="k", ls=":", lw=1, label="true entropy")
-        a.set(title=f"{data}: validation NLL (mean ± sd over seeds)", xlabel="iteration", ylabel="nats")
-        top = np.nanmax(np.r_[g["val_nll_mean"].to_numpy() + np.nan_to_num(g["val_nll_sd"].to_numpy()), floor + 0.1])
-        a.set_ylim(floor - 0.05, floor + 3 * (top - floor))
-        a.legend(fontsize=7)
+        _summary_curves(row[0], data, g, runs, curves)
         y = np.arange(len(g))
-        labels = [f"{_label(r)} (n={r.n})" for r in g.itertuples()]
         a = row[1]
         a.errorbar(g["test_nll_mean"], y, xerr=g["test_nll_sd"].fillna(0.0), fmt="o", capsize=4)
-        a.axvline(floor, color="k", ls=":", lw=1)
-        a.set_yticks(y, labels, fontsize=7)
+        a.axvline(toy_data.ENTROPY[data], color="k", ls=":", lw=1)
+        a.set_yticks(y, [f"{_label(r)} (n={r.n})" for r in g.itertuples()], fontsize=7)
         a.set(title=f"{data}: final test NLL (mean ± sd over seeds)", xlabel="nats", ylim=(-0.6, len(g) - 0.4))
-        a = row[2]
-        has_ci = g["diff_ci_low"].notna()
-        half_lo = (g["diff_mean"] - g["diff_ci_low"]).where(has_ci, 0.0)
-        half_hi = (g["diff_ci_high"] - g["diff_mean"]).where(has_ci, 0.0)
-        weak = g["indicative"].astype(bool) if "indicative" in g else pd.Series(False, index=g.index)
-        level = f"{g['ci_level'].iloc[0]:.0%}" if "ci_level" in g else "95%"
-        paired = g["diff_mean"].notna()  # the reference row has no difference to draw
-        for sel, style, label in ((paired & ~weak, dict(fmt="o"), f"seeds: {level} t interval"),
-                                  (paired & weak, dict(fmt="o", mfc="white"), "seeds: indicative (fewer than 3 pairs)")):
-            if sel.any():
-                a.errorbar(g["diff_mean"][sel], y[sel.to_numpy()], xerr=[half_lo[sel], half_hi[sel]], capsize=4,
-                           color="tab:blue", label=label, **style)
-        a.errorbar(g["point_diff_mean"], y + 0.2, xerr=g["point_diff_se"].fillna(0.0) * 1.96, fmt="s", ms=3,
-                   capsize=3, color="tab:orange", label="per point: ±1.96 SE")
-        a.axvline(0.0, color="k", lw=1)
-        a.set_yticks(y, paired_labels(g), fontsize=7)
-        a.set(title=f"{data}: test NLL minus float32 twin", xlabel="nats", ylim=(-0.6, len(g) - 0.2))
-        a.legend(fontsize=7)
+        _summary_paired(row[2], data, g)
     labels = [f"{r.data}\n{_label(r)}" for r in cells.itertuples()]
     y = np.arange(len(cells))
     a = axes[-1][0]
@@ -396,6 +366,46 @@ def plot_summary(cells, runs, curves, out_png):
     fig.delaxes(axes[-1][2])  # the last row has two panels
     _save(fig, out_png, dpi=90)
 
+
+def _summary_curves(a, data, g, runs, curves):
+    """A dataset's validation NLL per cell, mean ± sd over its used runs, above the entropy."""
+    floor = toy_data.ENTROPY[data]
+    for _, r in g.iterrows():
+        mine = runs[(runs[_CELL] == list(r[_CELL])).all(axis=1) & runs["used"]]
+        dfs = [curves[p] for p in mine["run"]]
+        if not any(len(d) for d in dfs):
+            continue
+        it, mean, sd, n = _curve_stats(dfs)
+        a.errorbar(it, mean, yerr=sd, fmt="o-", ms=3, capsize=2, lw=1,
+                   label=f"{_label(r)} (n={n.max()}{', ' + r.status if r.n < r.runs else ''})")
+    a.axhline(floor, color="k", ls=":", lw=1, label="true entropy")
+    a.set(title=f"{data}: validation NLL (mean ± sd over seeds)", xlabel="iteration", ylabel="nats")
+    top = np.nanmax(np.r_[g["val_nll_mean"].to_numpy() + np.nan_to_num(g["val_nll_sd"].to_numpy()), floor + 0.1])
+    a.set_ylim(floor - 0.05, floor + 3 * (top - floor))
+    a.legend(fontsize=7)
+
+
+def _summary_paired(a, data, g):
+    """A dataset's paired differences to float32: the seeds' interval (open marker where it is
+    indicative) and the per-point mean ± 1.96 SE."""
+    y = np.arange(len(g))
+    has_ci = g["diff_ci_low"].notna()
+    half_lo = (g["diff_mean"] - g["diff_ci_low"]).where(has_ci, 0.0)
+    half_hi = (g["diff_ci_high"] - g["diff_mean"]).where(has_ci, 0.0)
+    weak = g["indicative"].astype(bool) if "indicative" in g else pd.Series(False, index=g.index)
+    level = f"{g['ci_level'].iloc[0]:.0%}" if "ci_level" in g else "95%"
+    paired = g["diff_mean"].notna()  # the reference row has no difference to draw
+    for sel, style, label in ((paired & ~weak, dict(fmt="o"), f"seeds: {level} t interval"),
+                              (paired & weak, dict(fmt="o", mfc="white"), "seeds: indicative (fewer than 3 pairs)")):
+        if sel.any():
+            a.errorbar(g["diff_mean"][sel], y[sel.to_numpy()], xerr=[half_lo[sel], half_hi[sel]], capsize=4,
+                       color="tab:blue", label=label, **style)
+    a.errorbar(g["point_diff_mean"], y + 0.2, xerr=g["point_diff_se"].fillna(0.0) * 1.96, fmt="s", ms=3,
+               capsize=3, color="tab:orange", label="per point: ±1.96 SE")
+    a.axvline(0.0, color="k", lw=1)
+    a.set_yticks(y, paired_labels(g), fontsize=7)
+    a.set(title=f"{data}: test NLL minus float32 twin", xlabel="nats", ylim=(-0.6, len(g) - 0.2))
+    a.legend(fontsize=7)
 
 
 # --- re-drawing a run ----------------------------------------------------------------------
@@ -477,25 +487,8 @@ def plot_runs(run_dirs, out_png, labels=None, title=""):
     hi = min(max(0.0, gaps.max()), GAP_WINDOW[1]) + 0.02
     flagged, floored = False, False
     for i, (df, cfg, label) in enumerate(zip(frames, args, labels)):
-        c = f"C{i}"
-        gap = df["val_loss"] - entropy
-        ax[0, 0].plot(df["iter"], gap.clip(lo, hi), "-", color=c, lw=1, label=label)
-        for side, out in ((lo, gap < lo), (hi, gap > hi)):  # cut values: a triangle on the edge
-            if out.any():
-                ax[0, 0].plot(df["iter"][out], np.full(int(out.sum()), side), "v" if side == lo else "^", color=c, ms=4)
-        if "grid_gap" in df and df["grid_gap"].notna().any():
-            g = df.dropna(subset=["grid_gap"])
-            floored |= bool((g["grid_gap"].abs() < GRID_GAP_FLOOR).any())
-            ax[0, 1].plot(g["iter"], g["grid_gap"].abs().clip(lower=GRID_GAP_FLOOR), "-", color=c, lw=1, label=label)
-            if "grid_gap_max" in cfg:
-                ax[0, 1].axhline(float(cfg["grid_gap_max"]), color=c, ls=":", lw=1)
-        ax[1, 0].plot(df["iter"], df["val_mmd"], "-", color=c, lw=1, label=label)
-        ax[1, 1].plot(df["iter"], df["lr"], "-", color=c, lw=1, label=label)
-        if "grid_exploited" in df and (df["grid_exploited"] == 1).any():
-            flagged = True
-            first = df.loc[df["grid_exploited"] == 1, "iter"].iloc[0]
-            for a in ax.flat:
-                a.axvline(first, color=c, ls="--", lw=0.8)
+        f, g = _compare_one(ax, df, cfg, label, f"C{i}", entropy, lo, hi)
+        flagged, floored = flagged or f, floored or g
     a = ax[0, 0]
     a.axhline(0.0, color="k", ls=":", lw=1, label=f"true entropy {entropy:.4f}")
     a.set_ylim(lo, hi)
@@ -519,6 +512,31 @@ def plot_runs(run_dirs, out_png, labels=None, title=""):
     fig.suptitle("\n".join(t for t in (title, caption) if t), fontsize=10)
     fig.tight_layout()
     _save(fig, out_png, dpi=100)
+
+
+def _compare_one(ax, df, cfg, label, c, entropy, lo, hi):
+    """One run's curves in colour ``c`` on the four panels of ``plot_runs``. Returns (did its
+    grid_exploited flag rise, was a |grid_gap| below the axis floor)."""
+    gap = df["val_loss"] - entropy
+    ax[0, 0].plot(df["iter"], gap.clip(lo, hi), "-", color=c, lw=1, label=label)
+    for side, out in ((lo, gap < lo), (hi, gap > hi)):  # cut values: a triangle on the edge
+        if out.any():
+            ax[0, 0].plot(df["iter"][out], np.full(int(out.sum()), side), "v" if side == lo else "^", color=c, ms=4)
+    floored = False
+    if "grid_gap" in df and df["grid_gap"].notna().any():
+        g = df.dropna(subset=["grid_gap"])
+        floored = bool((g["grid_gap"].abs() < GRID_GAP_FLOOR).any())
+        ax[0, 1].plot(g["iter"], g["grid_gap"].abs().clip(lower=GRID_GAP_FLOOR), "-", color=c, lw=1, label=label)
+        if "grid_gap_max" in cfg:
+            ax[0, 1].axhline(float(cfg["grid_gap_max"]), color=c, ls=":", lw=1)
+    ax[1, 0].plot(df["iter"], df["val_mmd"], "-", color=c, lw=1, label=label)
+    ax[1, 1].plot(df["iter"], df["lr"], "-", color=c, lw=1, label=label)
+    flagged = "grid_exploited" in df and bool((df["grid_exploited"] == 1).any())
+    if flagged:
+        first = df.loc[df["grid_exploited"] == 1, "iter"].iloc[0]
+        for a in ax.flat:
+            a.axvline(first, color=c, ls="--", lw=0.8)
+    return flagged, floored
 
 
 def main(argv=None):

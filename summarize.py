@@ -42,6 +42,7 @@ import experiment as ex
 
 
 def build_parser():
+    """summarize.py's flags (bad ones: one line, exit code 2)."""
     p = ex.OneLineParser(prog="summarize.py",
                          description="Aggregate a sweep into statistics over seeds, tables and figures.")
     p.add_argument("folder", help="a sweep folder, or any folder holding run folders")
@@ -239,6 +240,7 @@ def pointwise_difference(pairs):
 
 
 def status_counts(statuses):
+    """'2 completed, 1 diverged': how many runs ended in each status (its first word)."""
     counts = pd.Series([s.split()[0] for s in statuses]).value_counts()
     return ", ".join(f"{n} {s}" for s, n in counts.items())
 
@@ -288,6 +290,7 @@ TARGET_SAMPLES = 1_000_000  # the target panel: a histogram of this many data po
 
 
 def column_label(r):
+    """An overview column's header: precision · scaler, then the solver."""
     return f"{r.precision} · {r.scaler}\n{r.solver}"
 
 
@@ -377,6 +380,7 @@ def overview_caption(cells):
 
 
 def write_overview(cells, runs, out):
+    """overview.png and overview.pdf of the cells into ``out`` (``plots.plot_overview``)."""
     datasets, columns, panels = overview_panels(cells, runs)
     plots.plot_overview(datasets, columns, panels, os.path.join(out, "overview.png"), os.path.join(out, "overview.pdf"),
                         caption=overview_caption(cells))

@@ -214,3 +214,21 @@ def test_an_experiment_page_is_dated_and_opens_with_its_command(path):
     assert lines[0].startswith("# "), f"{name}: the first line is its title"
     assert lines[1].strip() == "```bash", f"{name}: the title is followed by its command in a ```bash block"
     assert lines[2].strip() and not lines[2].startswith("```"), f"{name}: the command block is empty"
+
+
+ENTRY_POINTS = ("cnf.py", "summarize.py", "bench.py", "plots.py", "metrics.py", "density.py", "tools/kernel_sweep.py",
+                "tools/warm_kernels.py", "tools/kernel_report.py", "tools/run_report.py")
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS)
+def test_entry_points_document_their_public_functions(path):
+    """Every entry point opens with a docstring, and so does each of its public functions and
+    classes (a newcomer reads these first)."""
+    import ast
+
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    assert ast.get_docstring(tree), f"{path} has no module docstring"
+    bare = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+            and not n.name.startswith("_") and not ast.get_docstring(n)]
+    assert not bare, f"{path}: public functions without a docstring: {bare}"

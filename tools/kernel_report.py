@@ -92,6 +92,7 @@ def compile_check(capability=90, out=print, blocks=None, warps=None, pad_rows=Fa
 
 
 def main(argv=None):
+    """Compile-check every variant for one GPU architecture and print its report; 2 for bad input."""
     p = OneLineParser(prog="python -m tools.kernel_report",
                       description="Compile-check the fused kernels for a GPU architecture (no GPU needed).")
     p.add_argument("--compile", type=int, default=90, metavar="SM", help="compute capability, e.g. 90 for H100/H200")

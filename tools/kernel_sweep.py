@@ -181,6 +181,7 @@ def _timed_row(cnf_kernels, device, cfg, precision, kernel, settings, spec, ref,
 
 
 def main(argv=None):
+    """Parse the parts and the device, then run the sweep. Exit 0, or 2 for bad input."""
     from experiment import OneLineParser  # errors: one line, exit 2
 
     p = OneLineParser(prog="python -m tools.kernel_sweep", description=__doc__.split("\n")[0])

@@ -53,6 +53,7 @@ def report(run, expect_backend=None):
 
 
 def main(argv=None):
+    """Print the line on a run; exit 0 (fine), 1 (did not complete, or another backend), 2 (no run)."""
     p = ex.OneLineParser(prog="python -m tools.run_report", description=__doc__.split("\n")[0])
     p.add_argument("path", help="a cnf.py run folder, or a --results_dir holding one")
     p.add_argument("--expect-backend", default=None, choices=("triton", "torch"),

@@ -85,6 +85,7 @@ def _worker(job):
 
 
 def main(argv=None):
+    """Compile every variant in parallel processes; exit 1 if one failed, 2 for bad input."""
     from experiment import OneLineParser  # errors: one line, exit 2
 
     p = OneLineParser(prog="python -m tools.warm_kernels", description=__doc__.split("\n")[0])

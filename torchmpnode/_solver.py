@@ -157,10 +157,7 @@ def solve_backward(pb, t, sol, grads, need_t):
     gt = torch.zeros_like(t) if need_t else None
     scaler, per_sample = pb.scaler, _numel_per_sample(a)
     if scaler is not None:
-        amax = max(float(host_read(x.abs().max())) if x.numel() else 0.0 for x in a)
-        if amax == 0.0:
-            amax = max(float(host_read(g.abs().max())) if g.numel() else 0.0 for g in grads)
-        scaler.anchor(amax, per_sample)
+        _anchor(scaler, a, grads, per_sample)
     use_grid = pb.grid and not need_t
     if use_grid:
         with torch.enable_grad(), pb.autocast_ctx():
@@ -206,6 +203,15 @@ def solve_backward(pb, t, sol, grads, need_t):
     if use_grid and pb.params:
         gparams = _grid_params_backward(pb, P, dP)
     return a, gparams, gt
+
+
+def _anchor(scaler, a, grads, per_sample):
+    """Anchor the scale on the adjoint entering the sweep (on the incoming gradients where
+    that adjoint is zero: a loss that reads only earlier grid points)."""
+    amax = max(float(host_read(x.abs().max())) if x.numel() else 0.0 for x in a)
+    if amax == 0.0:
+        amax = max(float(host_read(g.abs().max())) if g.numel() else 0.0 for g in grads)
+    scaler.anchor(amax, per_sample)
 
 
 def _solve_backward_fused(pb, sol, grads):
