@@ -43,16 +43,27 @@ def usable_cores():
     return max(1, cores)
 
 
-def _core_times():
-    """{core: (all ticks, idle ticks)} from /proc/stat's per-core lines."""
+def core_times(stat_text):
+    """{core: (all ticks, idle ticks)} from the per-core lines of /proc/stat's text; idle is
+    the idle and iowait columns (the 4th and 5th), all sums the first eight."""
     out = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *ticks = line.split()
-                ticks = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
-                out[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
+    for line in stat_text.splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *ticks = line.split()
+            ticks = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
+            out[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
     return out
+
+
+def idle_between(before, after, cores):
+    """The idle cores among ``cores`` between two ``core_times``: the sum of their idle shares
+    (a core without a tick in between counts as idle)."""
+    total = 0.0
+    for core in cores:
+        if core in before and core in after:
+            ticks = after[core][0] - before[core][0]
+            total += (after[core][1] - before[core][1]) / ticks if ticks > 0 else 1.0
+    return total
 
 
 def idle_cores(window=IDLE_WINDOW):
@@ -60,18 +71,15 @@ def idle_cores(window=IDLE_WINDOW):
     of their idle shares), or None where /proc/stat cannot be read (not Linux). The process
     sleeps meanwhile, so only other work counts as busy."""
     try:
-        before = _core_times()
+        with open("/proc/stat") as f:
+            before = core_times(f.read())
         time.sleep(window)
-        after = _core_times()
+        with open("/proc/stat") as f:
+            after = core_times(f.read())
     except (OSError, ValueError, IndexError):
         return None
     mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(before)
-    total = 0.0
-    for core in mine:
-        if core in before and core in after:
-            ticks = after[core][0] - before[core][0]
-            total += (after[core][1] - before[core][1]) / ticks if ticks > 0 else 1.0
-    return total
+    return idle_between(before, after, mine)
 
 
 def default_threads():

@@ -4,8 +4,9 @@
   for bit however the machine's default would choose;
 - a full disk is an outcome: real small filesystems (tmpfs, mounted as root, as in CI; without
   root these skip, and REQUIRE_TMPFS=1 turns the skip into a failure);
-- Ctrl-C at any moment, bad flags before torch loads, plots.py --compare misused, local CPU
-  sweeps without tfloat32, and summaries over fewer than three seeds marked indicative.
+- Ctrl-C at any moment, bad flags before torch loads, plots.py --compare misused, and local
+  CPU sweeps without tfloat32. (Summaries over fewer than three seeds marked indicative:
+  tests/test_summary_stats.py.)
 """
 import contextlib
 import glob
@@ -15,17 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import imageio.v2 as imageio
-import numpy as np
 import pandas as pd
 import pytest
 
 import experiment as ex
-import plots
-import summarize
-import tables
 from test_cnf import TINY, run_dirs, run_subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,6 +110,22 @@ def test_thread_choice_order_and_cap(monkeypatch):
     assert runtime.choose_threads(None, env={})[0] == 1  # at least one
     monkeypatch.setattr(runtime, "idle_cores", lambda window=0: None)
     assert runtime.choose_threads(None, env={})[0] == 2  # no /proc/stat: one per core
+
+
+def test_idle_cores_from_proc_stat():
+    """The idle count reads /proc/stat's idle and iowait columns per core: core 0 idle for 90 of
+    100 ticks, core 1 for 5 of 100 (busy with user and system time), core 2 not ours."""
+    import runtime
+
+    before = runtime.core_times("cpu  1 2 3 4 5 6 7 8 0 0\n"
+                                "cpu0 100 0 50 1000 10 0 0 0 0 0\ncpu1 500 5 100 20 0 0 0 0 0 0\n"
+                                "cpu2 0 0 0 0 0 0 0 0 0 0\nintr 12345\n")
+    after = runtime.core_times("cpu  9 9 9 9 9 9 9 9 0 0\n"
+                               "cpu0 105 0 55 1080 20 0 0 0 0 0\ncpu1 580 5 115 25 0 0 0 0 0 0\n"
+                               "cpu2 0 0 0 500 0 0 0 0 0 0\n")
+    assert before[0] == (1160, 1010) and before[1] == (625, 20)
+    assert runtime.idle_between(before, after, {0, 1}) == pytest.approx(0.9 + 0.05)
+    assert runtime.idle_between(before, after, {0}) == pytest.approx(0.9)
 
 
 def test_idle_cores_sees_a_busy_core():
@@ -318,40 +330,3 @@ def test_a_local_cpu_sweep_skips_tfloat32(tmp_path):
     alone = subprocess.run(["bash", "run_cnf.sh", "--local", "--dry-run", "--precisions", "tfloat32"],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert alone.returncode == 2 and "nothing left to run" in alone.stderr
-
-
-def _cell_runs(seeds, data="moons"):
-    """A runs table for summarize.cell_table: float32 and float16 cells of one solver, one run per seed."""
-    rows = []
-    for precision, scaler, shift in (("float32", "none", 0.0), ("float16", "dynamic", 0.01)):
-        for seed in seeds:
-            rows.append(dict(data=data, solver="torchmpnode", precision=precision, scaler=scaler, seed=seed,
-                             status="completed", iter=100, test_nll=2.5 + shift + 0.003 * seed, test_nll_se=0.01,
-                             test_gap=0.1, val_nll=2.6, val_nll_se=0.03, nll_gap=0.2, val_nll_exact=2.6, disc_gap=0.0,
-                             val_mmd=1e-3, test_mmd=1e-4, test_mmd_se=1e-4, ms_fwd=10.0, ms_bwd=20.0, ms_iter=30.0,
-                             peak_mb=100.0, overflow_steps=0, grid_exploited=float("nan"),
-                             run=f"/nowhere/{uuid.uuid4()}", used=True))
-    return pd.DataFrame(rows)
-
-
-def test_intervals_over_fewer_than_three_seeds_are_marked_indicative(tmp_path):
-    """Two seed pairs give an interval with a t quantile of 12.7: the tables and the figure mark it
-    indicative, and only then; three pairs are not marked."""
-    for seeds, marked in (((0, 1), True), ((0, 1, 2), False)):
-        runs = _cell_runs(seeds)
-        cells = summarize.cell_table(runs)
-        row = cells[cells["precision"] == "float16"].iloc[0]
-        assert row["pairs"] == len(seeds) and bool(row["indicative"]) == marked
-        md = tables.to_markdown(cells, runs)
-        tex = tables.to_latex(cells)
-        assert ("*indicative*" in md) == marked and (tables.INDICATIVE_MARK in tex) == marked
-        assert ("indicative only" in tables.tex_caption(cells)) == marked
-        labels = plots.paired_labels(cells[cells["data"] == "moons"].reset_index(drop=True))
-        assert any("indicative" in label for label in labels) == marked
-        out = tmp_path / f"summary_{len(seeds)}.png"
-        plots.plot_summary(cells, runs, {r: pd.DataFrame({"iter": [50, 100], "val_loss": [2.7, 2.6]})
-                                         for r in runs["run"]}, str(out))
-        assert out.stat().st_size > 10000
-    one = summarize.cell_table(_cell_runs((0,)))
-    assert not one["indicative"].any()  # one seed: no interval at all, nothing to mark
-

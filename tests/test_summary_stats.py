@@ -3,13 +3,16 @@ seeds, the Student-t interval of paired differences, the point-by-point standard
 which of several runs of one seed enters them. Fast: no sweep runs here (test_sweeps.py runs
 the whole pipeline)."""
 import math
+import uuid
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import experiment as ex
+import plots
 import summarize
+import tables
 
 
 def test_mean_and_sample_sd_of_the_finite_values():
@@ -80,8 +83,6 @@ def test_duplicate_runs_keep_the_newest_completed_one():
 def _full_runs(rows):
     """A runs table with every column cell_table reads; ``rows``: (seed, status, grid flag
     iteration or NaN, used)."""
-    import uuid
-
     cell = dict(data="checkerboard", solver="torchmpnode", precision="float16", scaler="dynamic")
     out = []
     for seed, status, flag, used in rows:
@@ -112,3 +113,41 @@ def test_the_grid_mark_counts_only_the_seeds_in_the_statistics():
     assert cells["grid_exploited"].tolist() == [1]
     assert tables.FLAG_MARK in tables.to_latex(cells) and "‡" in summarize.overview_marks(cells.iloc[0])
     assert "grid\\_exploited" in tables.tex_caption(cells)
+
+
+def _cell_runs(seeds, data="moons"):
+    """A runs table for summarize.cell_table: float32 and float16 cells of one solver, one run per seed."""
+    rows = []
+    for precision, scaler, shift in (("float32", "none", 0.0), ("float16", "dynamic", 0.01)):
+        for seed in seeds:
+            rows.append(dict(data=data, solver="torchmpnode", precision=precision, scaler=scaler, seed=seed,
+                             status="completed", iter=100, test_nll=2.5 + shift + 0.003 * seed, test_nll_se=0.01,
+                             test_gap=0.1, val_nll=2.6, val_nll_se=0.03, nll_gap=0.2, val_nll_exact=2.6, disc_gap=0.0,
+                             val_mmd=1e-3, test_mmd=1e-4, test_mmd_se=1e-4, ms_fwd=10.0, ms_bwd=20.0, ms_iter=30.0,
+                             peak_mb=100.0, overflow_steps=0, grid_exploited=float("nan"),
+                             run=f"/nowhere/{uuid.uuid4()}", used=True))
+    return pd.DataFrame(rows)
+
+
+def test_intervals_over_fewer_than_three_seeds_are_marked_indicative(tmp_path):
+    """Two seed pairs give an interval with a t quantile of 12.7: the tables and the figure mark it
+    indicative, and only then; three pairs are not marked."""
+    for seeds, marked in (((0, 1), True), ((0, 1, 2), False)):
+        runs = _cell_runs(seeds)
+        cells = summarize.cell_table(runs)
+        row = cells[cells["precision"] == "float16"].iloc[0]
+        assert row["pairs"] == len(seeds) and bool(row["indicative"]) == marked
+        md = tables.to_markdown(cells, runs)
+        tex = tables.to_latex(cells)
+        (row_line,) = [ln for ln in tex.splitlines() if ln.startswith("float16 &")]  # the float16 cell's row
+        assert ("*indicative*" in md) == marked and (tables.INDICATIVE_MARK in row_line) == marked
+        assert ("indicative only" in tables.tex_caption(cells)) == marked
+        labels = plots.paired_labels(cells[cells["data"] == "moons"].reset_index(drop=True))
+        assert any("indicative" in label for label in labels) == marked
+        out = tmp_path / f"summary_{len(seeds)}.png"
+        plots.plot_summary(cells, runs, {r: pd.DataFrame({"iter": [50, 100], "val_loss": [2.7, 2.6]})
+                                         for r in runs["run"]}, str(out))
+        assert out.stat().st_size > 10000
+    one = summarize.cell_table(_cell_runs((0,)))
+    assert not one["indicative"].any()  # one seed: no interval at all, nothing to mark
+
