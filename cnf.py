@@ -309,11 +309,10 @@ def main(argv=None):
             return _disk_full(e, run, args, created)
 
 
-def train(args, run, state, backend_note="", stop=None, threads=("", "")):
+def train(args, run, state, backend_note, stop, threads):
     """One run in its folder: start (or resume) it, loop, end it. Returns the exit code.
     ``stop``: the StopSignals whose request ends the run cleanly (exit 4); ``threads``:
     (how the thread count was chosen, a note for the log or '')."""
-    stop = stop or ex.StopSignals()
     device = torch.device(args.device)
     config = {k: v for k, v in vars(args).items() if k != "resume"}
     tuned = runtime.configure(args.threads)
@@ -370,9 +369,8 @@ def _start(tr, run, state, config):
         # the log keeps every segment's
         ex.write_args(run, config, {**meta, "resumed_at_iter": tr.iter})
         log = ex.RunLog(run.log)
-        if not os.path.isfile(run.file(ex.SCRIPT)) or not os.path.isdir(run.file("code")):
-            ex.snapshot_code(run)  # its first segment stopped before writing them (a full disk, say)
-            log.print(f"# {ex.SCRIPT} and code/ were missing: written from the kit as it is now")
+        if ex.snapshot_code(run):  # its first segment stopped before writing them (a full disk, say)
+            log.print(f"# {ex.SCRIPT} or code/ was missing: written from the kit as it is now")
         log.print(f"# resumed {run.name} at iteration {tr.iter} (to {a.niters})")
     log.print("config: " + " ".join(f"--{k} {v}" for k, v in sorted(config.items())))
     return log, rows, [tr.iter]
@@ -510,16 +508,20 @@ class Ending:
         if stop.received:
             return self.interrupted(stop.received)
         figures = plots.csv_figures(run.path) if self.rows else {}
+        undrawn = []  # flow frames that could not even be drawn in memory
         if a.viz:
-            figures.update(self._flow_frames())
+            frames = self._flow_frames()
+            if frames is None:
+                undrawn = [plots.frame_name(k) for k in range(a.viz_timesteps)] + [plots.GIF]
+            else:
+                figures.update(frames)
         reason = f"trained {a.niters} iterations"
-        self._status("completed", reason, models, missing_figures=list(figures))  # until they are drawn
-        missing = self._figures(figures)
-        if missing is not None:
-            try:  # the figures it could draw no longer count as missing
-                self._status("completed", reason, models, missing_figures=missing)
-            except ex.DiskFull:
-                pass  # status.json keeps listing them all: never more drawn than it says
+        self._status("completed", reason, models, missing_figures=[*figures, *undrawn])  # until they are drawn
+        missing = self._figures(figures) + undrawn
+        try:  # the figures it could draw no longer count as missing
+            self._status("completed", reason, models, missing_figures=missing)
+        except ex.DiskFull:
+            pass  # status.json keeps listing them all: never more drawn than it says
         if missing and self.disk_full:
             self._close("completed", reason + _missing_note(missing, run), ex.EXIT_OK)
             sys.stderr.write(f"cnf.py: disk full while drawing the figures: {self.disk_full.line()}; the run is "
@@ -548,20 +550,16 @@ class Ending:
 
     def _flow_frames(self):
         """{file name: write} of the flow frames and the GIF, drawn in memory first (one solve
-        each way); a drawing that fails leaves them all missing, with the reason in the log."""
-        tr, a = self.tr, self.tr.args
+        each way); None, with the reason in the log, when they cannot be drawn."""
+        tr = self.tr
         try:
-            target, snaps = density.flow_arrays(tr.cnf, tr.integ, vars(a), tr.device)
+            target, snaps = density.flow_arrays(tr.cnf, tr.integ, vars(tr.args), tr.device)
             files = plots.flow_frames(target, snaps)
         except Exception as e:  # optional, like every figure: the run's numbers are already written
-            names = [plots.frame_name(k) for k in range(a.viz_timesteps)] + [plots.GIF]
-            return {n: functools.partial(_raise, e) for n in names}
+            self.log.print(f"the flow frames failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return None
         self.log.print(f"drawing {len(files) - 1} frames and {plots.GIF}")
         return {name: functools.partial(ex.atomic_write, self.run.file(name), data) for name, data in files.items()}
-
-
-def _raise(e):
-    raise e
 
 
 def _names(missing):

@@ -108,18 +108,18 @@ def atomic_write(path, data):
 
 
 def atomic_copytree(files, dest):
-    """Write ``files`` ({relative path: bytes}) as the folder ``dest``: into a temporary
-    sibling folder, then one rename, so ``dest`` is complete or absent. On failure the
-    temporary folder is removed (a full disk raises ``DiskFull``)."""
+    """Write ``files`` ({relative path: bytes}) as the new folder ``dest``: into a temporary
+    sibling folder, each file fsynced, then one rename, so ``dest`` is complete or absent. On
+    failure the temporary folder is removed (a full disk raises ``DiskFull``)."""
     tmp = f"{dest.rstrip(os.sep)}.tmp-{os.getpid()}"
     try:
         for rel, data in files.items():
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             with open(os.path.join(tmp, rel), "wb") as f:
                 f.write(data)
-        if os.path.isdir(dest):
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, dest)  # never over an existing folder: the code that ran is not replaced
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e) and not isinstance(e, DiskFull):
@@ -392,10 +392,18 @@ def kit_sources():
 def snapshot_code(run):
     """Record the code that ran: the kit's ``cnf.py`` at the top of the run folder (byte
     for byte), and every other kit source file this process has loaded in ``run/code/``,
-    at its path in the kit. Both are written atomically (code/ as one folder rename)."""
-    with open(os.path.join(KIT_DIR, SCRIPT), "rb") as f:
-        atomic_write(run.file(SCRIPT), f.read())
-    atomic_copytree({rel: data for rel, data in sorted(kit_sources().items()) if rel != SCRIPT}, run.file("code"))
+    at its path in the kit. Both are written atomically (code/ as one folder rename), and
+    only where missing: a resume never replaces what its first segment recorded. Returns
+    whether anything was written."""
+    wrote = False
+    if not os.path.isfile(run.file(SCRIPT)):
+        with open(os.path.join(KIT_DIR, SCRIPT), "rb") as f:
+            atomic_write(run.file(SCRIPT), f.read())
+        wrote = True
+    if not os.path.isdir(run.file("code")):
+        atomic_copytree({rel: data for rel, data in sorted(kit_sources().items()) if rel != SCRIPT}, run.file("code"))
+        wrote = True
+    return wrote
 
 
 def folder_bytes(path):

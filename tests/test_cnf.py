@@ -389,3 +389,18 @@ def test_a_renamed_run_folder_keeps_its_history(tmp_path):
     after = pd.read_csv(run.csv)
     assert list(after["iter"]) == [2, 4, 6, 8] and list(before["iter"]) == [2, 4]
     assert "# resumed renamed_by_hand at iteration 4" in open(run.log).read()
+
+
+def test_a_resume_keeps_the_code_its_run_started_with(tmp_path):
+    """code/ and cnf.py record the code a run started with: a resume leaves them as they are
+    (here marked by hand), and writes only what is missing."""
+    code, folder = run_inprocess(tmp_path, "--no-viz", "--niters", "2")
+    assert code == 0
+    model = os.path.join(folder, "code", "model.py")
+    with open(model, "a") as f:
+        f.write("# the first segment's\n")
+    os.remove(os.path.join(folder, "cnf.py"))
+    assert cnf.main(["--resume", folder, "--niters", "4"]) == 0
+    assert open(model).read().endswith("# the first segment's\n")
+    assert open(os.path.join(folder, "cnf.py"), "rb").read() == open(os.path.join(ROOT, "cnf.py"), "rb").read()
+    assert "cnf.py or code/ was missing" in open(ex.RunDir(folder).log).read()

@@ -154,11 +154,13 @@ def kernel_sweep(device, cfg, out=print, parts=PARTS, precompile=None):
                     slowest_first = sorted(mine, key=lambda c: (-c[2].get("block", 0), c[2].get("warps", 0)))
                     list(pool.map(_compile_choice, [(str(device), cfg_items, p, k, s) for p, k, s in slowest_first]))
             for _, kernel, settings in mine:
-                out(_timed_row(cnf_kernels, device, cfg, precision, kernel, settings, spec, ref, fwd, bwd, timed))
+                out(_timed_row(device, cfg, precision, kernel, settings, spec, ref, fwd, bwd, timed))
 
 
-def _timed_row(cnf_kernels, device, cfg, precision, kernel, settings, spec, ref, fwd, bwd, timed):
+def _timed_row(device, cfg, precision, kernel, settings, spec, ref, fwd, bwd, timed):
     """One choice: run it, compare with the defaults' results, time it; its table row."""
+    import cnf_kernels
+
     with cnf_kernels.launch_settings(kernel, **settings) as launch:
         slot = kernel == "backward"
         block, warps = launch.blocks[device.type][slot], launch.warps[slot]
