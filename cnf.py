@@ -12,18 +12,25 @@ Exit codes (docs/cli.md): 0 completed, 2 bad input, 3 diverged, 4 interrupted
 (SIGTERM/SIGINT/SIGUSR1; resumable), 5 stopped by ``--on_grid_exploit stop``, 6 disk full
 or over quota (nothing lost; resumable), 130 Ctrl-C before the run folder existed.
 """
-import argparse
-import functools
-import math
-import os
-import re
-import sys
+import experiment as ex  # light (no torch, no numpy): the stop signals are caught before anything slow
+import runtime
 
-import choices
-import experiment as ex
-import schedule
-import toy_data
-from torchmpnode import METHODS  # plain data: the package loads its solver (and torch) on first use
+INTERRUPTED_EARLY = "interrupted before the run started; nothing was written"
+if __name__ == "__main__":  # a stop signal from the first line on is answered, never lost (runtime.StopSignals)
+    runtime.StopSignals(f"cnf.py: {INTERRUPTED_EARLY}", ex.EXIT_CTRL_C).install()
+    ex.quiet_exits("cnf.py", interrupted=INTERRUPTED_EARLY, signals=False)
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import choices  # noqa: E402
+import schedule  # noqa: E402
+import toy_data  # noqa: E402
+from torchmpnode import METHODS  # noqa: E402  (plain data: the package loads torch on first use)
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
@@ -174,7 +181,6 @@ def parse(argv):
 
 
 if __name__ == "__main__":
-    ex.quiet_exits("cnf.py", interrupted="interrupted before the run started; nothing was written")
     parse(sys.argv[1:])  # a bad flag or --help is answered now, before torch loads; main() parses again
 
 import torch  # noqa: E402  (after the flags are checked)
@@ -182,7 +188,6 @@ import torch  # noqa: E402  (after the flags are checked)
 import density  # noqa: E402
 import metrics  # noqa: E402
 import plots  # noqa: E402
-import runtime  # noqa: E402
 from model import resolve_backend  # noqa: E402
 from precision import autocast_dtype  # noqa: E402
 from trainer import Trainer  # noqa: E402
@@ -278,7 +283,10 @@ def main(argv=None):
     # a run that may resume takes its config (width, precision, ...) from its checkpoint:
     # the kernels' self-test (a compile on a GPU) waits for that config
     deferred = args.resume is not None or args.run_dir is not None
-    with ex.StopSignals() as stop:  # from here on Ctrl-C is a request: the run ends cleanly
+    with runtime.StopSignals() as stop:  # from here on a stop signal is a request: the run ends cleanly
+        if stop.received:  # taken by an outer StopSignals (cnf.py as a script exits at once instead)
+            sys.stderr.write(f"cnf.py: {INTERRUPTED_EARLY}\n")
+            return ex.EXIT_CTRL_C
         try:
             backend_note = resolve_machine(args, self_test=not deferred)
             explicit = explicit_flags(argv)
@@ -296,7 +304,7 @@ def main(argv=None):
         args.threads, how, note = runtime.choose_threads(args.threads if "threads" in explicit else None, previous)
         threads = (f"{args.threads} ({how})", note)
         if stop.received:
-            sys.stderr.write("cnf.py: interrupted before the run started; nothing was written\n")
+            sys.stderr.write(f"cnf.py: {INTERRUPTED_EARLY}\n")
             return ex.EXIT_CTRL_C
         created = run is None or not os.path.isdir(run.path)
         if run is None:
@@ -517,11 +525,14 @@ class Ending:
                 figures.update(frames)
         reason = f"trained {a.niters} iterations"
         self._status("completed", reason, models, missing_figures=[*figures, *undrawn])  # until they are drawn
-        missing = self._figures(figures) + undrawn
+        missing = self._figures(figures, stop) + undrawn
         try:  # the figures it could draw no longer count as missing
             self._status("completed", reason, models, missing_figures=missing)
         except ex.DiskFull:
             pass  # status.json keeps listing them all: never more drawn than it says
+        if stop.received:  # the run is completed; the figures it did not draw are listed, and a resume draws them
+            return self._close("completed", f"{reason}; {stop.received} while drawing the figures"
+                               + _missing_note(missing, run), ex.EXIT_INTERRUPTED)
         if missing and self.disk_full:
             self._close("completed", reason + _missing_note(missing, run), ex.EXIT_OK)
             sys.stderr.write(f"cnf.py: disk full while drawing the figures: {self.disk_full.line()}; the run is "
@@ -530,12 +541,12 @@ class Ending:
             return ex.EXIT_DISK_FULL
         return self._close("completed", reason + _missing_note(missing, run), ex.EXIT_OK)
 
-    def _figures(self, figures):
+    def _figures(self, figures, stop=None):
         """Draw each figure ({name: draw}); returns the names not drawn. After a full disk the
-        rest are not tried (they would fail the same way)."""
+        rest are not tried (they would fail the same way), nor after a stop signal."""
         missing = []
         for name, draw in figures.items():
-            if self.disk_full is not None:
+            if self.disk_full is not None or (stop is not None and stop.received):
                 missing.append(name)
                 continue
             try:

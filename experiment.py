@@ -27,8 +27,6 @@ import time
 import warnings
 import zipfile
 
-from tqdm import tqdm
-
 # Exit codes of cnf.py (the other entry points use 0, 1, 2, 6 and 130 the same way).
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_GRID_EXPLOITED = 0, 2, 3, 4, 5
 EXIT_DISK_FULL = 6  # ENOSPC or EDQUOT: what could not be written is named; nothing written before is lost
@@ -301,6 +299,8 @@ class RunLog:
             raise
 
     def print(self, *parts):
+        from tqdm import tqdm  # here, not at the top: the entry points import this module before torch
+
         msg = " ".join(str(p) for p in parts)
         tqdm.write(msg)
         self._guard(lambda: self.file.write(msg + "\n"), len(msg) + 1)
@@ -430,12 +430,18 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def quiet_exits(prog, interrupted="interrupted; nothing half written was left"):
+def quiet_exits(prog, interrupted="interrupted; nothing half written was left", signals=True):
     """How an entry point ends on Ctrl-C or a full disk: one line on stderr and a documented
     exit code, never a traceback. Ctrl-C (KeyboardInterrupt reaching the top): ``interrupted``
     and exit code 130; ENOSPC/EDQUOT: what could not be written and exit code 6. Every other
     error keeps Python's traceback (it is a bug to report). Call it first thing under
-    ``if __name__ == "__main__":``, before the heavy imports, so it covers them too."""
+    ``if __name__ == "__main__":``, before the heavy imports, so it covers them too.
+
+    ``signals``: SIGINT and SIGTERM raise KeyboardInterrupt whatever the process inherited
+    (a background job of a non-interactive shell starts with SIGINT ignored; SIGTERM's
+    default kills before any clean-up), so both end the same way: the temporary file of an
+    atomic write in progress removed, one line, exit code 130. cnf.py passes False: its
+    runtime.StopSignals has them from its first line."""
     default = sys.excepthook
 
     def hook(kind, value, tb):
@@ -453,29 +459,10 @@ def quiet_exits(prog, interrupted="interrupted; nothing half written was left"):
         os._exit(code)
 
     sys.excepthook = hook
+    if signals:
+        for name in ("SIGINT", "SIGTERM"):
+            signal.signal(getattr(signal, name), _raise_interrupt)
 
 
-class StopSignals:
-    """SIGTERM, SIGINT and SIGUSR1 set ``received`` instead of killing the process,
-    so training can finish its iteration, checkpoint and exit cleanly."""
-
-    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
-
-    def __init__(self):
-        self.received = None
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self):
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -16,11 +16,19 @@ never do.
 - Denormal floats (from s(1-s) products near saturation) are slow on x86;
   flushing them to zero changes nothing measurable in float32 training.
 
-The thread choice needs no torch; ``configure`` imports it.
+- Stop signals. SIGTERM, SIGINT and SIGUSR1 are requests a run answers at its next safe
+  point (``StopSignals``), from the first line of ``cnf.py`` on: a handler installed only
+  once set-up is done leaves a window in which a signal is lost, not merely early. A
+  process started as a background job of a non-interactive shell inherits SIGINT ignored,
+  and Python then installs no KeyboardInterrupt for it: a Ctrl-C (or a test's SIGINT)
+  during the imports did nothing, and the run trained on for hours.
+
+The thread choice and the signals need no torch; ``configure`` imports it.
 """
 import ctypes
 import math
 import os
+import signal
 import sys
 import time
 
@@ -136,3 +144,50 @@ def configure(threads=None):
     if torch.set_flush_denormal(True):
         done.append("denormals flushed")
     return ", ".join(done)
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 as stop requests, whatever the process inherited (an
+    ignored SIGINT included): ``received`` names the first one, and the run stops at its
+    next safe point.
+
+    ``exit_line`` and ``exit_code``: until the run has anything to keep (imports, parsing), a
+    signal ends the process at once with that line on stderr and that code; a slow import is
+    not waited for, and no library's ``except:`` can swallow it. Used as a context: inside, a nested
+    ``StopSignals`` takes over (its handlers go in first, then it takes the outer one's
+    request, so none falls between the two), and on leaving it puts the outer ones back."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+    _active = []  # the installed instances, innermost last
+
+    def __init__(self, exit_line=None, exit_code=None):
+        self.received = None
+        self.exit_line, self.exit_code = exit_line, exit_code
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+        if self.exit_line is not None:
+            os.write(2, (self.exit_line + "\n").encode())
+            os._exit(self.exit_code)
+
+    def __enter__(self):
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._old[sig] = signal.signal(sig, self._handle)
+        if self._active and self.received is None:
+            self.received = self._active[-1].received
+        self._active.append(self)
+        return self
+
+    def install(self):
+        """``__enter__`` for a process's lifetime: the start of an entry point."""
+        return self.__enter__()
+
+    def __exit__(self, *exc):
+        self._active.remove(self)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
