@@ -142,12 +142,13 @@ class CNF(nn.Module):
         return f, -tr, -kin, -jac
 
 
-def resolve_backend(name, device, odeint="torchmpnode", trace="exact", probe=None, regularized=False):
+def resolve_backend(name, device, odeint="torchmpnode", trace="exact", probe=None, regularized=False, method="rk4"):
     """The backend a run uses, and a note for its log.
 
     'auto' is 'triton' on CUDA when the fused kernels can run there (triton
-    imports, the GPU is recent enough, torchmpnode with the exact trace, no
-    ``regularized`` penalties), else 'torch'. With ``probe`` (keyword arguments of ``fused_self_test``: the
+    imports, the GPU is recent enough, torchmpnode with the exact trace, a
+    ``method`` the kernels fuse (classical rk4, euler), no ``regularized``
+    penalties), else 'torch'. With ``probe`` (keyword arguments of ``fused_self_test``: the
     run's width, method, low precision and scaling) the kernels must also pass
     their self-test on this machine. An explicit 'triton' that cannot run
     raises a one-line ValueError; 'auto' falls back to 'torch' and says why.
@@ -172,6 +173,12 @@ def resolve_backend(name, device, odeint="torchmpnode", trace="exact", probe=Non
         return "torch", f"backend auto -> torch: the triton backend does not apply ({misfit})"
     import cnf_kernels  # imports triton, which only the triton backend needs
 
+    if method not in cnf_kernels.METHOD_CODES:
+        fused = ", ".join(f"classical {m}" if m == "rk4" else m for m in cnf_kernels.METHOD_CODES)
+        misfit = f"it fuses {fused}, not --method {method}"
+        if name == "triton":
+            raise ValueError(f"--backend triton: {misfit}")
+        return "torch", f"backend auto -> torch: the triton backend does not apply ({misfit})"
     reason = cnf_kernels.unavailable_reason(device)
     if reason is None and probe is not None:
         reason = fused_self_test(device, **probe)
@@ -214,10 +221,18 @@ def fused_self_test(device, width, method="rk4", low=None, scaled=False, hidden=
     return None
 
 
+# torchdiffeq's name of a torchmpnode scheme where they differ: its fixed-grid 'rk4' is the 3/8 rule
+# (tests/test_torchdiffeq_port.py checks them equal in float64). Classical RK4 has no fixed-grid twin there.
+TORCHDIFFEQ_METHOD = {"rk4_38": "rk4"}
+
+
 class Integrator:
     """Which solver and grid every solve of a run uses.
 
-    ``odeint``: 'torchmpnode' or 'torchdiffeq'; ``method``: 'rk4' or 'euler';
+    ``odeint``: 'torchmpnode' or 'torchdiffeq'; ``method``: a name of torchmpnode's METHODS
+    (euler, rk4 (classical), midpoint, rk4_38 (Kutta's 3/8 rule)); torchdiffeq gets its own
+    name for the scheme (``TORCHDIFFEQ_METHOD``), and its fixed-grid 'rk4' is the 3/8 rule, so
+    'rk4' means two schemes there and rk4_38 the same one for both solvers;
     ``num_timesteps``: grid points from t=0 to t=1; ``loss_scaler``: for
     torchmpnode (None auto, False off, or a DynamicScaler); ``adjoint``:
     torchdiffeq's adjoint method; ``tol``: rtol = atol for torchdiffeq's
@@ -251,7 +266,7 @@ class Integrator:
             return torchmpnode.odeint(func, y0, t, method=self.method, loss_scaler=self.loss_scaler)
         solve = torchdiffeq.odeint_adjoint if self.adjoint else torchdiffeq.odeint
         tols = {} if self.tol is None else {"rtol": self.tol, "atol": self.tol}
-        return solve(func, y0, t, method=self.method, **tols)
+        return solve(func, y0, t, method=TORCHDIFFEQ_METHOD.get(self.method, self.method), **tols)
 
 
 def _dtype(cnf):

@@ -374,8 +374,9 @@ def test_bad_inputs():
         odeint(f, y, torch.linspace(0, 1, 3), method="dopri5")
     with pytest.raises(ValueError, match="monotone|increasing"):
         odeint(f, y, torch.tensor([0.0, 0.5, 0.2]))
-    with pytest.raises(ValueError, match="at least 2"):
-        odeint(f, y, torch.tensor([0.0]))
+    assert torch.equal(odeint(f, y, torch.tensor([0.0]))[0], y)  # one point: y0[None], as torchdiffeq
+    with pytest.raises(ValueError, match="1-D"):
+        odeint(f, y, torch.tensor(0.0))
     with pytest.raises(TypeError, match="floating"):
         odeint(f, torch.ones(2, 3, dtype=torch.long), torch.linspace(0, 1, 3))
     with pytest.raises(ValueError, match="device"):

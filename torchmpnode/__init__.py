@@ -5,17 +5,18 @@ forward keeps no graph, whose backward recomputes each step
 
     from torchmpnode import odeint, DynamicScaler
 
-``METHODS`` (the fixed-grid schemes) is plain data; ``odeint``, ``DynamicScaler`` and
-``GridSpec`` import torch, so they load on first use: a command line can list the
-methods without waiting for torch.
+``odeint_adjoint`` is the same solver under torchdiffeq's name (its backward already
+recomputes the steps). ``METHODS`` (the fixed-grid schemes) is plain data; ``odeint``,
+``odeint_adjoint``, ``DynamicScaler`` and ``GridSpec`` import torch, so they load on
+first use: a command line can list the methods without waiting for torch.
 """
 import importlib
 
 from .methods import METHODS
 
 __version__ = "0.1.0"
-__all__ = ["odeint", "DynamicScaler", "GridSpec", "METHODS", "__version__"]
-_LAZY = {"odeint": "._odeint", "DynamicScaler": ".scaler", "GridSpec": "._solver"}
+__all__ = ["odeint", "odeint_adjoint", "DynamicScaler", "GridSpec", "METHODS", "__version__"]
+_LAZY = {"odeint": "._odeint", "odeint_adjoint": "._odeint", "DynamicScaler": ".scaler", "GridSpec": "._solver"}
 
 
 def __getattr__(name):

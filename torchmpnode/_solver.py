@@ -96,6 +96,9 @@ class Problem:
         self.N = len(plan.h)
         self.t_list, self.h, self.stage_times, self.rows = plan.t_list, plan.h, plan.stage_times, plan.rows
         self.grid = callable(getattr(func, "grid_params", None)) and getattr(func, "grid_enabled", False)
+        # probe: evaluate the first stage with grad on (generic path); reads_grad: its output
+        # required grad although y and t do not, so func reads tensors that are not params
+        self.probe, self.reads_grad = False, False
         # a field that solves the whole grid itself (e.g. a fused GPU kernel) says so by
         # grid_solve_enabled; then the forward and the grid backward go through its hooks
         self.fused = self.grid and callable(getattr(func, "grid_solve", None)) and getattr(func, "grid_solve_enabled", False)
@@ -131,9 +134,24 @@ def solve_forward(pb, y0):
             times = pb.stage_times.unbind(0)
             field = lambda i: lambda k, Y: (pb.call(times[pb.rows[i][k]], Y), None)  # noqa: E731
         for i in range(pb.N):
-            inc = rk_increment(pb.tab, field(i), pb.h[i], y)
+            inc = rk_increment(pb.tab, _probing(pb, field(i)) if i == 0 and pb.probe else field(i), pb.h[i], y)
             y = tuple(torch.add(yj, dj, out=s[i + 1]) for yj, dj, s in zip(y, inc, sol))
     return sol
+
+
+def _probing(pb, field):
+    """``field`` with its stage 0 evaluated with grad on, to set ``pb.reads_grad``; the
+    stage's value is the same, detached (no extra evaluation)."""
+
+    def f(k, Y):
+        if k:
+            return field(k, Y)
+        with torch.enable_grad():
+            K, extra = field(k, Y)
+        pb.reads_grad = any(x.requires_grad for x in K)
+        return tuple(x.detach() for x in K), extra
+
+    return f
 
 
 def _unbind_rows(P):

@@ -19,6 +19,14 @@ METHODS = {
         a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
         b=(1 / 6, 1 / 3, 1 / 3, 1 / 6),
     ),
+    # explicit midpoint, as torchdiffeq's 'midpoint': y + h f(t + h/2, y + h/2 f(t, y))
+    "midpoint": Tableau(c=(0.0, 0.5), a=((), (0.5,)), b=(0.0, 1.0)),
+    # Kutta's 3/8 rule: torchdiffeq's fixed-grid 'rk4' (rk4_alt_step_func), stage for stage
+    "rk4_38": Tableau(
+        c=(0.0, 1 / 3, 2 / 3, 1.0),
+        a=((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
+        b=(1 / 8, 3 / 8, 3 / 8, 1 / 8),
+    ),
 }
 
 
