@@ -68,12 +68,11 @@ def _run_model(folder, device):
     """(model, its Integrator, config, iteration) of a run's ckpt.pth, read safely."""
     import torch
 
-    from metrics import load_run_model
-    from model import Integrator
+    from metrics import load_run_model, run_integrator
 
     run = ex.RunDir(folder)
     cnf, c, iteration = load_run_model(run.ckpt, torch.device(device))
-    return cnf, Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False), c, iteration
+    return cnf, run_integrator(c), c, iteration
 
 
 def flow_arrays_from_checkpoint(folder, device="cpu"):

@@ -213,14 +213,40 @@ def exact_metrics(cnf, x_val, val_loss):
     return dict(val_loss_exact=exact, disc_gap=val_loss - exact)
 
 
-# --- python metrics.py RUN_DIR: the exact likelihood of a saved run -----------------------
+# --- saved runs: the model of a checkpoint and its grid (python metrics.py, density.py, flow.py) ---
+# What every use of a saved model needs from its run's config besides the model's size: its grid, data and seed.
+RUN_KEYS = ("data", "seed", "odeint", "method", "num_timesteps", "precision")
+
+
 def load_run_model(ckpt, device, backend="torch"):
-    """(model, config, iteration) of a checkpoint file, on ``device``."""
+    """(model, config, iteration) of a checkpoint file, on ``device``: the one loader of a
+    saved model. A file that is not a checkpoint of this kit, or one whose model does not
+    fit its config, raises ``ex.CheckpointError`` with one line."""
     state = ex.load_checkpoint(ckpt)
     c = state["config"]
-    cnf = CNF(2, c["hidden_dim"], c["width"], c["trace"], backend if c["trace"] == "exact" else "torch").to(device)
-    cnf.load_state_dict(state["model"])
-    return cnf, c, state["iter"]
+    missing = [k for k in ("hidden_dim", "width", "trace", *RUN_KEYS) if k not in c] if isinstance(c, dict) else []
+    if missing or not isinstance(c, dict):
+        raise ex.CheckpointError(f"{ckpt} has this kit's checkpoint format, but its config lacks "
+                                 f"{', '.join(missing) or 'everything'}, so it cannot be loaded.")
+    try:
+        cnf = CNF(2, c["hidden_dim"], c["width"], c["trace"], backend if c["trace"] == "exact" else "torch")
+        cnf.load_state_dict(state["model"])
+        it = int(state["iter"])
+    except (KeyError, TypeError, ValueError, RuntimeError):  # the weights, their shapes or the iteration
+        raise ex.CheckpointError(f"{ckpt} has this kit's checkpoint format, but its weights do not fit its "
+                                 f"config (hidden_dim, width, trace), so it cannot be loaded.") from None
+    return cnf.to(device), c, it
+
+
+def final_noise(seed):
+    """The generator of the Hutchinson noise of a run's end-of-run test metrics (and of
+    ``checkpoint_metrics``): a fresh one, so the same points get the same noise."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 999_983)
+
+
+def run_integrator(c):
+    """The Integrator of a run's config ``c``: its solver, method and grid, unscaled (evaluation only)."""
+    return Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False)
 
 
 def _val_set(c, device):
@@ -233,7 +259,7 @@ def run_exact(folder, device="cpu", ckpt=None):
     checkpoint (``ckpt``, default the folder's ckpt.pth)."""
     cnf, c, _ = load_run_model(ckpt or ex.RunDir(folder).ckpt, device)
     x_val = _val_set(c, device)
-    integ = Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False)
+    integ = run_integrator(c)
     gen = torch.Generator().manual_seed(c["seed"])  # Hutchinson noise, if the run used it
     val_loss, _ = nll_and_se(log_prob_batched(cnf, x_val, integ, generator=gen))
     t0 = time.perf_counter()
@@ -248,8 +274,8 @@ def checkpoint_metrics(ckpt, device, backend="torch"):
     cnf, c, it = load_run_model(ckpt, device, backend)
     x_val = _val_set(c, device)
     x_test = toy_data.inf_train_gen(c["data"], c["num_samples_test"], toy_data.seed_streams(c["seed"])["test"])
-    integ = Integrator(c["odeint"], c["method"], c["num_timesteps"], loss_scaler=False)
-    gen = torch.Generator().manual_seed(c["seed"] * 1_000_003 + 999_983)  # Hutchinson noise only
+    integ = run_integrator(c)
+    gen = final_noise(c["seed"])  # Hutchinson noise only
     val_loss, _ = nll_and_se(log_prob_batched(cnf, x_val, integ, generator=gen))
     test, _ = test_metrics(cnf, integ, torch.from_numpy(x_test).to(device), c["data"], gen)
     return {"iter": it, "val_loss": val_loss, **test, **exact_metrics(cnf, x_val, val_loss)}
