@@ -4,6 +4,7 @@
     python bench.py --paths torchmpnode --threads 1,2,idle --load 2 --num_timesteps 32
     python bench.py --device cuda --profile triton     # where one iteration's time goes
     python bench.py --paths triton --no-kernels        # everything but the kernels (CPU too)
+    python bench.py --probe                            # this machine's speed figure (GFLOP/s)
 
 Each path runs in a fresh subprocess: warm-up, then the median over --iters
 iterations. Peak memory is that process's: peak RSS on CPU (also shown as the
@@ -52,6 +53,7 @@ import sys
 import time
 
 import experiment as ex
+import runtime
 from choices import PRECISIONS, cpu_precisions
 
 
@@ -90,6 +92,8 @@ def build_parser():
     p.add_argument("--profile", default=None, metavar="PATH", help="profile one path's iterations (torch.profiler) instead")
     p.add_argument("--no-kernels", action="store_true",
                    help="triton paths with the kernel launches made no-ops: the host-side cost alone (results meaningless)")
+    p.add_argument("--probe", action="store_true",
+                   help="print this machine's speed figure (runtime.speed_probe, GFLOP/s on one thread) and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-threads", default=None, help=argparse.SUPPRESS)
     return p
@@ -219,8 +223,6 @@ def run_worker(path, device, cfg, iters, no_kernels=False, threads=None):
     """One path's iterations in this process: a dict of its timings (ms), memory (MB), the
     backend that ran and the last loss. ``no_kernels``: the fused launches are no-ops (the
     host side alone); ``threads``: the CPU thread count (None: the kit's default)."""
-    import runtime
-
     runtime.configure(threads if threads is not None else runtime.default_threads()[0])
     device = torch.device(device)
     with contextlib.ExitStack() as stack:
@@ -401,10 +403,11 @@ def table_row(r, rows):
             f"| {sp} | {r['peak_mb']:.0f} | {r['growth_mb']:.0f} |")
 
 
-def _write_json(out, args, cfg, rows):
-    """The results so far, replacing the file in one step (never half written)."""
+def _write_json(out, args, cfg, rows, speed):
+    """The results so far, replacing the file in one step (never half written); ``speed``: the
+    machine's ``runtime.speed_probe`` before the first path."""
     ex.write_json(out, dict(device=args.device, config=cfg, iters=args.iters, load=args.load, torch=torch.__version__,
-                            cpus=os.cpu_count(), rows=rows))
+                            cpus=os.cpu_count(), machine_gflops=round(speed["gflops"], 1), rows=rows))
 
 
 def _config(args):
@@ -431,6 +434,9 @@ def competing_load(n):
 def main(argv=None):
     """Run each path (per thread count) in its own process; the table, row by row, and the JSON."""
     args = parse_args(argv)
+    if args.probe:
+        print(runtime.probe_line(runtime.speed_probe()))
+        return 0
     cfg = _config(args)
     if args.worker:
         threads = None if args.worker_threads in (None, "idle") else int(args.worker_threads)
@@ -445,6 +451,8 @@ def main(argv=None):
     device = args.device.split(":")[0]
     out = args.json or os.path.join("results", f"bench_{args.device.replace(':', '')}_{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    speed = runtime.speed_probe()
+    print(runtime.probe_line(speed), flush=True)
     print(f"device={args.device} config={cfg} iters={args.iters} torch={torch.__version__} cpus={os.cpu_count()}"
           f" load={args.load}" + (" no-kernels (fused launches are no-ops: host-side cost only)" if args.no_kernels else ""),
           flush=True)
@@ -469,7 +477,7 @@ def main(argv=None):
                 print(table[-1], flush=True)
                 if args.table:
                     ex.atomic_write(args.table, "\n".join(table) + "\n")
-                _write_json(out, args, cfg, rows)
+                _write_json(out, args, cfg, rows, speed)
     print(f"wrote {out}")
     return 1 if any("error" in r for r in rows) else 0
 

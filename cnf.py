@@ -26,6 +26,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import choices  # noqa: E402
 import schedule  # noqa: E402
@@ -210,7 +211,7 @@ def resolve_machine(args, self_test=True):
                                        args.grad_scaler)[1]
     probe = dict(width=args.width, method=args.method, low=autocast_dtype(args.precision), scaled=use_dynamic)
     args.backend, note = resolve_backend(args.backend, dev, args.odeint, args.trace, probe if self_test else None,
-                                         regularized=args.kinetic > 0 or args.jacobian > 0)
+                                         regularized=args.kinetic > 0 or args.jacobian > 0, method=args.method)
     if args.backend == "triton" and choices.PRECISIONS[args.precision].tf32:
         note += f"; {args.precision}: the fused kernels have no matmul, so they run plain float32"
     return note
@@ -392,6 +393,7 @@ def _loop(tr, run, log, rows, saved_at, stop):
 
     a = tr.args
     window = [0.0, 0.0, 0]
+    projection = _Projection(tr.iter, a.niters, a.test_freq)
     bar = tqdm(total=a.niters, initial=tr.iter, desc=run.name[:40], dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     try:
@@ -411,12 +413,16 @@ def _loop(tr, run, log, rows, saved_at, stop):
             bar.update(1)
             if row_due:
                 bar.set_postfix(loss=f"{tr.running:.3f}", refresh=False)
+                t_row = time.perf_counter()
                 exploit = _validate(tr, run, log, rows, window, saved_at)
+                projection.row_took(time.perf_counter() - t_row)
                 window = [0.0, 0.0, 0]
                 if exploit and a.on_grid_exploit == "stop":
                     _checkpoint(tr, run, saved_at)
                     return "grid_exploited", f"iteration {tr.iter}: {exploit} (--on_grid_exploit stop)", \
                         ex.EXIT_GRID_EXPLOITED
+            if (line := projection.after_iteration(tr.iter)) is not None:  # after this iteration's row, if any
+                log.print(line)
             if tr.iter % a.ckpt_freq == 0 or stop.received:
                 _checkpoint(tr, run, saved_at)
             if stop.received:
@@ -425,6 +431,48 @@ def _loop(tr, run, log, rows, saved_at, stop):
         return None
     finally:
         bar.close()
+
+
+class _Projection:
+    """The one line that says, within a run's first PROJECT_AFTER iterations, how long its
+    training will take: the wall time of the iterations after the first (which pays the
+    warm-up) times the iterations, plus the validation rows (--test_freq), each at the time
+    the first one took. When no row came yet, the line says the rows come on top instead of
+    guessing them. Counted from the iterations this process runs, so a resume projects what
+    is left of it."""
+
+    def __init__(self, start, niters, test_freq):
+        self.start, self.niters, self.test_freq = start, niters, test_freq
+        self.t1, self.done, self.rows = None, False, []
+
+    def row_took(self, seconds):
+        if not self.done:
+            self.rows.append(seconds)
+
+    def after_iteration(self, it):
+        if self.done or self.niters - self.start <= PROJECT_AFTER:  # a run this short needs no projection
+            return None
+        if it == self.start + 1:
+            self.t1, self.rows = time.perf_counter(), []
+        measured = it - self.start - 1  # iterations timed after the first
+        if self.t1 is None or measured < PROJECT_AFTER - 1:
+            return None
+        self.done = True
+        per = (time.perf_counter() - self.t1 - sum(self.rows)) / measured
+        n_rows = self.niters // self.test_freq - self.start // self.test_freq + (self.niters % self.test_freq != 0)
+        span = f"{per * 1e3:.0f} ms per iteration over iterations {self.start + 2}-{it}"
+        if self.rows:
+            row = self.rows[0]
+            total = per * (self.niters - self.start) + row * n_rows
+            return (f"projected: training takes about {ex.duration(total)} ({span} and {row:.1f} s for each of its "
+                    f"{n_rows} validation rows, wall clock), then the end-of-run metrics and figures")
+        total = per * (self.niters - self.start)
+        return (f"projected: training takes about {ex.duration(total)} for its iterations ({span}, wall clock), "
+                f"plus its {n_rows} validation rows (--test_freq {self.test_freq}), then the end-of-run metrics "
+                f"and figures")
+
+
+PROJECT_AFTER = 10  # iterations after which the projected training time is printed
 
 
 def _checkpoint(tr, run, saved_at):

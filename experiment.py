@@ -17,6 +17,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import resource
@@ -78,6 +79,18 @@ def megabytes(n):
 
 
 # --- atomic files ------------------------------------------------------------------
+def duration(s):
+    """A duration in seconds as a short text: 42s, 5m44s, 1h13m; an unknown (non-finite) one as —."""
+    if not math.isfinite(s):
+        return "—"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
 def atomic_write(path, data):
     """Write bytes or str to ``path`` via a fsynced temporary file in the same folder
     (``PATH.tmp-PID``: a rename within one filesystem is atomic) and a rename. On any

@@ -4,6 +4,9 @@
 #   bash run_cnf.sh [options] [-- extra cnf.py args]
 #
 # Options:
+#   --study NAME       a named grid and recipe (study_preset below); the options after it narrow it:
+#                      paper: the published study's grid and recipe (3 datasets, 2000 iterations, batch
+#                      1024, Adam 1e-2 decayed at 1000, 128-point rk4), with 3 seeds instead of one
 #   --datasets a,b     --solvers a,b     --precisions a,b     --seeds 0,1,2     narrow (or widen) the grid
 #   --local [-j N]     run the cells here, N at a time (default when sbatch is missing). Each running
 #                      cell gets one GPU, round robin, through CUDA_VISIBLE_DEVICES (GPUs from an existing
@@ -51,6 +54,22 @@ declare -A DATA_ARGS=(
   [pinwheel]="--niters 3000 --lr_schedule cosine"
 )
 COMMON_ARGS="--method rk4 --num_timesteps 128"
+
+# Named studies: a grid and its recipe, set in one place. paper: the published study's datasets,
+# its recipe written out in full (so that a change of cnf.py's defaults cannot change it), its
+# columns (float32, tfloat32 on CUDA, bfloat16, float16 with its solver's scaler and unscaled),
+# and three seeds instead of its one (the paired intervals need three).
+study_preset() {
+  case "$1" in
+    paper)
+      DATASETS=(2spirals 8gaussians checkerboard); SOLVERS=(torchdiffeq torchmpnode)
+      PRECISIONS=(float32 tfloat32 bfloat16 float16); SEEDS=(0 1 2)
+      FP16_SCALERS_torchdiffeq=(grad none); FP16_SCALERS_torchmpnode=(dynamic none)
+      DATA_ARGS=()
+      COMMON_ARGS="--method rk4 --num_timesteps 128 --niters 2000 --num_samples 1024 --lr 1e-2 --lr_schedule step --lr_step 1000 --lr_gamma 0.1" ;;
+    *) die "unknown study '$1' (choose from: paper)" ;;
+  esac
+}
 # ---------------------------------------------------------------------------------
 
 die() { echo "run_cnf.sh: error: $*" >&2; exit 2; }
@@ -59,6 +78,7 @@ mode=auto jobs="" per_gpu="" dry=0 wait=0 resume="" results="./results" env_setu
 sb=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --study) study_preset "${2:?}"; shift 2 ;;
     --datasets) IFS=, read -ra DATASETS <<< "${2:?}"; shift 2 ;;
     --solvers) IFS=, read -ra SOLVERS <<< "${2:?}"; shift 2 ;;
     --precisions) IFS=, read -ra PRECISIONS <<< "${2:?}"; shift 2 ;;
@@ -79,7 +99,7 @@ while [ $# -gt 0 ]; do
     --cpus) sb+=(--cpus-per-task="${2:?}"); shift 2 ;;
     --env-setup) env_setup=${2?}; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done

@@ -23,12 +23,18 @@ never do.
   and Python then installs no KeyboardInterrupt for it: a Ctrl-C (or a test's SIGINT)
   during the imports did nothing, and the run trained on for hours.
 
-The thread choice and the signals need no torch; ``configure`` imports it.
+- Machine speed. ``speed_probe`` times one 1024x128 by 128x128 float32 matmul on one
+  thread (GFLOP/s): the figure the README's times stand beside, printed by
+  ``python bench.py --probe`` and by ``.ci/run`` before its tests. 2-core machines that
+  all call themselves the same differ 8-9x in it, and the kit's times follow it.
+
+The thread choice and the signals need no torch; ``configure`` and ``speed_probe`` import it.
 """
 import ctypes
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 
@@ -191,3 +197,41 @@ class StopSignals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+# --- the machine's speed ---------------------------------------------------------------------
+PROBE_SHAPE = (1024, 128, 128)  # [n, k] @ [k, m]: the standard batch and width's hidden matmul
+
+
+def speed_probe(reps=300):
+    """{"gflops", "ms", "reps"}: one ``PROBE_SHAPE`` float32 matmul on one CPU thread, the
+    median of ``reps`` timed calls after a warm-up (the median, not the best: on a shared
+    machine it is what a run gets). The caller's thread count is restored."""
+    import torch
+
+    n, k, m = PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, k, generator=g), torch.randn(k, m, generator=g)
+    out = torch.empty(n, m)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(20):
+            torch.mm(a, b, out=out)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    ms = statistics.median(times) * 1e3
+    return {"gflops": 2 * n * k * m / ms / 1e6, "ms": ms, "reps": reps}
+
+
+def probe_line(p):
+    """The one line that says how fast this machine is (``speed_probe``'s result ``p``)."""
+    n, k, m = PROBE_SHAPE
+    return (f"machine speed: {p['gflops']:.1f} GFLOP/s (one {n}x{k} @ {k}x{m} float32 matmul on 1 CPU thread, "
+            f"median of {p['reps']}: {p['ms']:.3f} ms)")
+

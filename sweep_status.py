@@ -179,17 +179,6 @@ def sweep_status(sweep, now=None):
     return [cell_status(sweep, task, name, now) for task, name, _ in read_cells(sweep)]
 
 
-def _duration(s):
-    if not math.isfinite(s):
-        return "—"
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
 def format_status(rows, sweep):
     """The listing as text: a header, one line per cell, and a total line."""
     table = [("task", "cell", "state", "iter", "val NLL", "ms/iter", "ETA", "job", "updated", "reason")]
@@ -199,8 +188,8 @@ def format_status(rows, sweep):
                       "—" if r["iter"] is None else f"{r['val_nll']:.4f}",  # nan is a diverging run's value
                       f"{r['ms_iter']:.1f}" if math.isfinite(r["ms_iter"]) else "—",
                       "evaluating" if r["state"] == "running" and r["iter"] is not None and r["niters"]
-                      and r["iter"] >= r["niters"] else _duration(r["eta_s"]), r["job"] or "—",
-                      _duration(r["updated_s"]) + " ago" if math.isfinite(r["updated_s"]) else "—", r["reason"]))
+                      and r["iter"] >= r["niters"] else ex.duration(r["eta_s"]), r["job"] or "—",
+                      ex.duration(r["updated_s"]) + " ago" if math.isfinite(r["updated_s"]) else "—", r["reason"]))
     widths = [max(len(t[k]) for t in table) for k in range(len(table[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(t[:-1], widths)) + "  " + t[-1] for t in table]
     counts = {}
@@ -210,7 +199,7 @@ def format_status(rows, sweep):
     total = f"total: {len(rows)} cells: " + ", ".join(f"{counts[s]} {s}" for s in known)
     etas = [r["eta_s"] for r in rows if r["state"] == "running" and math.isfinite(r["eta_s"])]
     if etas:
-        total += f"; the running cells end training in about {_duration(max(etas))}"
+        total += f"; the running cells end training in about {ex.duration(max(etas))}"
     jobs = sorted({r["job"].rsplit("_", 1)[0] for r in rows if r["job"] and r["job"] not in ("local", "?")})
     if jobs:
         total += f"; SLURM job(s) {', '.join(jobs)}"

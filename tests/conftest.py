@@ -10,9 +10,61 @@
   (tests/test_busy_machine.py, tests/test_cnf.py) remove or set it themselves.
 """
 import os
+import subprocess
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# --- two or more tests at a time (pytest-xdist; pytest.ini passes -n auto --dist loadfile) --------------------
+# Every test runs on one thread (above), so one worker per usable core keeps the cores busy. A file's tests
+# stay in one worker, so a module's shared fixtures (a trained run, a sweep) are made once, and the tests
+# that submit to the one local SLURM node (tests/test_sweeps.py) run one after another.
+@pytest.hookimpl(optionalhook=True)  # also without pytest-xdist (pytest -p no:xdist)
+def pytest_xdist_auto_num_workers(config):
+    import runtime
+
+    return runtime.usable_cores()  # the affinity and a cgroup quota, not the host's core count
+
+
+# --- figures at a small size, where the interpreter makes them the cost of a run -----------------------------
+@pytest.fixture
+def small_figure_grids(monkeypatch):
+    """In this process, a run's density.npz and its flow frames' density on 12 points per side instead
+    of 96 and 100. In Triton's interpreter those two solves (9 216 and 10 000 points) were most of a
+    tiny fused run's time; the code paths are the same at 12. Without CUDA only."""
+    import functools
+
+    import density
+    import model
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(density, "density_arrays", functools.partial(density.density_arrays, grid=12))
+        monkeypatch.setattr(model, "flow_snapshots", functools.partial(model.flow_snapshots, grid_size=12))
+
+
+# --- a hung subprocess fails fast and says where it was --------------------------------------------------
+# Every subprocess a test starts has a timeout of a small multiple of what it needs on a slow machine
+# (docs/testing.md). When one expires, the failure names the command and its last lines of output: for
+# cnf.py, the last log line (which iteration, the projection, the test metrics, the figures) is the
+# phase it was in.
+def _last_lines(out, n=3):
+    if out is None:
+        return []
+    text = out.decode(errors="replace") if isinstance(out, bytes) else out
+    return [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-n:]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except subprocess.TimeoutExpired as e:
+        cmd = " ".join(map(str, e.cmd)) if isinstance(e.cmd, (list, tuple)) else str(e.cmd)
+        last = _last_lines(e.stdout) + _last_lines(e.stderr)
+        raise pytest.fail.Exception(f"timed out after {e.timeout:g} s: {cmd[:300]}; it was at: "
+                                    + (" | ".join(last)[-600:] if last else "(no output yet)"), pytrace=False) from None

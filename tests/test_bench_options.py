@@ -117,3 +117,27 @@ def test_cuda_fused_adam_resume_is_bitwise(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_speed_probe_is_one_honest_line(monkeypatch):
+    """bench.py --probe prints one line: GFLOP/s of the 1024x128 @ 128x128 float32 matmul on one
+    thread, consistent with the median time it prints (2 n k m flops), and leaves the caller's
+    thread count as it was. The median of the timed calls, checked with a fake clock."""
+    import re
+
+    import runtime
+
+    proc = subprocess.run([sys.executable, "bench.py", "--probe"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = proc.stdout.strip().splitlines()
+    m = re.fullmatch(r"machine speed: ([\d.]+) GFLOP/s \(one 1024x128 @ 128x128 float32 matmul on 1 CPU thread, "
+                     r"median of (\d+): ([\d.]+) ms\)", line)
+    assert m, line
+    gflops, ms = float(m[1]), float(m[3])
+    assert gflops > 0 and abs(gflops * ms - 2 * 1024 * 128 * 128 / 1e6) < 0.01 * gflops * ms + 0.1
+    before = torch.get_num_threads()
+    readings = iter([0, 1, 10, 15, 20, 22, 30, 32, 40, 49])  # ms: calls of 1, 5, 2, 2 and 9 ms, median 2
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(readings) * 1e-3)
+    p = runtime.speed_probe(reps=5)
+    assert p["ms"] == pytest.approx(2.0) and p["gflops"] == pytest.approx(2 * 1024 * 128 * 128 / 2e6)
+    assert torch.get_num_threads() == before

@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import experiment as ex
 from test_cnf import TINY, run_dirs, run_subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 1800  # a busy machine is slow, not broken
+TIMEOUT = 300  # a tiny or small run: seconds on a fast 2-core machine, about a minute on a slow one
 # a run small enough for a tmpfs of a few hundred KB: its checkpoint is ~18 KB, its sources ~200 KB
 SMALL = [*TINY, "--niters", "40", "--test_freq", "10", "--ckpt_freq", "20", "--threads", "1"]
 
@@ -74,12 +75,16 @@ def test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit(t
     full = run_subprocess(*common, "--niters", "40", "--threads", "1", "--results_dir", str(tmp_path / "full"),
                           env=env1, timeout=TIMEOUT)
     assert full.returncode == 0, full.stderr[-2000:]
+    # within its first 10 iterations a run says how long its training will take, once
+    assert full.stdout.count("projected: training takes about") == 1, full.stdout[-2000:]
+    part = run_subprocess(*common, "--niters", "20", "--threads", "1", "--results_dir", str(tmp_path / "part"),
+                          env=env1, timeout=TIMEOUT)
+    assert part.returncode == 0, part.stderr[-2000:]
+    (first,) = run_dirs(tmp_path / "part")
     for name, resume_flags, env in (("kept", [], {**env1, "OMP_NUM_THREADS": "2"}), ("kept_no_env", [], env1),
                                     ("changed", ["--threads", "2"], env1)):
-        part = run_subprocess(*common, "--niters", "20", "--threads", "1", "--results_dir", str(tmp_path / name),
-                              env=env1, timeout=TIMEOUT)
-        assert part.returncode == 0, part.stderr[-2000:]
-        (folder,) = run_dirs(tmp_path / name)
+        folder = str(tmp_path / name / os.path.basename(first))  # the same 20 iterations, resumed three ways
+        shutil.copytree(first, folder)
         proc = run_subprocess("--resume", folder, "--niters", "40", *resume_flags, env=env, timeout=TIMEOUT)
         assert proc.returncode == 0, proc.stderr[-2000:]
         same = rows_without_timing(folder).equals(rows_without_timing(run_dirs(tmp_path / "full")[0]))

@@ -552,7 +552,7 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for extra in ([], ["--width", "100", "--pad-rows"]):
         proc = subprocess.run([sys.executable, "-m", "tools.kernel_report", "--compile", "90", *extra], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=1800)
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("cubin") == 12, proc.stdout
         assert proc.stdout.count("'MASK_W': True") == (12 if extra else 0), proc.stdout
@@ -560,17 +560,14 @@ def test_kernels_compile_for_hopper():
 
 # --- cnf.py with the fused backend -------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["float32", "float16"])
-def test_cnf_runs_with_triton_backend(tmp_path, precision):
-    """A whole tiny run on the fused kernels (training, validation, sampling, frames and GIF);
-    without a GPU, in the interpreter."""
+def test_cnf_runs_with_triton_backend(tmp_path, precision, small_figure_grids):
+    """A whole tiny run on the fused kernels (training, validation, sampling, density.npz, frames
+    and GIF); without a GPU, in the interpreter (in this process, with small figure grids)."""
     need_triton(interpreted=True)
-    from test_cnf import TINY, check_complete, run_dirs, run_subprocess
+    from test_cnf import check_complete, run_inprocess
 
-    env = dict(os.environ, TRITON_INTERPRET="1") if not torch.cuda.is_available() else None
-    proc = run_subprocess(*TINY, "--backend", "triton", "--precision", precision, "--results_dir", str(tmp_path),
-                          timeout=1200, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (folder,) = run_dirs(tmp_path)
+    code, folder = run_inprocess(tmp_path, "--backend", "triton", "--precision", precision)
+    assert code == 0
     check_complete(folder)
     import experiment as ex
 
@@ -605,7 +602,7 @@ def test_cnf_backend_bad_input_and_auto(tmp_path):
         assert ex.read_args(os.path.join(folder, "args.csv"))["backend"] == "torch"
 
 
-def test_resume_self_tests_the_kernels_once_with_the_runs_config(tmp_path, monkeypatch):
+def test_resume_self_tests_the_kernels_once_with_the_runs_config(tmp_path, monkeypatch, small_figure_grids):
     """On --resume the self-test (a compile on a GPU) runs once, with the checkpoint's width,
     not also with the command line's defaults."""
     need_triton(interpreted=True)
@@ -623,3 +620,17 @@ def test_resume_self_tests_the_kernels_once_with_the_runs_config(tmp_path, monke
     monkeypatch.setattr(model, "fused_self_test", lambda dev, **kw: widths.append(kw["width"]) or real(dev, **kw))
     assert cnf.main(["--resume", folder, "--niters", "6", "--backend", "triton", *device]) == 0
     assert widths == [8]  # TINY's width, from the checkpoint; once
+
+
+def test_a_method_the_kernels_do_not_fuse_is_said_not_crashed():
+    """The fused kernels implement classical rk4 and euler: --backend triton with midpoint or
+    rk4_38 is one line naming the method, and auto takes the torch path and says why (on a GPU,
+    before a self-test that would fail on the tableau)."""
+    need_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for method in ("midpoint", "rk4_38"):
+        with pytest.raises(ValueError, match=rf"^--backend triton: it fuses euler, classical rk4, not --method {method}$"):
+            resolve_backend("triton", device, method=method, probe=dict(width=6, method=method))
+        if device == "cuda":
+            backend, note = resolve_backend("auto", device, method=method, probe=dict(width=6, method=method))
+            assert backend == "torch" and f"not --method {method}" in note

@@ -16,7 +16,7 @@ EXPERIMENTS = os.path.join(DOCS, "experiments")
 # The two quick-start commands, exactly as a new user pastes them (written out here, not
 # read from git, so that a change to the README cannot move the reference with it).
 QUICK_START_TRAIN = ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
-                     "pip install -r requirements.txt && python cnf.py --niters 500 --num_timesteps 32")
+                     "pip install -r requirements.txt && python cnf.py --niters 400 --num_samples 128 --num_timesteps 8 --test_freq 50")
 QUICK_START_TEST = ("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
                     "pip install -r requirements.txt && pytest -q")
 

@@ -139,17 +139,17 @@ def test_device_anchor_is_the_host_anchor():
 
 
 def _run(tmp_path, monkeypatch, checked, *flags):
-    if checked:  # every iteration checked, as a GradScaler run is
-        real = cnf.Trainer.__init__
+    with monkeypatch.context() as m:  # undone after this run alone (the test's other patches stay)
+        if checked:  # every iteration checked, as a GradScaler run is
+            real = cnf.Trainer.__init__
 
-        def init(self, *a, **kw):
-            real(self, *a, **kw)
-            self.checked = True
+            def init(self, *a, **kw):
+                real(self, *a, **kw)
+                self.checked = True
 
-        monkeypatch.setattr(cnf.Trainer, "__init__", init)
-    code = cnf.main([*TINY, "--num_samples_val", "32", "--num_samples_test", "64", "--no-viz",
-                     "--results_dir", str(tmp_path), *flags])
-    monkeypatch.undo()
+            m.setattr(cnf.Trainer, "__init__", init)
+        code = cnf.main([*TINY, "--num_samples_val", "32", "--num_samples_test", "64", "--no-viz",
+                         "--results_dir", str(tmp_path), *flags])
     (folder,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     run = ex.RunDir(folder)
     import json
@@ -165,7 +165,7 @@ def _run(tmp_path, monkeypatch, checked, *flags):
      "--width", "16", "--num_timesteps", "8"],
     ["--backend", "triton", "--precision", "float16", "--niters", "6", "--test_freq", "3", "--ckpt_freq", "6"],
 ], ids=["diverges", "float16-overflows", "fused-float16"])
-def test_deferred_checks_match_checking_every_iteration(tmp_path, monkeypatch, flags):
+def test_deferred_checks_match_checking_every_iteration(tmp_path, monkeypatch, flags, small_figure_grids):
     """Checks deferred to the rows (rolled back and replayed on a failure) give the rows,
     the status, and the checkpoint (parameters, optimizer, scaler, RNG) of a run that
     checks every iteration, including where it diverges; on the fused path too, whose

@@ -18,7 +18,7 @@ TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_timesteps", "4"
         "--hidden_dim", "8", "--test_freq", "5", "--ckpt_freq", "1000", "--no-viz"]
 # Seconds any one subprocess may take. A tiny run takes a few seconds on an idle
 # machine; on a busy shared one it can take minutes, and a slow machine is not a bug.
-TIMEOUT = 1200
+TIMEOUT = 300  # a tiny run: seconds on a fast 2-core machine, about a minute on a slow one
 
 
 def cnf(*args, **kw):
@@ -45,16 +45,25 @@ def wait_for_rows(run_parent, n, proc, timeout=TIMEOUT):
 
 
 NITERS = 300
+SIGNAL_ARGS = [*TINY, "--niters", str(NITERS), "--test_freq", "25"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run the interrupted ones must equal, trained once for the three signals."""
+    results = tmp_path_factory.mktemp("full")
+    full = cnf(*SIGNAL_ARGS, "--results_dir", str(results))
+    _, err = full.communicate(timeout=TIMEOUT)
+    assert full.returncode == 0, err[-2000:]
+    return only_run(results)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_signal_checkpoints_and_resume_is_bitwise(tmp_path, sig):
+def test_signal_checkpoints_and_resume_is_bitwise(tmp_path, sig, uninterrupted):
     # the signal, sent at the second CSV row (iteration 50), must land before the run ends
     # even when a loaded CI machine delays this process: 250 iterations left (~1.2 s idle;
     # with 60 iterations and rows every 5, ~0.25 s were left)
-    args = [*TINY, "--niters", str(NITERS), "--test_freq", "25"]
-    full = cnf(*args, "--results_dir", str(tmp_path / "full"))
-    part = cnf(*args, "--results_dir", str(tmp_path / "part"))
+    part = cnf(*SIGNAL_ARGS, "--results_dir", str(tmp_path / "part"))
     run = wait_for_rows(tmp_path / "part", 2, part)
     part.send_signal(sig)
     _, err = part.communicate(timeout=TIMEOUT)
@@ -67,9 +76,7 @@ def test_signal_checkpoints_and_resume_is_bitwise(tmp_path, sig):
     resumed = cnf("--resume", run.path, "--niters", str(NITERS))
     _, err = resumed.communicate(timeout=TIMEOUT)
     assert resumed.returncode == 0, err[-2000:]
-    _, err = full.communicate(timeout=TIMEOUT)
-    assert full.returncode == 0, err[-2000:]
-    a, b = only_run(tmp_path / "full"), only_run(tmp_path / "part")
+    a, b = uninterrupted, only_run(tmp_path / "part")
     assert b.path == run.path  # continued in the same folder
     pa, pb = ex.load_checkpoint(a.ckpt)["model"], ex.load_checkpoint(b.ckpt)["model"]
     assert all(torch.equal(pa[k], pb[k]) for k in pa)

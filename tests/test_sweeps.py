@@ -22,7 +22,7 @@ TINY = ["--niters", "4", "--test_freq", "2", "--num_samples", "32", "--num_sampl
 
 # Seconds a sweep or job may take. Tiny cells take seconds on an idle machine; on a
 # busy shared one, minutes. A slow machine is not a bug, so these are generous.
-TIMEOUT = 1800
+TIMEOUT = 600  # a tiny sweep: under a minute on a fast 2-core machine, a few on a slow one
 
 
 def with_python(env=None):
@@ -80,6 +80,38 @@ def test_dry_run_lists_the_published_grid():
     cells = [l for l in seeds.stdout.splitlines() if "--data moons" in l]
     assert len(cells) == 4 and seeds.stdout.strip().splitlines()[-1] in ("4 cells (slurm)", "4 cells (local)")
     assert sorted(re.findall(r"_s(\d+)\t.*--seed (\d+)", seeds.stdout)) == [("4", "4")] * 2 + [("7", "7")] * 2
+
+
+def test_the_paper_study_lists_exactly_its_grid():
+    """--study paper: the published study's 3 datasets x 2 solvers x {float32, tfloat32 (CUDA),
+    bfloat16, float16 with its solver's scaler, float16 unscaled} x 3 seeds, each cell with the
+    published recipe written out; on a CPU without tfloat32; options after it narrow it; an
+    unknown study is one line."""
+    recipe = ("--method rk4 --num_timesteps 128 --niters 2000 --num_samples 1024 --lr 1e-2 --lr_schedule step "
+              "--lr_step 1000 --lr_gamma 0.1")
+    scaled = {"torchdiffeq": ("grad", ""), "torchmpnode": ("dynamic", "")}
+    unscaled = {"torchdiffeq": "--no_grad_scaler", "torchmpnode": "--no_dynamic_scaler"}
+    expected = {}
+    for d in ("2spirals", "8gaussians", "checkerboard"):
+        for s in ("torchdiffeq", "torchmpnode"):
+            for p, v, flags in (("float32", "none", ""), ("tfloat32", "none", ""), ("bfloat16", "none", ""),
+                                ("float16", *scaled[s]), ("float16", "none", unscaled[s])):
+                for r in (0, 1, 2):
+                    args = f"--data {d} --odeint {s} --precision {p} {flags} {recipe} --seed {r}"
+                    expected[f"{d}_{p}_{s}_{v}_s{r}"] = " ".join(args.split())
+    proc = sweep("--study", "paper", "--dry-run", env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert proc.returncode == 0, proc.stderr
+    listed = dict(re.findall(r"^ *\d+  (\S+)\t(.*)$", proc.stdout, re.M))
+    assert listed == expected and re.search(r"^90 cells \((slurm|local)\)$", proc.stdout, re.M)
+    cpu = subprocess.run(["/bin/bash", os.path.join(ROOT, "run_cnf.sh"), "--study", "paper", "--dry-run"],
+                         capture_output=True, text=True, env={"PATH": "/nonexistent", "CNF_PYTHON": sys.executable})
+    cells = dict(re.findall(r"^ *\d+  (\S+)\t(.*)$", cpu.stdout, re.M))
+    assert cells == {k: v for k, v in expected.items() if "_tfloat32_" not in k} and "72 cells (local)" in cpu.stdout
+    narrow = sweep("--study", "paper", "--datasets", "2spirals", "--seeds", "0", "--dry-run",
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert "10 cells" in narrow.stdout and "--data 8gaussians" not in narrow.stdout
+    bad = sweep("--study", "nope", "--dry-run")
+    assert bad.returncode == 2 and bad.stderr.strip() == "run_cnf.sh: error: unknown study 'nope' (choose from: paper)"
 
 
 @pytest.mark.parametrize("bad", [["--datasets", "nope"], ["--precisions", "float8"], ["--frobnicate"], ["-j", "0"],
