@@ -24,8 +24,11 @@ Paths:
   (``cnf.py --backend triton``); by default on CUDA only (on the CPU they
   need TRITON_INTERPRET=1 and --paths, and time the interpreter, not a GPU).
 
-Options, measured beside the default path, never switched on by it (CUDA only; the
-CPU refuses them with one line):
+Options, measured beside the default path, never switched on by it (all but native_mm
+CUDA only; the CPU refuses them with one line):
+- PATH+native_mm: the float16 products with K <= 3 through torch's own matmul instead of
+  ``hyper_trace.small_k_mm``'s float32 emulation (the same roundings: the JSON's
+  ``losses`` and ``params_sha256`` of the two rows are equal); what the emulation saves;
 - PATH+fused_adam: ``torch.optim.Adam(fused=True)`` (``cnf.py --fused_adam``);
 - triton[-bf16|-tf32]+graph: the whole iteration (hypernetwork, kernels, hypernetwork
   backward, Adam with ``capturable=True``) captured once in a CUDA graph and replayed.
@@ -45,6 +48,7 @@ so a run stopped early keeps the paths it measured. A bad flag is refused before
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import statistics
@@ -67,7 +71,7 @@ QUICK = dict(batch=64, width=16, hidden=8, num_timesteps=8)
 PATHS = ("original", "seed", "torchdiffeq", *(_path("torchmpnode", p) for p in cpu_precisions()))
 CUDA_PATHS = (*(_path("torchmpnode", p) for p in PRECISIONS if p not in cpu_precisions()),
               _path("torchdiffeq", "float16"), *(_path("triton", p) for p in PRECISIONS))
-OPTIONS = ("fused_adam", "graph")  # PATH+OPTION, CUDA only
+OPTIONS = ("fused_adam", "graph", "native_mm")  # PATH+OPTION; all but native_mm CUDA only
 # float16's DynamicScaler reads the host each sweep: no CUDA graph
 GRAPH_PATHS = tuple(_path("triton", p) for p, spec in PRECISIONS.items() if spec.autocast != "float16")
 BY_TAG = {spec.tag: name for name, spec in PRECISIONS.items()}
@@ -106,7 +110,7 @@ def _check_path(path, device):
         return f"unknown path {base!r}; choose from: {', '.join(PATHS + CUDA_PATHS)}"
     if option and option not in OPTIONS:
         return f"unknown option +{option} in {path!r}; choose from: {', '.join('+' + o for o in OPTIONS)}"
-    if option and not device.startswith("cuda"):
+    if option and option != "native_mm" and not device.startswith("cuda"):
         return f"{path}: +{option} is a CUDA option; run it with --device cuda"
     if option == "graph" and base not in GRAPH_PATHS:
         return f"{path}: +graph applies to {', '.join(GRAPH_PATHS)} (float16's scaler reads the host each sweep)"
@@ -268,6 +272,7 @@ def _iterations(path, device, cfg, iters):
     """The timed iterations of one path (after two warm-ups): its row of the table."""
     import numpy as np
 
+    import hyper_trace
     import toy_data
     from precision import Precision
 
@@ -292,29 +297,32 @@ def _iterations(path, device, cfg, iters):
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         return dict(path=f"{path}+{option}", precision=precision, backend=model.backend, peak_mb=peak,
                     growth_mb=peak - base_mb, **r)
-    times = []
-    for it in range(iters + 2):  # two warm-up iterations
-        x = batch()
-        _sync(device)
-        t0 = time.perf_counter()
-        with prec.autocast():
-            loss = nll(x)
-        _sync(device)
-        t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        scalers.grad.scale(loss).backward()
-        scalers.grad.step(opt)
-        scalers.grad.update()
-        _sync(device)
-        t2 = time.perf_counter()
-        if it >= 2:
-            times.append((t1 - t0, t2 - t1))
+    times, losses = [], []
+    with hyper_trace.native_products() if option == "native_mm" else contextlib.nullcontext():
+        for it in range(iters + 2):  # two warm-up iterations
+            x = batch()
+            _sync(device)
+            t0 = time.perf_counter()
+            with prec.autocast():
+                loss = nll(x)
+            _sync(device)
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            scalers.grad.scale(loss).backward()
+            scalers.grad.step(opt)
+            scalers.grad.update()
+            _sync(device)
+            t2 = time.perf_counter()
+            losses.append(float(loss.detach()))
+            if it >= 2:
+                times.append((t1 - t0, t2 - t1))
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     fwd, bwd = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
     return dict(path=path + (f"+{option}" if option else ""), precision=precision, backend=getattr(model, "backend", "torch"),
                 ms_iter=1e3 * statistics.median(a + b for a, b in times),
                 ms_fwd=1e3 * fwd, ms_bwd=1e3 * bwd, peak_mb=peak, growth_mb=peak - base_mb,
-                loss=float(loss.detach()))
+                loss=float(loss.detach()), losses=losses, params_sha256=digest[:16])
 
 
 def _graphed(model, loss_fn, opt, prec, batch, device, iters):

@@ -15,6 +15,8 @@ pre-activation (in the ``fused_params`` layout), and ``hyper_field_trace_vjp``
 is its hand-derived vector-Jacobian product, used by the solver's fast
 backward pass.
 """
+import contextlib
+
 import torch
 
 
@@ -55,9 +57,112 @@ def fused_params(W, B, U):
     return W2T, 2 * B, Uw2T, ub, c4
 
 
+# Small-K products in float16 on a CPU. Without float16 arithmetic (no AVX512-FP16 or
+# AMX-FP16), torch's float16 matrix product is a scalar loop: the [n, 2] @ [2, w] product of
+# the activations takes 16x the float32 time (394 against 25 us for n=1024, w=128), and it is
+# most of what float16 costs over float32. That loop forms each product of two float16 numbers
+# in float32 (exact: 11 x 11 significant bits fit in 24), sums them from zero in order of k,
+# adds the bias, and rounds the sum to float16 once. ``small_k_mm`` does the same in float32
+# tensor operations, so every rounding is the one torch's product makes; ``_small_k_exact``
+# checks that on this machine, once, and otherwise the product stays torch's own.
+_SMALL_K = 3
+_small_k_checked = {}
+_small_k_native = [False]  # set by ``native_products`` only
+
+
+@contextlib.contextmanager
+def native_products():
+    """Within: ``small_k_mm`` is torch's own product everywhere (``bench.py PATH+native_mm``
+    times what the emulation saves; the results are the same bits)."""
+    before = _small_k_native[0]
+    _small_k_native[0] = True
+    try:
+        yield
+    finally:
+        _small_k_native[0] = before
+
+
+def _small_k_emulated(bias, a, b):
+    """bias + a @ b for float16 a [n,K], b [K,m], bias broadcastable to [n,m] or None: the
+    products exact in float32, summed from +0 in order of k, the bias added last, one rounding."""
+    af, bf = a.float(), b.float()
+    acc = af[:, :1] * bf[:1]  # (a broadcast multiply: torch.addcmul broadcasts several times slower)
+    for k in range(1, a.shape[1]):
+        acc = acc.add_(af[:, k : k + 1] * bf[k : k + 1])
+    acc = acc.add_(0.0)  # the sum starts from +0: a sum of -0 products is +0
+    if bias is not None:
+        acc = acc.add_(bias.float())
+    return acc.to(a.dtype)
+
+
+def _small_k_exact(device):
+    """Whether ``_small_k_emulated`` gives torch's float16 product bit for bit on this device
+    (finite values of every magnitude, subnormals, signed zeros, infinities and NaNs)."""
+    key = str(device)
+    if key not in _small_k_checked:
+        g = torch.Generator().manual_seed(0)
+        special = torch.tensor([0.0, -0.0, 65504.0, -65504.0, 6e-8, -6e-8, 1e-5, float("inf"), float("-inf"), float("nan")])
+        ok = True
+        with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
+            for K in range(1, _SMALL_K + 1):
+                a = torch.randn(257, K, generator=g) * 10.0 ** torch.randint(-6, 5, (257, K), generator=g)
+                b = torch.randn(K, 67, generator=g) * 10.0 ** torch.randint(-6, 5, (K, 67), generator=g)
+                a[:40] = special[torch.randint(0, len(special), (40, K), generator=g)]
+                b[:, :12] = special[torch.randint(0, len(special), (K, 12), generator=g)]
+                bias = torch.randn(67, generator=g) * 100
+                bias[:4] = torch.tensor([-0.0, float("nan"), 65504.0, -6e-8])
+                a, b, bias = (x.to(device=device, dtype=torch.float16) for x in (a, b, bias))
+                for c in (None, bias):
+                    ref = torch.mm(a, b) if c is None else torch.addmm(c, a, b)
+                    got = _small_k_emulated(c, a, b)
+                    nan = ref.isnan()
+                    ok = ok and torch.equal(nan, got.isnan()) and torch.equal(
+                        ref.view(torch.int16)[~nan], got.view(torch.int16)[~nan])
+        _small_k_checked[key] = ok
+    return _small_k_checked[key]
+
+
+class _SmallKMM(torch.autograd.Function):
+    """The emulated product, with the backward that torch's addmm and mm have (the same
+    products, the same layouts; the bias's gradient summed by autograd as for addmm)."""
+
+    @staticmethod
+    def forward(ctx, bias, a, b):
+        ctx.save_for_backward(a, b)
+        with torch.autocast(a.device.type, enabled=False):
+            return _small_k_emulated(bias, a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        ga = gb = None
+        if ctx.needs_input_grad[1]:  # torch's mm_mat1_backward
+            col = a.stride(0) == 1 and a.stride(1) == a.shape[0]
+            ga = b.mm(grad.t()).t() if col else grad.mm(b.t())
+        if ctx.needs_input_grad[2]:  # torch's mm_mat2_backward
+            col = b.stride(0) == 1 and b.stride(1) == b.shape[0]
+            gb = grad.t().mm(a).t() if col else a.t().mm(grad)
+        return (grad if ctx.needs_input_grad[0] else None), ga, gb
+
+
+def small_k_mm(a, b, bias=None):
+    """``torch.addmm(bias, a, b)`` (``torch.mm(a, b)`` without a bias), with the same
+    roundings and gradients; faster where that is a float16 product on a CPU with K ≤ 3
+    (see ``_small_k_emulated``). Under autocast the inputs are cast as autocast casts them."""
+    dev = a.device.type
+    ts = (a, b) if bias is None else (bias, a, b)
+    if dev == "cpu" and a.dim() == 2 and b.dim() == 2 and a.shape[1] <= _SMALL_K and not _small_k_native[0]:
+        if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16:
+            if all(x.dtype in (torch.float32, torch.float16, torch.bfloat16) for x in ts):
+                ts = tuple(x.to(torch.float16) for x in ts)
+        if all(x.dtype == torch.float16 for x in ts) and _small_k_exact(a.device):
+            return _SmallKMM.apply(None, *ts) if bias is None else _SmallKMM.apply(*ts)
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
 def _activations(W2T, B2, z):
     """s = sigmoid(2a) [n,w] and terms = s(1-s) = (1 - tanh(a)^2) / 4 [n,w]."""
-    s = torch.sigmoid(torch.addmm(B2, z, W2T))
+    s = torch.sigmoid(small_k_mm(z, W2T, B2))
     return s, torch.addcmul(s, s, s, value=-1)
 
 
@@ -103,7 +208,7 @@ def hyper_field_trace_vjp(p, z, saved, gf, gtr, gterms=None):
     gf, gtr = gf.to(dt), gtr.to(dt)
     O = gtr * c4.to(dt)  # [n, w]: the cotangent of terms from tr
     # d/ds: f gives gf Uw2T, tr gives gtr c4 (1 - 2s); both linear parts in one product
-    gs = torch.mm(torch.cat([gf, gtr], 1), torch.cat([Uw2T, c4[None]], 0).to(dt))  # [n, w]
+    gs = small_k_mm(torch.cat([gf, gtr], 1), torch.cat([Uw2T, c4[None]], 0).to(dt))  # [n, w]
     if gterms is not None:  # terms = s(1 - s): d/ds = 1 - 2s, like tr's part
         O = O + gterms.to(dt)
         gs = gs + gterms.to(dt)

@@ -6,7 +6,8 @@
 # Options:
 #   --study NAME       a named grid and recipe (study_preset below); the options after it narrow it:
 #                      paper: the published study's grid and recipe (3 datasets, 2000 iterations, batch
-#                      1024, Adam 1e-2 decayed at 1000, 128-point rk4), with 3 seeds instead of one
+#                      1024, Adam 1e-2 decayed at 1000, 128-point rk4), with 3 seeds instead of one;
+#                      cpu: the same grid on 32 points, batch 256, cosine 1e-2, both penalties 1e-3, one thread
 #   --datasets a,b     --solvers a,b     --precisions a,b     --seeds 0,1,2     narrow (or widen) the grid
 #   --local [-j N]     run the cells here, N at a time (default when sbatch is missing). Each running
 #                      cell gets one GPU, round robin, through CUDA_VISIBLE_DEVICES (GPUs from an existing
@@ -67,7 +68,11 @@ study_preset() {
       FP16_SCALERS_torchdiffeq=(grad none); FP16_SCALERS_torchmpnode=(dynamic none)
       DATA_ARGS=()
       COMMON_ARGS="--method rk4 --num_timesteps 128 --niters 2000 --num_samples 1024 --lr 1e-2 --lr_schedule step --lr_step 1000 --lr_gamma 0.1" ;;
-    *) die "unknown study '$1' (choose from: paper)" ;;
+    cpu)  # the same grid at the recipe measured in docs/experiments/2026-12-06-cpu-study-recipe.md
+      study_preset paper
+      DATA_ARGS=([8gaussians]="--niters 1500" [2spirals]="--niters 3000" [checkerboard]="--niters 10000")
+      COMMON_ARGS="--method rk4 --num_timesteps 32 --num_samples 256 --lr 1e-2 --lr_schedule cosine --kinetic 0.001 --jacobian 0.001 --threads 1" ;;
+    *) die "unknown study '$1' (choose from: paper, cpu)" ;;
   esac
 }
 # ---------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ while [ $# -gt 0 ]; do
     --cpus) sb+=(--cpus-per-task="${2:?}"); shift 2 ;;
     --env-setup) env_setup=${2?}; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done

@@ -6,6 +6,8 @@ import time
 
 import pytest
 import torch
+
+import hyper_trace as ht
 from torch.utils.flop_counter import FlopCounterMode
 
 from hyper_trace import (
@@ -247,6 +249,106 @@ def cost(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flops:
         fn()
     return sum(saved.values()), flops.get_total_flops()
+
+
+def _bits(t):
+    return t.detach().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("under_autocast", [False, True])
+def test_small_k_product_is_torchs_bit_for_bit(K, with_bias, under_autocast):
+    """small_k_mm's float16 emulation (CPU) gives torch's addmm/mm bits, forward and
+    backward, with NaN, inf, signed zeros, overflow and a partial width (131)."""
+    g = torch.Generator().manual_seed(K + 10 * with_bias)
+    n, m = 257, 131
+    a = torch.randn(n, K, generator=g) * 10.0 ** torch.randint(-4, 3, (n, K), generator=g)
+    b = torch.randn(K, m, generator=g) * 10.0 ** torch.randint(-4, 3, (K, m), generator=g)
+    bias = torch.randn(m, generator=g) * 50
+    a[:6, 0] = torch.tensor([float("nan"), float("inf"), -0.0, 65504.0, -65504.0, 6e-8])
+    a[2] = -0.0  # row 2, column 0: products of -0 whose sum is +0 (the sum starts from +0)
+    b[:, 0] = 1.0
+    bias[:3] = torch.tensor([-0.0, -1.0, 70000.0])
+    # row 6, column 1: 1 + 2^-24 rounds to 1 before the bias -1 is added: 0, not 2^-24
+    a[6], b[:, 1] = 0.0, 0.0
+    a[6, 0], b[0, 1] = 1.0, 1.0
+    if K > 1:
+        a[6, 1], b[1, 1] = 2.0**-12, 2.0**-12
+    if not under_autocast:
+        a, b, bias = a.half(), b.half(), bias.half()
+    gout = (torch.randn(n, m, generator=g) * 10).half()
+    outs, grads = [], []
+    for use_torch in (True, False):
+        xs = [x.clone().requires_grad_() for x in (a, b, bias)]
+        ctx = torch.autocast("cpu", dtype=torch.float16) if under_autocast else contextlib.nullcontext()
+        with ctx, (ht.native_products() if use_torch else contextlib.nullcontext()):
+            y = ht.small_k_mm(xs[0], xs[1], xs[2] if with_bias else None)
+        # the emulation ran (a failed check against torch's product would fall back to it)
+        assert use_torch == (type(y.grad_fn).__name__ != "_SmallKMMBackward")
+        y.backward(gout)
+        outs.append(y)
+        grads.append([x.grad for x in xs])
+    assert outs[0].dtype == outs[1].dtype == torch.float16
+    assert torch.equal(outs[0].isnan(), outs[1].isnan()) and outs[0].isnan().any()
+    assert torch.equal(_bits(outs[0]).masked_fill(outs[0].isnan(), 0), _bits(outs[1]).masked_fill(outs[1].isnan(), 0))
+    assert outs[0].isinf().any()  # the overflow and the inf reach the output
+    for g0, g1 in zip(*grads):
+        assert (g0 is None) == (g1 is None)
+        if g0 is not None:
+            assert torch.equal(g0.isnan(), g1.isnan())
+            assert torch.equal(_bits(g0).masked_fill(g0.isnan(), 0), _bits(g1).masked_fill(g1.isnan(), 0))
+
+
+def test_small_k_product_is_checked_before_use(monkeypatch):
+    """The emulation runs only where its check against torch's product passed on this
+    device; otherwise (a failed check) torch's own product runs."""
+    assert ht._small_k_exact("cpu")
+    a, b = torch.randn(8, 2).half(), torch.randn(2, 5).half()
+    with torch.enable_grad():
+        y = ht.small_k_mm(a.requires_grad_(), b)
+    assert type(y.grad_fn).__name__ == "_SmallKMMBackward"
+    monkeypatch.setitem(ht._small_k_checked, "cpu", False)
+    with torch.enable_grad():
+        y = ht.small_k_mm(a, b)
+    assert type(y.grad_fn).__name__ == "MmBackward0"
+    # float32, bfloat16 and K > 3 never take it
+    for x, w in ((a.float(), b.float()), (a.bfloat16(), b.bfloat16()), (torch.randn(8, 4).half(), torch.randn(4, 5).half())):
+        monkeypatch.setitem(ht._small_k_checked, "cpu", True)
+        assert type(ht.small_k_mm(x.requires_grad_(), w).grad_fn).__name__ == "MmBackward0"
+
+
+@pytest.mark.parametrize("odeint", ["torchmpnode", "torchdiffeq"])
+def test_float16_training_is_unchanged_by_the_emulation(odeint):
+    """A few float16 training iterations (its scaler, the regularizers' states, a partial
+    width) give the same losses and parameters bit for bit with torch's own products."""
+    from model import CNF, Integrator, nll_and_penalties
+    from precision import Precision, Scalers
+
+    results = []
+    for use_torch in (True, False):
+        torch.manual_seed(0)
+        cnf = CNF(2, 8, 19)
+        prec = Precision("float16", "cpu")
+        scalers = Scalers(odeint, prec, "cpu")
+        integ = Integrator(odeint, "rk4", 5, loss_scaler=scalers.solver_scaler)
+        opt = torch.optim.Adam(cnf.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        with ht.native_products() if use_torch else contextlib.nullcontext():
+            for _ in range(3):
+                x = torch.randn(37, 2, generator=g) * 2
+                with prec.autocast():
+                    nll, pen = nll_and_penalties(cnf, x, integ)
+                    loss = nll + 0.01 * pen.sum()
+                opt.zero_grad()
+                scalers.grad.scale(loss).backward()
+                scalers.grad.step(opt)
+                scalers.grad.update()
+                losses.append(loss.item())
+        results.append((losses, [p.detach().clone() for p in cnf.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(p, q) for p, q in zip(results[0][1], results[1][1]))
 
 
 def test_closed_form_is_cheaper_than_autograd():

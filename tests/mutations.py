@@ -73,6 +73,13 @@ MUTATIONS = [
     ("hyper_trace.py", "return (2 * torch.randint(0, 2, like.shape, generator=generator, device=dev) - 1).to(like)",
      "return torch.randint(0, 2, like.shape, generator=generator, device=dev).to(like)",
      "Rademacher noise drawn as 0/1"),
+    ("hyper_trace.py", "    acc = acc.add_(0.0)  # the sum starts from +0", "    acc = acc  # the sum starts from +0",
+     "float16 emulation: a sum of -0 products left -0"),
+    ("hyper_trace.py", "        acc = acc.add_(bias.float())\n", "        acc = (bias.float() + acc).to(torch.bfloat16).float()\n",
+     "float16 emulation: the bias added in another rounding"),
+    ("hyper_trace.py", "            ga = b.mm(grad.t()).t() if col else grad.mm(b.t())",
+     "            ga = grad.float().mm(b.t().float()).to(grad.dtype)",
+     "float16 emulation's backward: a float32 product instead of torch's"),
     # torchmpnode/
     ("torchmpnode/_solver.py", "                    acc.add_(g, alpha=inv)\n        else:",
      "                    acc.add_(g)\n        else:", "grid path: parameter cotangents not unscaled"),

@@ -111,7 +111,31 @@ def test_the_paper_study_lists_exactly_its_grid():
                    env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     assert "10 cells" in narrow.stdout and "--data 8gaussians" not in narrow.stdout
     bad = sweep("--study", "nope", "--dry-run")
-    assert bad.returncode == 2 and bad.stderr.strip() == "run_cnf.sh: error: unknown study 'nope' (choose from: paper)"
+    assert bad.returncode == 2 and bad.stderr.strip() == "run_cnf.sh: error: unknown study 'nope' (choose from: paper, cpu)"
+
+
+def test_the_cpu_study_lists_exactly_its_grid():
+    """--study cpu: the paper study's grid and seeds at the measured CPU recipe (32 points, batch
+    256, cosine 1e-2, both penalties 1e-3, one thread) with each dataset's iterations; on a CPU
+    without tfloat32."""
+    recipe = ("--method rk4 --num_timesteps 32 --num_samples 256 --lr 1e-2 --lr_schedule cosine "
+              "--kinetic 0.001 --jacobian 0.001 --threads 1")
+    niters = {"2spirals": 3000, "8gaussians": 1500, "checkerboard": 10000}
+    scaled = {"torchdiffeq": ("grad", ""), "torchmpnode": ("dynamic", "")}
+    unscaled = {"torchdiffeq": "--no_grad_scaler", "torchmpnode": "--no_dynamic_scaler"}
+    expected = {}
+    for d in ("2spirals", "8gaussians", "checkerboard"):
+        for s in ("torchdiffeq", "torchmpnode"):
+            for p, v, flags in (("float32", "none", ""), ("bfloat16", "none", ""),
+                                ("float16", *scaled[s]), ("float16", "none", unscaled[s])):
+                for r in (0, 1, 2):
+                    args = f"--data {d} --odeint {s} --precision {p} {flags} --niters {niters[d]} {recipe} --seed {r}"
+                    expected[f"{d}_{p}_{s}_{v}_s{r}"] = " ".join(args.split())
+    cpu = subprocess.run(["/bin/bash", os.path.join(ROOT, "run_cnf.sh"), "--study", "cpu", "--dry-run"],
+                         capture_output=True, text=True, env={"PATH": "/nonexistent", "CNF_PYTHON": sys.executable})
+    assert cpu.returncode == 0, cpu.stderr
+    cells = dict(re.findall(r"^ *\d+  (\S+)\t(.*)$", cpu.stdout, re.M))
+    assert cells == expected and "72 cells (local)" in cpu.stdout
 
 
 @pytest.mark.parametrize("bad", [["--datasets", "nope"], ["--precisions", "float8"], ["--frobnicate"], ["-j", "0"],
