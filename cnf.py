@@ -34,7 +34,7 @@ import toy_data  # noqa: E402
 from torchmpnode import METHODS  # noqa: E402  (plain data: the package loads torch on first use)
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
-RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "device",
+RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "tensorboard", "device",
                     "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test",
                     "grid_watch", "grid_gap_max", "on_grid_exploit")
 
@@ -103,6 +103,9 @@ def build_parser():
     a("--viz", action=argparse.BooleanOptionalAction, default=True, help="flow frames and GIF at the end")
     a("--viz_samples", type=int, default=30000, help="samples in the flow frames")
     a("--viz_timesteps", type=int, default=41, help="frames (time points) in the flow animation")
+    a("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+      help="also write the CSV rows' scalars as TensorBoard events in RUN/tensorboard/ (needs the "
+           "tensorboard package); view a sweep with: tensorboard --logdir SWEEP")
     a("--resume", default=None, help="a run folder or its ckpt.pth: continue that run in its folder")
     return p
 
@@ -157,6 +160,8 @@ def check_flags(args):
         raise ValueError(f"--run_dir {args.run_dir!r} exists and is not a folder")
     if args.resume is None and args.run_dir is None:
         _check_writable_dir(args.results_dir, "--results_dir")
+    if args.tensorboard and not ex.tensorboard_available():
+        raise ValueError("--tensorboard needs the tensorboard package, which does not import here: pip install tensorboard")
 
 
 def _check_writable_dir(path, flag):
@@ -480,13 +485,20 @@ def _checkpoint(tr, run, saved_at):
     saved_at[0] = tr.iter
 
 
+def _write_rows(tr, run, rows):
+    """The run's CSV and, with --tensorboard, the same rows as its TensorBoard events."""
+    ex.write_csv(run.csv, rows)
+    if getattr(tr.args, "tensorboard", False):  # (runs from before the flag lack it)
+        ex.write_events(run.tensorboard, rows)
+
+
 def _validate(tr, run, log, rows, window, saved_at):
     """A CSV row: validate, write the CSV, log the line, raise the grid flag when due.
     Returns why the grid is exploited, or None."""
     row = tr.evaluate(window)
     exploit = row.pop("grid_exploit_reason")
     rows.append(row)
-    ex.write_csv(run.csv, rows)
+    _write_rows(tr, run, rows)
     fine = f", grid_gap {row['grid_gap']:+.1e}" if row.get("grid_gap") is not None else ""
     if row.get("kinetic") is not None:
         fine += f"; kinetic {row['kinetic']:.3g}, jacobian {row['jacobian']:.3g}"
@@ -542,7 +554,7 @@ class Ending:
     def stop(self, status, reason, code):
         """An early end: diverged, stopped by the grid flag (with its final report), interrupted."""
         models = _final_report(self.tr, self.rows, self.run, self.log) if status == "grid_exploited" else None
-        ex.write_csv(self.run.csv, self.rows)
+        _write_rows(self.tr, self.run, self.rows)
         self._status(status, reason, models)
         missing = self._figures(plots.csv_figures(self.run.path)) if self.rows else []
         return self._close(status, reason + _missing_note(missing, self.run), code)
@@ -560,7 +572,7 @@ class Ending:
         models = _final_report(tr, self.rows, run, self.log)
         if self.rows:
             density.save(run, density.density_arrays(tr.cnf, tr.integ, tr.device, a.seed), tr.iter)  # for overviews
-        ex.write_csv(run.csv, self.rows)
+        _write_rows(tr, run, self.rows)
         if stop.received:
             return self.interrupted(stop.received)
         figures = plots.csv_figures(run.path) if self.rows else {}

@@ -152,6 +152,44 @@ def write_csv(path, rows, columns=CSV_COLUMNS):
     atomic_write(path, buf.getvalue())
 
 
+def tensorboard_available():
+    """Whether the tensorboard package (its event protobufs and record writer) imports."""
+    try:
+        import tensorboard.compat.proto.event_pb2  # noqa: F401
+        import tensorboard.summary.writer.record_writer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+EVENTS_FILE = "events.out.tfevents.cnf"  # TensorBoard reads the files whose names hold "tfevents"
+
+
+def write_events(folder, rows, columns=CSV_COLUMNS):
+    """The CSV rows as one TensorBoard event file in ``folder``: each numeric cell a scalar
+    tagged with its column at step ``iter``. The file is rewritten whole from the rows, and
+    atomically, at every row, so a resumed run (whose rows are the CSV's up to its checkpoint)
+    continues the same stream with no duplicate step. Its bytes depend on the rows alone: each
+    event's wall time is the run's training seconds so far (time_fwd_sum + time_bwd_sum), so a
+    rewrite keeps the bytes TensorBoard has read and its "relative" axis is training time."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    buf = io.BytesIO()
+    out = RecordWriter(buf)
+    out.write(event_pb2.Event(wall_time=0.0, file_version="brain.Event:2").SerializeToString())
+    for r in rows:
+        wall = (r.get("time_fwd_sum") or 0.0) + (r.get("time_bwd_sum") or 0.0)
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(r[k])) for k in columns
+                  if k != "iter" and isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        out.write(event_pb2.Event(wall_time=wall, step=int(r["iter"]),
+                                  summary=summary_pb2.Summary(value=values)).SerializeToString())
+    os.makedirs(folder, exist_ok=True)
+    pending = os.path.join(folder, "pending")  # no "tfevents" in its name: TensorBoard skips it
+    atomic_write(pending, buf.getvalue())
+    os.replace(pending, os.path.join(folder, EVENTS_FILE))
+
+
 def read_csv(path):
     """Rows of a run CSV as dicts of numbers, ints kept as ints and empty cells as
     None (so a resumed run rewrites its earlier rows byte for byte)."""
@@ -261,6 +299,11 @@ class RunDir:
     @property
     def ckpt(self):
         return self.file("ckpt.pth")
+
+    @property
+    def tensorboard(self):
+        """The folder of the run's TensorBoard events (``--tensorboard``)."""
+        return self.file("tensorboard")
 
     @property
     def ckpt_valid(self):
