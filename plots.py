@@ -367,6 +367,48 @@ def plot_summary(cells, runs, curves, out_png):
     _save(fig, out_png, dpi=90)
 
 
+def ratio_to_float32(g, cols):
+    """Per cell of one dataset's rows ``g``: the sum of ``cols`` (e.g. forward + backward ms)
+    over the same sum of the float32 (reference) cell of its solver; NaN where either is missing."""
+    ref = g[g["reference"].astype(bool)].set_index("solver")
+    own = g[list(cols)].sum(axis=1, min_count=len(cols))
+    base = g["solver"].map(ref[list(cols)].sum(axis=1, min_count=len(cols)))
+    return (own / base).to_numpy(dtype=float)
+
+
+def plot_answer(cells, out_png):
+    """answer.png of a sweep, the comparison at a glance: per dataset, each cell's paired
+    test-NLL difference to its float32 twin (the seeds' 95 % t interval and the per-point
+    ±1.96 SE), beside its time per iteration and peak memory relative to the float32 cell of
+    the same solver (mean over seeds; a ratio, 1 = float32). A cell without a completed seed
+    is a row that says so (diverged, running, ...), never a dropped row."""
+    datasets = sorted(cells["data"].unique())
+    height = max(2.6, 0.7 + 0.3 * cells.groupby("data").size().max())
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(16, height * len(datasets)), squeeze=False,
+                             layout="constrained", gridspec_kw=dict(width_ratios=[2, 1, 1]))
+    for row, data in zip(axes, datasets):
+        g = cells[cells["data"] == data].reset_index(drop=True)
+        _summary_paired(row[0], data, g)
+        y = np.arange(len(g))
+        for r in g.itertuples():
+            if r.n == 0:  # no completed seed: its state in place of a point
+                row[0].annotate(r.status, (0.0, r.Index), xytext=(6, 0), textcoords="offset points",
+                                va="center", fontsize=7, color="tab:red")
+        for a, what, cols, title in ((row[1], "time", ("ms_fwd_mean", "ms_bwd_mean"), "time per iteration"),
+                                     (row[2], "memory", ("peak_mb_mean",), "peak memory")):
+            ratio = ratio_to_float32(g, cols)
+            a.barh(y, np.nan_to_num(ratio), color="tab:green" if what == "memory" else "tab:purple")
+            for k, v in enumerate(ratio):
+                a.annotate(f"{v:.2f}×" if np.isfinite(v) else "n/a", (np.nan_to_num(v), k), xytext=(3, 0),
+                           textcoords="offset points", va="center", fontsize=7)
+            a.axvline(1.0, color="k", lw=1)
+            a.set_yticks(y, [""] * len(g))
+            a.set(xlabel="× its solver's float32", ylim=(-0.6, len(g) - 0.2))
+            a.set_title(f"{data}: {title}", fontsize=10)
+            a.set_xlim(0, max(1.2, float(np.nanmax(np.r_[ratio, 1.0])) * 1.25))
+    _save(fig, out_png, dpi=90)
+
+
 def _summary_curves(a, data, g, runs, curves):
     """A dataset's validation NLL per cell, mean ± sd over its used runs, above the entropy."""
     floor = toy_data.ENTROPY[data]

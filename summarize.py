@@ -18,7 +18,8 @@ cell with the float32 run of the same dataset, solver and seed (its "twin"):
   models, far tighter than the spread over seeds.
 
 Writes summary.md, summary.csv (one row per cell), summary_runs.csv (one row
-per run), summary.png, summary.tex (a booktabs table for a paper; every number
+per run), summary.png, answer.png (per dataset the paired differences beside time and
+memory relative to float32), summary.tex (a booktabs table for a paper; every number
 in it is formatted from summary.csv's row), summary_standalone.tex (the same as
 a complete document) and overview.png/.pdf (each cell's learned density, from
 the runs' density.npz; --backfill first writes it from the checkpoints of runs
@@ -446,6 +447,7 @@ def main(argv=None):
                ("summary.tex", lambda path: ex.atomic_write(path, tex)),
                ("summary_standalone.tex", lambda path: ex.atomic_write(path, tables.latex_standalone(tex))),
                ("summary.png", lambda path: plots.plot_summary(cells, runs, curves, path)),
+               ("answer.png", lambda path: plots.plot_answer(cells, path)),
                ("overview.png and .pdf", lambda path: write_overview(cells, runs, out))]
     for k, (name, write) in enumerate(outputs):
         try:
@@ -458,7 +460,7 @@ def main(argv=None):
             return ex.EXIT_DISK_FULL
     print(md)
     print(f"{len(runs)} runs in {len(cells)} cells" + (f" ({len(skipped)} run folders skipped)" if skipped else "")
-          + f"; wrote summary.md, .csv, .tex, _standalone.tex, .png, summary_runs.csv, overview.png, .pdf to {out}")
+          + f"; wrote summary.md, .csv, .tex, _standalone.tex, .png, summary_runs.csv, answer.png, overview.png, .pdf to {out}")
     return 0
 
 

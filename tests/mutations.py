@@ -84,6 +84,8 @@ MUTATIONS = [
      "float16 emulation's backward: a float32 product instead of torch's"),
     ("cnf.py", "        _write_rows(tr, run, self.rows)\n        if stop.received:", "        ex.write_csv(run.csv, self.rows)\n        if stop.received:",
      "the end's test columns in the CSV but not in the TensorBoard events"),
+    ("plots.py", "    return (own / base).to_numpy(dtype=float)", "    return (base / own).to_numpy(dtype=float)",
+     "answer.png: float32 over the cell instead of the cell over float32"),
     # torchmpnode/
     ("torchmpnode/_solver.py", "                    acc.add_(g, alpha=inv)\n        else:",
      "                    acc.add_(g)\n        else:", "grid path: parameter cotangents not unscaled"),

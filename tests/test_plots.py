@@ -162,3 +162,11 @@ def test_the_summary_figure_keeps_its_labels_apart(tmp_path, drawn):
     curves = {r: pd.DataFrame({"iter": [50, 100], "val_loss": [3.7, 3.6]}) for r in runs["run"]}
     plots.plot_summary(cells, runs, curves, str(tmp_path / "summary.png"))
     assert_readable(drawn[-1], "summary.png")
+
+def test_answer_ratios_are_to_the_float32_cell_of_the_same_solver():
+    """answer.png's time and memory ratios: each cell over its own solver's float32 cell;
+    a cell without numbers (diverged) and a solver without float32 give NaN, not a bar."""
+    g = pd.DataFrame(dict(solver=["a", "a", "b", "b", "a", "c"], reference=[True, False, True, False, False, False],
+                          ms_fwd_mean=[10.0, 30.0, 4.0, 6.0, math.nan, 5.0], ms_bwd_mean=[10.0, 10.0, 4.0, 2.0, math.nan, 5.0]))
+    r = plots.ratio_to_float32(g, ("ms_fwd_mean", "ms_bwd_mean"))
+    assert r[:4].tolist() == [1.0, 2.0, 1.0, 1.0] and math.isnan(r[4]) and math.isnan(r[5])

@@ -434,7 +434,8 @@ def test_backfill_from_the_checkpoint_reproduces_the_hook(sweep, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert set(os.listdir(tmp_path / "old_runs")) == before | {"summary.csv", "summary_runs.csv", "summary.md",
                                                                "summary.tex", "summary_standalone.tex",
-                                                               "summary.png", "overview.png", "overview.pdf"}
+                                                               "summary.png", "answer.png", "overview.png",
+                                                               "overview.pdf"}
     new, old = density.load(folder), density.load(src)
     np.testing.assert_allclose(new["logp"], old["logp"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(new["samples"], old["samples"], rtol=0, atol=1e-5)
@@ -492,3 +493,4 @@ def test_unreadable_runs_are_listed_and_skipped(sweep, tmp_path, capsys, monkeyp
     assert len(runs) == 7 and not runs["run"].str.contains(sweep["names"][1]).any()
     with open(os.path.join(d, "summary.csv")) as f:
         assert len(list(csv.DictReader(f))) == 4
+
