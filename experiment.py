@@ -187,7 +187,12 @@ def write_events(folder, rows, columns=CSV_COLUMNS):
     os.makedirs(folder, exist_ok=True)
     pending = os.path.join(folder, "pending")  # no "tfevents" in its name: TensorBoard skips it
     atomic_write(pending, buf.getvalue())
-    os.replace(pending, os.path.join(folder, EVENTS_FILE))
+    try:
+        os.replace(pending, os.path.join(folder, EVENTS_FILE))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(pending)
+        raise
 
 
 def read_csv(path):

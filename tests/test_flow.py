@@ -27,13 +27,13 @@ from test_cnf import ROOT, TINY, run_dirs
 @pytest.fixture(scope="session")
 def run(tmp_path_factory):
     """The folder of one completed tiny bfloat16 run (on the CPU, one thread, no flow frames),
-    trained once per session: under pytest-xdist the first worker to need it trains it in the
-    session's shared temporary folder, and the others wait on a lock and reuse it. (xdist_group
+    trained once per pytest run: under pytest-xdist the first worker to need it trains it in the
+    run's shared temporary folder, and the others wait on a lock and reuse it. (xdist_group
     would keep the file on one worker, but it has no effect with pytest 9.) A worker that finds
     no completed run trains its own, so a failed training fails every worker with its cause."""
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # this session's, shared by its workers
+        base = base.parent  # this pytest run's, shared by its workers
     with open(base / "flow_run.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         done = [d for d in glob.glob(str(base / "flow_run*" / "*"))
