@@ -52,7 +52,8 @@ TESTS = {
     "plots.py": ["tests/test_plots.py"],
     "run_cnf.sh": ["tests/test_busy_machine.py::test_a_local_cpu_sweep_skips_tfloat32",
                    "tests/test_sweeps.py::test_the_paper_study_lists_exactly_its_grid",
-                   "tests/test_sweeps.py::test_the_cpu_study_lists_exactly_its_grid"],
+                   "tests/test_sweeps.py::test_the_cpu_study_lists_exactly_its_grid",
+                   "tests/test_sweeps.py::test_local_cells_are_spread_over_gpus_at_most_k_each"],
     "flow.py": ["tests/test_flow.py"],
     "cnf.py": ["tests/test_tensorboard.py", "tests/test_busy_machine.py::test_a_stop_signal_in_any_phase_is_answered",
                "tests/test_busy_machine.py::test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit"],
@@ -283,6 +284,9 @@ MUTATIONS = [
     ("run_cnf.sh", "FP16_SCALERS_torchdiffeq=(grad none); FP16_SCALERS_torchmpnode=(dynamic none)",
      "FP16_SCALERS_torchdiffeq=(grad none); FP16_SCALERS_torchmpnode=(dynamic grad none)",
      "the paper study gains torchmpnode's GradScaler cells, which the published table lacks"),
+    ("run_cnf.sh", '    for ((k = 0; k < per_gpu; k++)); do SLOTS+=("${GPUS[@]}"); done',
+     '    for ((k = 0; k < per_gpu; k++)); do SLOTS+=("${GPUS[0]}"); done', "local cells: every slot on the first GPU"),
+    ("run_cnf.sh", '  echo "$dev" >&3\n', '  echo "${SLOTS[0]}" >&3\n', "local cells: an ended cell hands back the first slot, not its own"),
 ]
 
 

@@ -293,18 +293,21 @@ def test_gpu_detection(tmp_path):
 
 
 FAKE_CNF = """#!/bin/sh
-# cnf.py's stand-in for the launcher test: notes the GPU it was given and holds its slot a moment
+# cnf.py's stand-in for the launcher test: notes the GPU it was given and holds its slot, cells 1
+# and 2 (float32 s1, s2) for 3 s and the others for 1 s, so cells 4 and 5 start in the slots of
+# cells 0 and 3 while 1 and 2 still hold theirs
 case "$1" in */cnf.py) ;; *) exec {python} "$@" ;; esac
 shift
 while [ $# -gt 0 ]; do [ "$1" = --run_dir ] && dir=$2; shift; done
-mkdir -p "$dir" && echo "$CUDA_VISIBLE_DEVICES" > "$dir/gpu" && sleep 1
+mkdir -p "$dir" && echo "$CUDA_VISIBLE_DEVICES" > "$dir/gpu"
+case "$dir" in *_float32_*_s[12]) sleep 3 ;; *) sleep 1 ;; esac
 """
 
 
 def test_local_cells_are_spread_over_gpus_at_most_k_each(tmp_path):
     """Two fake GPUs, --per-gpu 2: each running cell sees one GPU through CUDA_VISIBLE_DEVICES,
     round robin, and no GPU ever runs more than two cells at once. The launcher is what is
-    tested: each cell's cnf.py is a stand-in that notes its GPU and holds the slot for a second
+    tested: each cell's cnf.py is a stand-in that notes its GPU and holds the slot for a set time
     (real local cells: test_local_sweep_and_summary_statistics)."""
     fake = tmp_path / "fakebin" / "python-fake"
     env = fake_gpu_env(tmp_path)
@@ -330,6 +333,7 @@ def test_local_cells_are_spread_over_gpus_at_most_k_each(tmp_path):
     assert busy == {"0": 0, "1": 0} and peak == {"0": 2, "1": 2}, proc.stdout
     assert sorted(got) == list(range(6))
     assert [got[i] for i in range(4)] == ["0", "1", "0", "1"]  # the first slots, round robin
+    assert sorted([got[4], got[5]]) == ["0", "1"]  # the slots cells 0 and 3 handed back, one per GPU
     names = dict(ln.split("\t")[:2] for ln in open(os.path.join(d, "cells.tsv")).read().splitlines())
     for cell, gpu in got.items():
         log = open(os.path.join(d, "slurm", f"local_{cell}.out")).read()
