@@ -429,7 +429,8 @@ def _summary_curves(a, data, g, runs, curves):
 
 def _summary_paired(a, data, g):
     """A dataset's paired differences to float32: the seeds' interval (open marker where it is
-    indicative) and the per-point mean ± 1.96 SE."""
+    indicative) and, where the runs' per-point log-likelihoods are at hand, the per-point
+    mean ± 1.96 SE."""
     y = np.arange(len(g))
     has_ci = g["diff_ci_low"].notna()
     half_lo = (g["diff_mean"] - g["diff_ci_low"]).where(has_ci, 0.0)
@@ -442,8 +443,11 @@ def _summary_paired(a, data, g):
         if sel.any():
             a.errorbar(g["diff_mean"][sel], y[sel.to_numpy()], xerr=[half_lo[sel], half_hi[sel]], capsize=4,
                        color="tab:blue", label=label, **style)
-    a.errorbar(g["point_diff_mean"], y + 0.2, xerr=g["point_diff_se"].fillna(0.0) * 1.96, fmt="s", ms=3,
-               capsize=3, color="tab:orange", label="per point: ±1.96 SE")
+    point = g["point_diff_mean"].notna()  # absent where the runs' test_logp.npy are not in the folder
+    if point.any():
+        a.errorbar(g["point_diff_mean"][point], y[point.to_numpy()] + 0.2,
+                   xerr=g["point_diff_se"][point].fillna(0.0) * 1.96, fmt="s", ms=3, capsize=3,
+                   color="tab:orange", label="per point: ±1.96 SE")
     a.axvline(0.0, color="k", lw=1)
     a.set_yticks(y, paired_labels(g), fontsize=7)
     a.set(title=f"{data}: test NLL minus float32 twin", xlabel="nats", ylim=(-0.6, len(g) - 0.2))
