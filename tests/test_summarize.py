@@ -494,3 +494,26 @@ def test_unreadable_runs_are_listed_and_skipped(sweep, tmp_path, capsys, monkeyp
     with open(os.path.join(d, "summary.csv")) as f:
         assert len(list(csv.DictReader(f))) == 4
 
+
+
+def _published_studies():
+    """docs/experiments/<page>/ folders that hold a summary and the runs it was made from."""
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(ROOT, "docs", "experiments", "*", "summary.md"))
+                  if os.path.isdir(os.path.join(os.path.dirname(p), "runs")))
+
+
+@pytest.mark.parametrize("folder", _published_studies(), ids=os.path.basename)
+def test_a_published_study_is_redrawn_from_its_committed_runs(folder, tmp_path, capsys, monkeypatch):
+    """summarize.py on the committed runs writes the committed summary.md and summary.csv again,
+    and every test-NLL figure of the page's tables is one of summary.md's."""
+    monkeypatch.chdir(ROOT)
+    proc = _summarize(capsys, folder, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("summary.md", "summary.csv", "summary_runs.csv", "summary.tex"):
+        with open(os.path.join(folder, name)) as committed, open(tmp_path / name) as again:
+            assert again.read() == committed.read(), f"{name} differs from what its runs give: rerun summarize.py"
+    page = open(folder + ".md").read()
+    summary = open(os.path.join(folder, "summary.md")).read()
+    quoted = re.findall(r"\| (\d\.\d{4} ± \d\.\d{4}) \|", page)
+    assert quoted, "the page quotes no test NLL from its summary"
+    assert not [q for q in quoted if f"| {q} |" not in summary], "a figure on the page is not in summary.md"
