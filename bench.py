@@ -2,6 +2,7 @@
 
     python bench.py [--device cpu|cuda] [--iters N] [--quick] [--paths ...] [--json FILE]
     python bench.py --paths torchmpnode --threads 1,2,idle --load 2 --num_timesteps 32
+    python bench.py --batch 256 --num_timesteps 32 --threads 1 --paths torchmpnode torchdiffeq-bf16   # a study cell
     python bench.py --device cuda --profile triton     # where one iteration's time goes
     python bench.py --paths triton --no-kernels        # everything but the kernels (CPU too)
     python bench.py --probe                            # this machine's speed figure (GFLOP/s)
@@ -18,6 +19,8 @@ Paths:
 - seed: the well-known mixed-precision successor of that script: the same
   repeated field with a closed-form trace by batched matmuls, torchdiffeq rk4;
 - torchdiffeq / torchmpnode: what ``cnf.py --odeint ...`` runs;
+- torchdiffeq-<tag>: torchdiffeq under autocast, one per low precision (by default on
+  CUDA only; a CPU runs them with --paths);
 - torchmpnode-<tag>: the torchmpnode path under autocast, one per precision of
   ``choices.PRECISIONS`` (bf16, fp16; tf32 on CUDA only, where it differs from float32);
 - triton[-<tag>]: the same torchmpnode runs with the fused Triton solve
@@ -69,8 +72,10 @@ def _path(solver, precision):
 STANDARD = dict(batch=1024, width=128, hidden=32, num_timesteps=128)
 QUICK = dict(batch=64, width=16, hidden=8, num_timesteps=8)
 PATHS = ("original", "seed", "torchdiffeq", *(_path("torchmpnode", p) for p in cpu_precisions()))
+# the study's other cells (torchdiffeq under autocast); by default on CUDA only, on a CPU with --paths
 CUDA_PATHS = (*(_path("torchmpnode", p) for p in PRECISIONS if p not in cpu_precisions()),
-              _path("torchdiffeq", "float16"), *(_path("triton", p) for p in PRECISIONS))
+              *(_path("torchdiffeq", p) for p, spec in PRECISIONS.items() if spec.tag),
+              *(_path("triton", p) for p in PRECISIONS))
 OPTIONS = ("fused_adam", "graph", "native_mm")  # PATH+OPTION; all but native_mm CUDA only
 # float16's DynamicScaler reads the host each sweep: no CUDA graph
 GRAPH_PATHS = tuple(_path("triton", p) for p, spec in PRECISIONS.items() if spec.autocast != "float16")
@@ -84,6 +89,7 @@ def build_parser():
     p.add_argument("--iters", type=int, default=5, help="timed iterations per path (after 2 warm-ups)")
     p.add_argument("--quick", action="store_true", help="tiny problem, for a smoke test")
     p.add_argument("--num_timesteps", type=int, default=None, help="grid points (default: the configuration's)")
+    p.add_argument("--batch", type=int, default=None, help="training points per iteration (default: the configuration's)")
     p.add_argument("--paths", nargs="+", default=None,
                    help=f"subset of {PATHS + CUDA_PATHS}, each optionally with +{' or +'.join(OPTIONS)} (CUDA)")
     p.add_argument("--threads", default=None, metavar="LIST",
@@ -125,6 +131,8 @@ def parse_args(argv=None):
         p.error("--iters must be >= 1")
     if args.num_timesteps is not None and args.num_timesteps < 2:
         p.error("--num_timesteps needs at least 2 grid points")
+    if args.batch is not None and args.batch < 1:
+        p.error("--batch must be >= 1")
     if args.load < 0:
         p.error("--load must be >= 0")
     try:
@@ -320,7 +328,7 @@ def _iterations(path, device, cfg, iters):
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     fwd, bwd = statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
     return dict(path=path + (f"+{option}" if option else ""), precision=precision, backend=getattr(model, "backend", "torch"),
-                ms_iter=1e3 * statistics.median(a + b for a, b in times),
+                batch=int(x.shape[0]), ms_iter=1e3 * statistics.median(a + b for a, b in times),
                 ms_fwd=1e3 * fwd, ms_bwd=1e3 * bwd, peak_mb=peak, growth_mb=peak - base_mb,
                 loss=float(loss.detach()), losses=losses, params_sha256=digest[:16])
 
@@ -420,8 +428,9 @@ def _write_json(out, args, cfg, rows, speed):
 
 def _config(args):
     cfg = dict(QUICK if args.quick else STANDARD)
-    if args.num_timesteps is not None:
-        cfg["num_timesteps"] = args.num_timesteps
+    for key in ("num_timesteps", "batch"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
     return cfg
 
 
@@ -473,7 +482,7 @@ def main(argv=None):
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--device", args.device,
                        "--iters", str(args.iters), "--worker-threads", str(threads or "idle")]
                 cmd += (["--quick"] if args.quick else []) + (["--no-kernels"] if args.no_kernels else [])
-                cmd += ["--num_timesteps", str(cfg["num_timesteps"])]
+                cmd += ["--num_timesteps", str(cfg["num_timesteps"]), "--batch", str(cfg["batch"])]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
                 if proc.returncode == 0:
                     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))

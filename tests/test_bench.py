@@ -24,8 +24,25 @@ def test_bench_quick(tmp_path):
 
 
 def test_bench_rejects_bad_input():
-    proc = subprocess.run([sys.executable, "bench.py", "--iters", "0"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2
+    for bad in (["--iters", "0"], ["--batch", "0"], ["--paths", "torchdiffeq-fp8"]):
+        proc = subprocess.run([sys.executable, "bench.py", *bad], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and proc.stderr.count("\n") <= 2 and "Traceback" not in proc.stderr, bad
+
+
+def test_bench_times_a_study_cell(tmp_path):
+    """--batch sets the training batch of every path, and torchdiffeq-bf16 is torchdiffeq under
+    bfloat16 autocast: the same losses as torchdiffeq's float32 to about bfloat16's precision, not to the bit."""
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--batch", "48", "--iters", "1", "--threads", "1",
+                           "--json", str(out), "--paths", "torchdiffeq", "torchdiffeq-bf16"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    f32, bf16 = data["rows"]
+    assert data["config"]["batch"] == f32["batch"] == bf16["batch"] == 48
+    assert (f32["precision"], bf16["precision"]) == ("float32", "bfloat16")
+    diffs = [abs(a - b) for a, b in zip(f32["losses"], bf16["losses"])]
+    assert 0 < max(diffs) < 0.05 * abs(f32["losses"][0]), diffs
 
 
 def test_bench_triton_paths_run(tmp_path):
