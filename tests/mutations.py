@@ -57,7 +57,8 @@ TESTS = {
     "flow.py": ["tests/test_flow.py"],
     "cnf.py": ["tests/test_tensorboard.py", "tests/test_busy_machine.py::test_a_stop_signal_in_any_phase_is_answered",
                "tests/test_busy_machine.py::test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit"],
-    "bench.py": ["tests/test_bench_options.py::test_the_speed_probe_is_one_honest_line"],
+    "bench.py": ["tests/test_bench_options.py::test_the_speed_probe_is_one_honest_line",
+                 "tests/test_bench.py::test_bench_rejects_bad_input", "tests/test_bench.py::test_bench_times_a_study_cell"],
 }
 
 # (file, text as it is, text with the bug, what the bug is). Each text occurs once in its file.
@@ -287,6 +288,13 @@ MUTATIONS = [
     ("run_cnf.sh", '    for ((k = 0; k < per_gpu; k++)); do SLOTS+=("${GPUS[@]}"); done',
      '    for ((k = 0; k < per_gpu; k++)); do SLOTS+=("${GPUS[0]}"); done', "local cells: every slot on the first GPU"),
     ("run_cnf.sh", '  echo "$dev" >&3\n', '  echo "${SLOTS[0]}" >&3\n', "local cells: an ended cell hands back the first slot, not its own"),
+    ("bench.py", '                cmd += ["--num_timesteps", str(cfg["num_timesteps"]), "--batch", str(cfg["batch"])]',
+     '                cmd += ["--num_timesteps", str(cfg["num_timesteps"])]', "--batch not passed on to the path's process"),
+    ("bench.py", '              *(_path("torchdiffeq", p) for p, spec in PRECISIONS.items() if spec.tag),',
+     '              *(_path("torchdiffeq", p) for p, spec in PRECISIONS.items() if spec.tag == "fp16"),',
+     "torchdiffeq-bf16 not a bench path"),
+    ("plots.py", '    if point.any():\n        a.errorbar(g["point_diff_mean"][point]',
+     '    if True:\n        a.errorbar(g["point_diff_mean"][point]', "answer.png: the per-point legend entry drawn with no per-point value"),
 ]
 
 

@@ -170,3 +170,18 @@ def test_answer_ratios_are_to_the_float32_cell_of_the_same_solver():
                           ms_fwd_mean=[10.0, 30.0, 4.0, 6.0, math.nan, 5.0], ms_bwd_mean=[10.0, 10.0, 4.0, 2.0, math.nan, 5.0]))
     r = plots.ratio_to_float32(g, ("ms_fwd_mean", "ms_bwd_mean"))
     assert r[:4].tolist() == [1.0, 2.0, 1.0, 1.0] and math.isnan(r[4]) and math.isnan(r[5])
+
+
+def test_answer_draws_the_per_point_series_only_where_it_has_values(tmp_path, drawn):
+    """answer.png: without the runs' per-point log-likelihoods (a published folder keeps only the
+    CSVs) the left panel has the seeds' intervals alone, and no legend entry for points it lacks."""
+    runs = _full_runs([(0, "completed", math.nan, True), (1, "completed", math.nan, True), (2, "completed", math.nan, True)])
+    ref = runs.assign(precision="float32", scaler="none", run=[r + "-ref" for r in runs["run"]])
+    cells = summarize.cell_table(pd.concat([runs, ref], ignore_index=True))
+    legend = lambda: [t.get_text() for t in drawn[-1].axes[0].get_legend().get_texts()]  # noqa: E731
+    plots.plot_answer(cells.assign(point_diff_mean=math.nan, point_diff_se=math.nan), str(tmp_path / "a.png"))
+    assert not any("per point" in t for t in legend()) and any("interval" in t for t in legend()), legend()
+    paired = cells["diff_mean"].notna()
+    plots.plot_answer(cells.assign(point_diff_mean=cells["diff_mean"].where(paired), point_diff_se=0.001),
+                      str(tmp_path / "b.png"))
+    assert any("per point" in t for t in legend()), legend()
