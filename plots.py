@@ -451,7 +451,11 @@ def _summary_paired(a, data, g):
     a.axvline(0.0, color="k", lw=1)
     a.set_yticks(y, paired_labels(g), fontsize=7)
     a.set(title=f"{data}: test NLL minus float32 twin", xlabel="nats", ylim=(-0.6, len(g) - 0.2))
-    a.legend(fontsize=7)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
+    else:  # no cell with a completed float32 twin: say so rather than leave a blank panel
+        a.text(0.5, 0.5, "no paired difference: no cell has a completed float32 twin", transform=a.transAxes,
+               ha="center", va="center", fontsize=8, color="tab:red")
 
 
 # --- re-drawing a run ----------------------------------------------------------------------

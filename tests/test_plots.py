@@ -185,3 +185,8 @@ def test_answer_draws_the_per_point_series_only_where_it_has_values(tmp_path, dr
     plots.plot_answer(cells.assign(point_diff_mean=cells["diff_mean"].where(paired), point_diff_se=0.001),
                       str(tmp_path / "b.png"))
     assert any("per point" in t for t in legend()), legend()
+    # no cell with a float32 twin: the panel says so, and no empty legend is drawn
+    plots.plot_answer(cells.assign(diff_mean=math.nan, diff_ci_low=math.nan, diff_ci_high=math.nan,
+                                   point_diff_mean=math.nan), str(tmp_path / "c.png"))
+    left = drawn[-1].axes[0]
+    assert left.get_legend() is None and any("no paired difference" in t.get_text() for t in left.texts)
