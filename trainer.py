@@ -210,7 +210,7 @@ class Trainer:
         [n] and the seconds each part took."""
         a = self.args
         x_test = toy_data.inf_train_gen(a.data, a.num_samples_test, toy_data.seed_streams(a.seed)["test"])
-        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + 999_983)  # Hutchinson noise only
+        gen = metrics.final_noise(a.seed)  # Hutchinson noise only; the same as flow.py's and checkpoint_metrics's
         t0 = time.perf_counter()
         test, logp = metrics.test_metrics(self.cnf, self.integ, torch.from_numpy(x_test).to(self.device), a.data, gen)
         t1 = time.perf_counter()
