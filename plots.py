@@ -454,7 +454,7 @@ def _summary_paired(a, data, g):
     if a.get_legend_handles_labels()[0]:
         a.legend(fontsize=7)
     else:  # no cell with a completed float32 twin: say so rather than leave a blank panel
-        a.text(0.5, 0.5, "no paired difference: no cell has a completed float32 twin", transform=a.transAxes,
+        a.text(0.5, 0.5, "no paired difference: no low-precision cell beside a completed float32 twin", transform=a.transAxes,
                ha="center", va="center", fontsize=8, color="tab:red")
 
 
