@@ -453,7 +453,7 @@ def _summary_paired(a, data, g):
     a.set(title=f"{data}: test NLL minus float32 twin", xlabel="nats", ylim=(-0.6, len(g) - 0.2))
     if a.get_legend_handles_labels()[0]:
         a.legend(fontsize=7)
-    else:  # no cell with a completed float32 twin: say so rather than leave a blank panel
+    else:  # nothing paired (no low-precision cell beside a float32 twin): say so, not a blank panel
         a.text(0.5, 0.5, "no paired difference: no low-precision cell beside a completed float32 twin", transform=a.transAxes,
                ha="center", va="center", fontsize=8, color="tab:red")
 

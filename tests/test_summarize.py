@@ -504,7 +504,7 @@ def _published_studies():
 
 @pytest.mark.parametrize("folder", _published_studies(), ids=os.path.basename)
 def test_a_published_study_is_redrawn_from_its_committed_runs(folder, tmp_path, capsys, monkeypatch):
-    """summarize.py on the committed runs writes the committed summary.md and summary.csv again,
+    """summarize.py on the committed runs writes the committed summary.md, .csv, _runs.csv and .tex again,
     and every test-NLL figure of the page's tables is one of summary.md's."""
     monkeypatch.chdir(ROOT)
     proc = _summarize(capsys, folder, "--out", tmp_path)
