@@ -1,7 +1,7 @@
 """Do the tests catch realistic bugs? Single-line mutations of the core modules, each run
 against that module's tests.
 
-    python tests/mutations.py                  # every mutation (110; over 90 minutes on a loaded 2-core machine)
+    python tests/mutations.py                  # every mutation (over 90 minutes on a loaded 2-core machine)
     python tests/mutations.py metrics toy_data # those whose file path or description contains a word
     python tests/mutations.py --list           # what would run
 
