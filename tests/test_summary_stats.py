@@ -150,4 +150,7 @@ def test_intervals_over_fewer_than_three_seeds_are_marked_indicative(tmp_path):
         assert out.stat().st_size > 10000
     one = summarize.cell_table(_cell_runs((0,)))
     assert not one["indicative"].any()  # one seed: no interval at all, nothing to mark
+    # the figure's label says so, rather than letting the bare point pass for a tight interval
+    assert "torchmpnode float16 dynamic (1 pair; no interval)" in \
+        plots.paired_labels(one[one["data"] == "moons"].reset_index(drop=True))
 
