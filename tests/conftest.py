@@ -10,7 +10,10 @@
   (tests/test_busy_machine.py, tests/test_cnf.py) remove or set it themselves.
 """
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -29,6 +32,46 @@ def pytest_xdist_auto_num_workers(config):
     import runtime
 
     return runtime.usable_cores()  # the affinity and a cgroup quota, not the host's core count
+
+
+# --- subprocesses start warm (tests/warm_python.py) -----------------------------------------------------------
+# Where tests run (each xdist worker, or the one process without xdist), a server loads torch and the kit once,
+# and sys.executable becomes a client that forks the subprocess from it. Until the server is ready, and
+# wherever a fork could differ from a cold start, the client runs the real interpreter. KIT_TEST_COLD=1: off.
+_warm = {}
+
+
+def pytest_configure(config):
+    try:
+        workers = config.getoption("numprocesses")
+    except ValueError:  # -p no:xdist
+        workers = None
+    if os.environ.get("KIT_TEST_COLD") == "1" or (workers and not hasattr(config, "workerinput")):
+        return  # switched off, or xdist's controller, which runs no test
+    here = os.path.dirname(os.path.abspath(__file__))
+    real = sys.executable
+    folder = tempfile.mkdtemp(prefix="kitwarm")
+    sock = os.path.join(folder, "s")
+    client = os.path.join(folder, "python")
+    with open(client, "w") as f:
+        f.write(f"#!{real} -SE\nimport sys\nsys.path.insert(0, {here!r})\nimport warm_python\n"
+                "warm_python.client(sys.argv[1:])\n")
+    os.chmod(client, 0o755)
+    log = open(os.path.join(folder, "server.log"), "w")
+    _warm.update(folder=folder, real=real, server=subprocess.Popen(
+        [real, os.path.join(here, "warm_python.py"), "serve", sock], stdin=subprocess.DEVNULL, stdout=log,
+        stderr=subprocess.STDOUT))
+    os.environ.update(KIT_REAL_PYTHON=real, KIT_WARM_SOCKET=sock)
+    sys.executable = client
+
+
+def pytest_unconfigure(config):
+    if _warm:
+        sys.executable = _warm["real"]
+        _warm["server"].kill()
+        _warm["server"].wait()
+        shutil.rmtree(_warm["folder"], ignore_errors=True)
+        _warm.clear()
 
 
 # --- figures at a small size, where the interpreter makes them the cost of a run -----------------------------
