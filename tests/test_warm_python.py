@@ -1,0 +1,110 @@
+"""tests/warm_python.py, the interpreter the tests' subprocesses get: a fork behaves as a real process
+(exit codes, deaths by signal, relayed stop signals, argv, working folder, environment, stdio), and
+whatever a fork could get wrong starts cold."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import warm_python
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    """A server of this module's own (the session's may still be loading), and the client for it."""
+    folder = tmp_path_factory.mktemp("warm")
+    sock = str(folder / "s")
+    if len(sock) > 100:  # AF_UNIX paths are short
+        import tempfile
+
+        sock = os.path.join(tempfile.mkdtemp(prefix="kw"), "s")
+    real = os.environ.get(warm_python.REAL_VAR, sys.executable)
+    server = subprocess.Popen([real, os.path.join(ROOT, "tests", "warm_python.py"), "serve", sock],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not os.path.exists(sock):
+        assert server.poll() is None and time.time() - t0 < 300, "the server did not start"
+        time.sleep(0.1)
+    path = folder / "python"
+    path.write_text(f"#!{real} -SE\nimport sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+                    "import warm_python\nwarm_python.client(sys.argv[1:])\n")
+    path.chmod(0o755)
+    env = {**os.environ, warm_python.REAL_VAR: real, warm_python.SOCKET_VAR: sock}
+    yield str(path), env
+    server.kill()
+    server.wait()
+
+
+def run(client, *argv, env=None, **kw):
+    path, base = client
+    return subprocess.run([path, *argv], capture_output=True, text=True, env={**base, **(env or {})}, timeout=120, **kw)
+
+
+def test_a_fork_is_warm_and_reports_as_python_does(client, tmp_path):
+    proc = run(client, "-c", "import os, sys; print('torch' in sys.modules, sys.argv, os.getcwd(), os.environ['X']); "
+               "print('err', file=sys.stderr); sys.exit(3)", "a", "b", env={"X": "y"}, cwd=tmp_path)
+    assert proc.returncode == 3 and proc.stdout == f"True ['-c', 'a', 'b'] {tmp_path} y\n" and proc.stderr == "err\n"
+    assert run(client, "-c", "import sys; sys.exit('bad input')").stderr == "bad input\n"
+    assert run(client, "-c", "raise SystemExit").returncode == 0
+    crash = run(client, "-c", "1 / 0")
+    assert crash.returncode == 1 and "ZeroDivisionError" in crash.stderr
+    assert run(client, "-c", "import sys; print(sys.stdin.read()[::-1])", input="abc").stdout == "cba\n"
+    killed = run(client, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    assert killed.returncode == -signal.SIGTERM
+    ctrl_c = run(client, "-c", "raise KeyboardInterrupt")
+    assert ctrl_c.returncode == -signal.SIGINT and "KeyboardInterrupt" in ctrl_c.stderr
+    script = run(client, os.path.join(ROOT, "cnf.py"), "--data", "nope")
+    assert script.returncode == 2 and script.stderr.count("\n") == 1 and "nope" in script.stderr
+
+
+def test_stop_signals_reach_the_fork_and_a_killed_client_takes_it_along(client, tmp_path):
+    path, env = client
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (print('TERM', flush=True), sys.exit(4)))\n"
+            "print('up', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([path, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline() == "up\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 4 and proc.stdout.read() == "TERM\n"
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen([path, "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
+                             "print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline() == "up\n"
+    fork = int(pidfile.read_text())
+    proc.kill()  # SIGKILL cannot be relayed: the server sees the client hang up and kills the fork
+    proc.wait()
+    t0 = time.time()
+    while _alive(fork):
+        assert time.time() - t0 < 30, "the fork outlived its killed client"
+        time.sleep(0.1)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_an_ignored_sigint_stays_ignored_as_in_a_background_job(client):
+    path, env = client
+    proc = subprocess.run(["bash", "-c", f"{path} -c 'import signal; print(signal.getsignal(signal.SIGINT) == "
+                           "signal.SIG_IGN)' & wait"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout == "True\n", proc.stderr
+
+
+@pytest.mark.parametrize("argv,env", [(["-X", "importtime", "-c", "pass"], {}), (["-c", "pass"], {"OMP_NUM_THREADS": "7"}),
+                                      (["-c", "pass"], {"PYTHONPATH": "/nowhere"})])
+def test_what_a_fork_could_get_wrong_starts_cold(client, argv, env):
+    """A flag it does not emulate, or a variable that a library reads when it loads, set differently
+    from the server's: the real interpreter runs instead (it says why with KIT_WARM_DEBUG=1)."""
+    proc = run(client, *argv, env={**env, "KIT_WARM_DEBUG": "1"})
+    assert proc.returncode == 0 and "warm_python: cold start" in proc.stderr, proc.stderr
+    warm = run(client, "-c", "pass", env={"KIT_WARM_DEBUG": "1"})
+    assert warm.returncode == 0 and "cold start" not in warm.stderr
