@@ -125,7 +125,8 @@ def client(argv):
         signal.signal(s, relay)
     mode, target, rest, unbuffered = request
     data = json.dumps({"mode": mode, "target": target, "argv": rest, "unbuffered": unbuffered, "cwd": os.getcwd(),
-                       "env": dict(os.environ), "ignored": [int(s) for s in ignored]}).encode()
+                       "env": dict(os.environ), "ignored": [int(s) for s in ignored],
+                       "executable": os.path.abspath(sys.argv[0])}).encode()
     socket.send_fds(conn, [struct.pack("!I", len(data)) + data], [0, 1, 2])
     child.append(_recv(conn)["pid"])
     for s in pending:
@@ -264,6 +265,7 @@ def _child(req, fds):
             signal.signal(s, signal.SIG_IGN)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         os.chdir(req["cwd"])
+        sys.executable = req["executable"]  # what the script starts (bench.py's workers) starts warm too
         os.environ.clear()
         os.environ.update(req["env"])
         unbuffered = req["unbuffered"] or bool(os.environ.get("PYTHONUNBUFFERED"))
