@@ -7,7 +7,6 @@ visualization all go through these two functions and ``Integrator``.
 import math
 
 import torch
-import torchdiffeq
 from torch import nn
 
 import torchmpnode
@@ -264,6 +263,8 @@ class Integrator:
     def solve(self, func, y0, t):
         if self.odeint == "torchmpnode":
             return torchmpnode.odeint(func, y0, t, method=self.method, loss_scaler=self.loss_scaler)
+        import torchdiffeq  # only this solver needs it; it loads scipy.integrate, a second of every start-up
+
         solve = torchdiffeq.odeint_adjoint if self.adjoint else torchdiffeq.odeint
         tols = {} if self.tol is None else {"rtol": self.tol, "atol": self.tol}
         return solve(func, y0, t, method=TORCHDIFFEQ_METHOD.get(self.method, self.method), **tols)
