@@ -48,20 +48,12 @@ def pytest_configure(config):
         workers = None
     if os.environ.get("KIT_TEST_COLD") == "1" or (workers and not hasattr(config, "workerinput")):
         return  # switched off, or xdist's controller, which runs no test
-    here = os.path.dirname(os.path.abspath(__file__))
-    real = sys.executable
-    folder = tempfile.mkdtemp(prefix="kitwarm")
-    sock = os.path.join(folder, "s")
-    client = os.path.join(folder, "python")
-    with open(client, "w") as f:
-        f.write(f"#!{real} -SE\nimport sys\nsys.path.insert(0, {here!r})\nimport warm_python\n"
-                "warm_python.client(sys.argv[1:])\n")
-    os.chmod(client, 0o755)
-    log = open(os.path.join(folder, "server.log"), "w")
-    _warm.update(folder=folder, real=real, server=subprocess.Popen(
-        [real, os.path.join(here, "warm_python.py"), "serve", sock], stdin=subprocess.DEVNULL, stdout=log,
-        stderr=subprocess.STDOUT))
-    os.environ.update(KIT_REAL_PYTHON=real, KIT_WARM_SOCKET=sock)
+    import warm_python
+
+    real, folder = sys.executable, tempfile.mkdtemp(prefix="kitwarm")
+    client, env, server = warm_python.start(real, folder)
+    _warm.update(folder=folder, real=real, server=server)
+    os.environ.update(env)
     sys.executable = client
 
 

@@ -2,9 +2,11 @@
 (exit codes, deaths by signal, relayed stop signals, argv, working folder, environment, stdio), and
 whatever a fork could get wrong starts cold."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -15,29 +17,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    """A server of this module's own (the session's may still be loading), and the client for it."""
-    folder = tmp_path_factory.mktemp("warm")
-    sock = str(folder / "s")
-    if len(sock) > 100:  # AF_UNIX paths are short
-        import tempfile
-
-        sock = os.path.join(tempfile.mkdtemp(prefix="kw"), "s")
-    real = os.environ.get(warm_python.REAL_VAR, sys.executable)
-    server = subprocess.Popen([real, os.path.join(ROOT, "tests", "warm_python.py"), "serve", sock],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def client():
+    """A server of this module's own (the worker's may still be loading), and the client for it."""
+    folder = tempfile.mkdtemp(prefix="kw")  # a short path: AF_UNIX socket paths are limited
+    path, variables, server = warm_python.start(os.environ.get(warm_python.REAL_VAR, sys.executable), folder)
     t0 = time.time()
-    while not os.path.exists(sock):
+    while not os.path.exists(variables[warm_python.SOCKET_VAR]):
         assert server.poll() is None and time.time() - t0 < 300, "the server did not start"
         time.sleep(0.1)
-    path = folder / "python"
-    path.write_text(f"#!{real} -SE\nimport sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
-                    "import warm_python\nwarm_python.client(sys.argv[1:])\n")
-    path.chmod(0o755)
-    env = {**os.environ, warm_python.REAL_VAR: real, warm_python.SOCKET_VAR: sock}
-    yield str(path), env
+    yield path, {**os.environ, **variables}
     server.kill()
     server.wait()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(client, *argv, env=None, **kw):

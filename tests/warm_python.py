@@ -74,6 +74,22 @@ def _recv_exactly(conn, n):
     return buf
 
 
+def start(real, folder):
+    """Start a server in ``folder`` (short: a socket path must be) with the interpreter ``real``, and write
+    its client there: (the client's path, the environment variables the client reads, the server)."""
+    sock, client_path = os.path.join(folder, "s"), os.path.join(folder, "python")
+    with open(client_path, "w") as f:
+        f.write(f"#!{real} -SE\nimport sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+                "import warm_python\nwarm_python.client(sys.argv[1:])\n")
+    os.chmod(client_path, 0o755)
+    import subprocess
+
+    with open(os.path.join(folder, "server.log"), "w") as log:
+        server = subprocess.Popen([real, os.path.abspath(__file__), "serve", sock], stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    return client_path, {REAL_VAR: real, SOCKET_VAR: sock}, server
+
+
 # --- the client: what a test runs as sys.executable ------------------------------------------------------
 def _warm_request(argv):
     """(mode, target, rest, unbuffered) when argv can run in a fork, else None."""
