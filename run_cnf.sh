@@ -131,8 +131,10 @@ fi
 # The kit's names (choices.py needs only the Python standard library, so any python3 reads it)
 names_py=${CNF_PYTHON:-$(command -v python3 || command -v python || echo python3)}
 choices() { "$names_py" "$KIT_DIR/choices.py" "$1" || die "cannot read the kit's $1 from choices.py with $names_py"; }
-mapfile -t KNOWN_PRECISIONS < <(choices precisions)
-mapfile -t KNOWN_SOLVERS < <(choices solvers)
+names=$(choices precisions) || exit 2  # (die in $(...) has said why, in one line)
+mapfile -t KNOWN_PRECISIONS <<< "$names"
+names=$(choices solvers) || exit 2
+mapfile -t KNOWN_SOLVERS <<< "$names"
 [ ${#KNOWN_PRECISIONS[@]} -gt 0 ] && [ ${#KNOWN_SOLVERS[@]} -gt 0 ] || die "cannot read the kit's names from choices.py"
 valid() { local x=$1; shift; for v in "$@"; do [ "$v" = "$x" ] && return 0; done; return 1; }
 for d in "${DATASETS[@]}"; do valid "$d" 8gaussians checkerboard rings circles moons swissroll 2spirals pinwheel || die "unknown dataset $d"; done
@@ -206,10 +208,23 @@ if [ -z "$resume" ] && [ "$cpu_only" = 1 ]; then
   fi
 fi
 
+# Local cells run $CNF_PYTHON, else python from the PATH after the env setup line (job_cnf.sbatch).
+# One without torch would fail every cell with a traceback, so it is refused once, before any cell
+# starts or anything is written. (A SLURM job's PATH is the compute node's: it is not checked here.)
+check_cell_python() {
+  [ "$mode" = local ] || return 0
+  local py
+  py=$( { eval "$env_setup"; } </dev/null >/dev/null 2>&1; echo "${CNF_PYTHON:-$(command -v python || command -v python3 || echo python)}")
+  "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' >/dev/null 2>&1 \
+    || die "the cells' Python ($py) cannot import torch: activate the kit's virtual environment, or give CNF_PYTHON or --env-setup"
+}
+
 if [ -n "$resume" ]; then
   # ------------------------------------------------------------ resume a sweep
   [ -f "$resume/cells.tsv" ] || die "--resume $resume: not a sweep folder (no cells.tsv)"
   SWEEP=$(cd "$resume" && pwd)
+  # the sweep's own env setup line, unless a new one is given
+  [ -n "$env_setup" ] || env_setup=$(cat "$SWEEP/env_setup.sh" 2>/dev/null || true)
   ids=()
   while IFS=$'\t' read -r idx name _; do
     st="$SWEEP/runs/$name/status.json"
@@ -219,6 +234,7 @@ if [ -n "$resume" ]; then
   echo "sweep $SWEEP: ${#ids[@]} of $(wc -l < "$SWEEP/cells.tsv") cells not finished${ids:+: ${ids[*]}}"
   [ ${#ids[@]} -gt 0 ] || exit 0
   [ "$dry" = 1 ] && exit 0
+  check_cell_python
 else
   # ------------------------------------------------------------ a new sweep: write its cells
   cells=()
@@ -243,6 +259,7 @@ else
     echo "${#cells[@]} cells ($mode)"
     exit 0
   fi
+  check_cell_python
   mkdir -p "$results"
   stamp=$(date +%Y%m%d-%H%M%S)
   for k in "" -1 -2 -3 -4 -5 -6 -7 -8 -9; do

@@ -545,3 +545,38 @@ def test_resume_skips_finished_cells_and_dry_run_only_lists(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"3 of 5 cells not finished: 2 3 4$", proc.stdout.strip(), re.M), proc.stdout
     assert not (sweep / "slurm").exists() or not os.listdir(sweep / "slurm")  # nothing ran
+
+
+def test_a_python_without_torch_is_refused_and_a_resume_keeps_the_env_setup(tmp_path):
+    """Local cells whose Python cannot import torch would each fail with a traceback: the
+    launcher says so in one line and writes nothing. A resume without --env-setup runs the
+    sweep's own env setup line (and keeps it), so its cells find the Python it names."""
+    decoys, good = tmp_path / "decoys", tmp_path / "good"
+    decoys.mkdir()
+    good.mkdir()
+    for name in ("python", "python3"):  # this Python without site-packages: choices.py runs, torch is not there
+        (decoys / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+        (decoys / name).chmod(0o755)
+    (good / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (good / "python").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CNF_PYTHON"}
+    env["PATH"] = f"{decoys}:/usr/bin:/bin"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "--datasets", "moons", "--seeds", "0",
+                           "--results-dir", str(tmp_path / "results")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
+    assert "cannot import torch" in proc.stderr and str(decoys / "python") in proc.stderr, proc.stderr
+    assert not (tmp_path / "results").exists()
+
+    sw = tmp_path / "sweep"
+    (sw / "runs").mkdir(parents=True)
+    (sw / "slurm").mkdir()
+    (sw / "cells.tsv").write_text("0\tmoons_cell\t--data moons " + " ".join(TINY) + " --no-viz\n")
+    setup = f'export PATH="{good}:$PATH"'
+    (sw / "env_setup.sh").write_text(setup + "\n")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "--resume", str(sw)],
+                          capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    log = (sw / "slurm" / "local_0.out").read_text() if (sw / "slurm" / "local_0.out").exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log[-2000:]
+    assert json.load(open(sw / "runs" / "moons_cell" / "status.json"))["status"] == "completed"
+    assert (sw / "env_setup.sh").read_text() == setup + "\n"
