@@ -72,17 +72,18 @@ def test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit(t
     the count matters here and the first comparison can fail)."""
     common = ["--num_timesteps", "8", "--test_freq", "5", "--num_samples_test", "256", "--no-viz"]
     env1 = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    # (--threads wins over OMP_NUM_THREADS, so the runs given it keep the tests' 1: they start warm)
     full = run_subprocess(*common, "--niters", "20", "--threads", "1", "--results_dir", str(tmp_path / "full"),
-                          env=env1, timeout=TIMEOUT)
+                          timeout=TIMEOUT)
     assert full.returncode == 0, full.stderr[-2000:]
     # within its first 10 iterations a run says how long its training will take, once
     assert full.stdout.count("projected: training takes about") == 1, full.stdout[-2000:]
     part = run_subprocess(*common, "--niters", "10", "--threads", "1", "--results_dir", str(tmp_path / "part"),
-                          env=env1, timeout=TIMEOUT)
+                          timeout=TIMEOUT)
     assert part.returncode == 0, part.stderr[-2000:]
     (first,) = run_dirs(tmp_path / "part")
     for name, resume_flags, env in (("kept", [], {**env1, "OMP_NUM_THREADS": "2"}), ("kept_no_env", [], env1),
-                                    ("changed", ["--threads", "2"], env1)):
+                                    ("changed", ["--threads", "2"], os.environ)):
         folder = str(tmp_path / name / os.path.basename(first))  # the same 10 iterations, resumed three ways
         shutil.copytree(first, folder)
         proc = run_subprocess("--resume", folder, "--niters", "20", *resume_flags, env=env, timeout=TIMEOUT)

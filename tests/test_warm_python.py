@@ -90,7 +90,8 @@ def test_an_ignored_sigint_stays_ignored_as_in_a_background_job(client):
     assert proc.stdout == "True\n", proc.stderr
 
 
-@pytest.mark.parametrize("argv,env", [(["-X", "importtime", "-c", "pass"], {}), (["-c", "pass"], {"OMP_NUM_THREADS": "7"}),
+@pytest.mark.parametrize("argv,env", [(["-X", "importtime", "-c", "pass"], {}), (["-c", "pass"], {"OMP_DYNAMIC": "true"}),
+                                      (["-c", "pass"], {"OMP_NUM_THREADS": "0"}),
                                       (["-c", "pass"], {"PYTHONPATH": "/nowhere"})])
 def test_what_a_fork_could_get_wrong_starts_cold(client, argv, env):
     """A flag it does not emulate, or a variable that a library reads when it loads, set differently
@@ -99,3 +100,20 @@ def test_what_a_fork_could_get_wrong_starts_cold(client, argv, env):
     assert proc.returncode == 0 and "warm_python: cold start" in proc.stderr, proc.stderr
     warm = run(client, "-c", "pass", env={"KIT_WARM_DEBUG": "1"})
     assert warm.returncode == 0 and "cold start" not in warm.stderr
+
+
+def test_another_thread_count_starts_warm_with_the_count_a_cold_start_has(client):
+    """OMP_NUM_THREADS set to another count up to the cores: the fork sets torch's thread count as
+    loading torch with it does (a cold start with the same variable is the reference). Above the
+    cores, where torch caps the count as it loads, the run starts cold."""
+    path, env = client
+    code = "import torch; print(torch.get_num_threads())"
+    cores = len(os.sched_getaffinity(0))
+    for n in sorted({1, cores}):
+        warm = run(client, "-c", code, env={"OMP_NUM_THREADS": str(n), "KIT_WARM_DEBUG": "1"})
+        assert warm.returncode == 0 and "cold start" not in warm.stderr, warm.stderr
+        cold = subprocess.run([env[warm_python.REAL_VAR], "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**env, "OMP_NUM_THREADS": str(n)})
+        assert warm.stdout == cold.stdout == f"{n}\n", (warm.stdout, cold.stdout, cold.stderr)
+    above = run(client, "-c", code, env={"OMP_NUM_THREADS": str(cores + 1), "KIT_WARM_DEBUG": "1"})
+    assert "cold start" in above.stderr and above.stdout == f"{cores}\n", above.stderr

@@ -15,7 +15,8 @@ test worker; each subprocess a test starts is then forked from it, and runs the 
 A fork is not a cold start, so the client runs the real interpreter (exec) instead whenever that
 could differ: flags other than ``-u``, ``-c``, ``-m`` (``-X importtime`` among them), a script
 outside the kit, ``tests/slow_start.py`` (it tests start-up itself), or an environment variable read
-when a library loads (threads, Triton, CUDA, Python's own) set differently from the server's. A
+when a library loads (OpenMP's, Triton's, CUDA's, Python's own) set differently from the server's.
+OMP_NUM_THREADS is the exception: a fork given another count, up to the cores, sets torch's to it. A
 signal the client inherited as ignored (SIGINT in a shell's background job) starts ignored in the
 fork too, as it would in a real process. ``KIT_TEST_COLD=1`` turns the whole thing off.
 """
@@ -40,12 +41,19 @@ COLD_SCRIPTS = (os.path.join(ROOT, "tests", "slow_start.py"),)
 
 
 SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)  # torch sets it to its default when torch._inductor loads
+# A thread count here, from 1 to the usable cores, is what torch's thread count starts at; a fork sets it
+# (torch.set_num_threads does what loading with it does), so a run given another count starts warm. Unset,
+# not a count, or more than the cores (torch then caps its count at the cores when it loads): cold.
+SET_IN_FORK = "OMP_NUM_THREADS"
 
 
 def _load_time_env(env):
     skip = CPU_BUILD_VARS if env.get("KIT_WARM_CPU_TORCH") == "1" else ()
-    return {k: v for k, v in env.items() if k.startswith(LOAD_TIME_VARS) and k not in SET_BY_TORCH
-            and not k.startswith(skip)}
+    out = {k: v for k, v in env.items() if k.startswith(LOAD_TIME_VARS) and k not in SET_BY_TORCH
+           and not k.startswith(skip)}
+    if out.get(SET_IN_FORK, "").isdigit() and 0 < int(out[SET_IN_FORK]) <= len(os.sched_getaffinity(0)):
+        out[SET_IN_FORK] = "a count"
+    return out
 
 
 def _send(conn, obj):
@@ -284,6 +292,10 @@ def _child(req, fds):
         sys.executable = req["executable"]  # what the script starts (bench.py's workers) starts warm too
         os.environ.clear()
         os.environ.update(req["env"])
+        if SET_IN_FORK in os.environ:  # a count from 1 to the cores (else the client started cold)
+            import torch
+
+            torch.set_num_threads(int(os.environ[SET_IN_FORK]))
         unbuffered = req["unbuffered"] or bool(os.environ.get("PYTHONUNBUFFERED"))
         sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding="utf-8")
         sys.stdout = sys.__stdout__ = _stream(1, unbuffered, "strict")
