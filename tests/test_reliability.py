@@ -14,8 +14,8 @@ import torch
 import experiment as ex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_timesteps", "4", "--width", "8",
-        "--hidden_dim", "8", "--test_freq", "5", "--ckpt_freq", "1000", "--no-viz"]
+TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_samples_test", "256", "--num_timesteps", "4",
+        "--width", "8", "--hidden_dim", "8", "--test_freq", "5", "--ckpt_freq", "1000", "--no-viz"]
 # Seconds any one subprocess may take. A tiny run takes a few seconds on an idle
 # machine; on a busy shared one it can take minutes, and a slow machine is not a bug.
 TIMEOUT = 300  # a tiny run: seconds on a fast 2-core machine, about a minute on a slow one
@@ -100,7 +100,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
         ex.save_checkpoint({str(path)!r}, {{"config": {{"width": 8}}, "w": torch.zeros(3), "iter": 2}})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
     state = ex.load_checkpoint(path)
     assert state["iter"] == 1 and torch.equal(state["w"], torch.ones(3))
 

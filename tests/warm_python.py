@@ -161,7 +161,8 @@ def client(argv):
     if "signal" in end:
         for s in RELAYED:
             signal.signal(s, signal.SIG_DFL)
-        signal.signal(end["signal"], signal.SIG_DFL)
+        if end["signal"] not in (signal.SIGKILL, signal.SIGSTOP):  # (those two cannot be caught, nor reset)
+            signal.signal(end["signal"], signal.SIG_DFL)
         os.kill(os.getpid(), end["signal"])
         os._exit(128 + end["signal"])
     os._exit(end["code"])
