@@ -131,10 +131,15 @@ def client(argv):
             server_env = None
     mine = _load_time_env({**os.environ, "KIT_WARM_CPU_TORCH": (server_env or {}).get("KIT_WARM_CPU_TORCH", "")})
     if server_env is None or _load_time_env(server_env) != mine:
-        if os.environ.get("KIT_WARM_DEBUG"):
+        if os.environ.get("KIT_WARM_DEBUG") or os.environ.get("KIT_WARM_LOG"):
             why = ("not a kit script or flag" if not request else "no server" if server_env is None else
                    f"load-time variables differ: {set(_load_time_env(server_env).items()) ^ set(mine.items())}")
-            print(f"warm_python: cold start ({why}): {argv}", file=sys.stderr)
+            line = f"warm_python: cold start ({why}): {argv}"
+            if os.environ.get("KIT_WARM_DEBUG"):
+                print(line, file=sys.stderr)
+            if os.environ.get("KIT_WARM_LOG"):  # a file the whole test run appends to, one line each
+                with open(os.environ["KIT_WARM_LOG"], "a") as f:
+                    f.write(line[:1000] + "\n")
         os.execv(real or sys.executable, [real or sys.executable, *argv])  # a cold start
     ignored = [s for s in RELAYED if signal.getsignal(s) == signal.SIG_IGN]
     pending, child = [], []
