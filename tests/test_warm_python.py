@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import pytest
+import torch
 
 import warm_python
 
@@ -118,3 +119,30 @@ def test_another_thread_count_starts_warm_with_the_count_a_cold_start_has(client
         assert warm.stdout == cold.stdout == f"{n}\n", (warm.stdout, cold.stdout, cold.stderr)
     above = run(client, "-c", code, env={"OMP_NUM_THREADS": str(cores + 1), "KIT_WARM_DEBUG": "1"})
     assert "cold start" in above.stderr and above.stdout == f"{cores}\n", above.stderr
+
+
+def test_variables_of_libraries_never_loaded_do_not_force_a_cold_start(client):
+    """KMP_* (Intel OpenMP's, set by scikit-learn and joblib when imported) matter only where torch
+    loaded Intel OpenMP; CUDA_* only with a CUDA build of torch."""
+    maps = open("/proc/self/maps").read()  # this process has loaded what the server loads
+    for var, used in (("KMP_INIT_AT_FORK", "libiomp" in maps),
+                      ("CUDA_VISIBLE_DEVICES", torch.version.cuda is not None or torch.version.hip is not None)):
+        proc = run(client, "-c", "pass", env={var: "x", "KIT_WARM_DEBUG": "1"})
+        assert proc.returncode == 0 and ("cold start" in proc.stderr) == used, (var, proc.stderr)
+
+
+def test_the_test_runs_own_subprocesses_start_warm():
+    """The interpreter every test gets (sys.executable, the client of this worker's server) forks a kit
+    script in the environment the tests have after collection (every test module imported): nothing
+    that a module sets as it is imported (scikit-learn's KMP_* did) may send them all cold."""
+    if os.environ.get("KIT_TEST_COLD") == "1" or warm_python.SOCKET_VAR not in os.environ:
+        pytest.skip("warm subprocesses are off (KIT_TEST_COLD=1, or xdist's controller)")
+    import sklearn  # noqa: F401  (as tests/test_toy_data.py does; sets KMP_* in this process's environment)
+
+    t0 = time.time()
+    while not os.path.exists(os.environ[warm_python.SOCKET_VAR]):
+        assert time.time() - t0 < 300, "the worker's server did not start"
+        time.sleep(0.1)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "choices.py"), "precisions"], capture_output=True,
+                          text=True, env={**os.environ, "KIT_WARM_DEBUG": "1"}, timeout=120)
+    assert proc.returncode == 0 and "cold start" not in proc.stderr, proc.stderr

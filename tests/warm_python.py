@@ -34,7 +34,7 @@ REAL_VAR = "KIT_REAL_PYTHON"
 # read when a library loads (OpenMP, MKL, Triton's interpreter, CUDA, Python itself), so a fork would keep the server's
 LOAD_TIME_VARS = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TRITON_", "CUDA_", "PYTHON", "TORCH", "LD_", "MALLOC_",
                   "MPLBACKEND", "NUMEXPR_")
-CPU_BUILD_VARS = ("CUDA_",)  # a CPU build of torch never reads them (run_cnf.sh gives a CPU cell CUDA_VISIBLE_DEVICES=)
+IGNORED_VAR = "KIT_WARM_IGNORED"  # the server's list of prefixes that nothing it loaded reads (see serve)
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGQUIT,
            signal.SIGCONT)
 COLD_SCRIPTS = (os.path.join(ROOT, "tests", "slow_start.py"),)
@@ -47,10 +47,9 @@ SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)  # torch sets it to its default when
 SET_IN_FORK = "OMP_NUM_THREADS"
 
 
-def _load_time_env(env):
-    skip = CPU_BUILD_VARS if env.get("KIT_WARM_CPU_TORCH") == "1" else ()
+def _load_time_env(env, ignored=()):
     out = {k: v for k, v in env.items() if k.startswith(LOAD_TIME_VARS) and k not in SET_BY_TORCH
-           and not k.startswith(skip)}
+           and not k.startswith(tuple(ignored))}
     if out.get(SET_IN_FORK, "").isdigit() and 0 < int(out[SET_IN_FORK]) <= len(os.sched_getaffinity(0)):
         out[SET_IN_FORK] = "a count"
     return out
@@ -129,11 +128,12 @@ def client(argv):
             server_env = _recv(conn)
         except OSError:
             server_env = None
-    mine = _load_time_env({**os.environ, "KIT_WARM_CPU_TORCH": (server_env or {}).get("KIT_WARM_CPU_TORCH", "")})
-    if server_env is None or _load_time_env(server_env) != mine:
+    ignored = [p for p in (server_env or {}).get(IGNORED_VAR, "").split(",") if p]
+    mine, theirs = _load_time_env(os.environ, ignored), _load_time_env(server_env or {}, ignored)
+    if server_env is None or theirs != mine:
         if os.environ.get("KIT_WARM_DEBUG") or os.environ.get("KIT_WARM_LOG"):
             why = ("not a kit script or flag" if not request else "no server" if server_env is None else
-                   f"load-time variables differ: {set(_load_time_env(server_env).items()) ^ set(mine.items())}")
+                   f"load-time variables differ: {set(theirs.items()) ^ set(mine.items())}")
             line = f"warm_python: cold start ({why}): {argv}"
             if os.environ.get("KIT_WARM_DEBUG"):
                 print(line, file=sys.stderr)
@@ -192,7 +192,19 @@ def serve(path):
         pass
     import torch
 
-    hello["KIT_WARM_CPU_TORCH"] = "1" if torch.version.cuda is None and torch.version.hip is None else "0"
+    # Variables for libraries this process never loaded cannot change it: CUDA's with a CPU build of torch
+    # (run_cnf.sh gives a CPU cell CUDA_VISIBLE_DEVICES=), Intel OpenMP's (KMP_*, which scikit-learn and
+    # joblib set as they are imported, e.g. by a test module) where torch uses GNU OpenMP.
+    ignored = []
+    if torch.version.cuda is None and torch.version.hip is None:
+        ignored.append("CUDA_")
+    try:
+        with open("/proc/self/maps") as f:
+            if "libiomp" not in f.read():
+                ignored.append("KMP_")
+    except OSError:
+        pass
+    hello[IGNORED_VAR] = ",".join(ignored)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
