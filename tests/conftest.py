@@ -36,8 +36,9 @@ def pytest_xdist_auto_num_workers(config):
 
 # --- subprocesses start warm (tests/warm_python.py) -----------------------------------------------------------
 # Where tests run (each xdist worker, or the one process without xdist), a server loads torch and the kit once,
-# and sys.executable becomes a client that forks the subprocess from it. Until the server is ready, and
-# wherever a fork could differ from a cold start, the client runs the real interpreter. KIT_TEST_COLD=1: off.
+# and sys.executable becomes a client that forks the subprocess from it (one started while the server loads
+# waits for it). Wherever a fork could differ from a cold start, the client runs the real interpreter.
+# KIT_TEST_COLD=1: off.
 _warm = {}
 
 

@@ -27,9 +27,12 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOCKET_VAR = "KIT_WARM_SOCKET"
+LOADING_VAR = "KIT_WARM_SERVER_PID"  # while this process lives and the socket is not there yet, it is loading
+WAIT_FOR_LOAD = 300  # seconds a client waits for a loading server (a cold start meanwhile would compete with it)
 REAL_VAR = "KIT_REAL_PYTHON"
 # read when a library loads (OpenMP, MKL, Triton's interpreter, CUDA, Python itself), so a fork would keep the server's
 LOAD_TIME_VARS = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TRITON_", "CUDA_", "PYTHON", "TORCH", "LD_", "MALLOC_",
@@ -94,7 +97,16 @@ def start(real, folder):
     with open(os.path.join(folder, "server.log"), "w") as log:
         server = subprocess.Popen([real, os.path.abspath(__file__), "serve", sock], stdin=subprocess.DEVNULL,
                                   stdout=log, stderr=subprocess.STDOUT)
-    return client_path, {REAL_VAR: real, SOCKET_VAR: sock}, server
+    return client_path, {REAL_VAR: real, SOCKET_VAR: sock, LOADING_VAR: str(server.pid)}, server
+
+
+def _loading(pid):
+    """Whether the server ``pid`` is still alive (not a zombie), so its socket is yet to come."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 # --- the client: what a test runs as sys.executable ------------------------------------------------------
@@ -122,6 +134,10 @@ def client(argv):
     request = _warm_request(argv)
     server_env = None
     if request and path:
+        waited = 0.0
+        while not os.path.exists(path) and waited < WAIT_FOR_LOAD and _loading(os.environ.get(LOADING_VAR, "")):
+            time.sleep(0.05)  # the server appears (renamed into place) only once it listens
+            waited += 0.05
         try:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(path)
@@ -206,8 +222,9 @@ def serve(path):
         pass
     hello[IGNORED_VAR] = ",".join(ignored)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(path + ".new")
     listener.listen(64)
+    os.rename(path + ".new", path)  # a client that sees the path can connect
     print("ready", flush=True)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
