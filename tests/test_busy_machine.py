@@ -70,7 +70,8 @@ def test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit(t
     uninterrupted 20-iteration run (timing columns aside), at the default batch and width, even
     with OMP_NUM_THREADS=2 in the resume's environment; a resume given --threads 2 does not (so
     the count matters here and the first comparison can fail)."""
-    common = ["--num_timesteps", "8", "--test_freq", "5", "--num_samples_test", "256", "--no-viz"]
+    common = ["--num_timesteps", "8", "--test_freq", "5", "--num_samples_val", "256", "--num_samples_test", "256",
+              "--no-viz"]
     env1 = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     # (--threads wins over OMP_NUM_THREADS, so the runs given it keep the tests' 1: they start warm)
     full = run_subprocess(*common, "--niters", "20", "--threads", "1", "--results_dir", str(tmp_path / "full"),

@@ -43,7 +43,9 @@ RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal
 COLD_SCRIPTS = (os.path.join(ROOT, "tests", "slow_start.py"),)
 
 
-SET_BY_TORCH = ("TORCHINDUCTOR_CACHE_DIR",)  # torch sets it to its default when torch._inductor loads
+# torch sets the first to its default when torch._inductor loads; Python reads PYTHONPATH, PYTHONHOME, ...,
+# never PYTHON itself (tools/gpu_check.sh's interpreter)
+NOT_READ = ("TORCHINDUCTOR_CACHE_DIR", "PYTHON")
 # A thread count here, from 1 to the usable cores, is what torch's thread count starts at; a fork sets it
 # (torch.set_num_threads does what loading with it does), so a run given another count starts warm. Unset,
 # not a count, or more than the cores (torch then caps its count at the cores when it loads): cold.
@@ -51,7 +53,7 @@ SET_IN_FORK = "OMP_NUM_THREADS"
 
 
 def _load_time_env(env, ignored=()):
-    out = {k: v for k, v in env.items() if k.startswith(LOAD_TIME_VARS) and k not in SET_BY_TORCH
+    out = {k: v for k, v in env.items() if k.startswith(LOAD_TIME_VARS) and k not in NOT_READ
            and not k.startswith(tuple(ignored))}
     if out.get(SET_IN_FORK, "").isdigit() and 0 < int(out[SET_IN_FORK]) <= len(os.sched_getaffinity(0)):
         out[SET_IN_FORK] = "a count"
