@@ -314,13 +314,15 @@ def _label(r):
 
 def paired_labels(g):
     """The row labels of a dataset's paired panel: the cell, its seed pairs, and whether its
-    interval is indicative (fewer than 3 pairs)."""
+    interval is indicative (fewer than 3 pairs) or missing (one pair)."""
     out = []
     for r in g.itertuples():
         if r.reference:
             out.append(f"{_label(r)} (reference)")
         else:
-            out.append(f"{_label(r)} ({r.pairs} pairs" + ("; indicative" if getattr(r, "indicative", False) else "") + ")")
+            note = ("; indicative" if getattr(r, "indicative", False) else
+                    "; no interval" if r.pairs == 1 else "")  # one pair: the point alone
+            out.append(f"{_label(r)} ({r.pairs} pair{'s' if r.pairs != 1 else ''}{note})")
     return out
 
 
