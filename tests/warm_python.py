@@ -146,8 +146,8 @@ def client(argv):
             server_env = _recv(conn)
         except OSError:
             server_env = None
-    ignored = [p for p in (server_env or {}).get(IGNORED_VAR, "").split(",") if p]
-    mine, theirs = _load_time_env(os.environ, ignored), _load_time_env(server_env or {}, ignored)
+    unread = [p for p in (server_env or {}).get(IGNORED_VAR, "").split(",") if p]
+    mine, theirs = _load_time_env(os.environ, unread), _load_time_env(server_env or {}, unread)
     if server_env is None or theirs != mine:
         if os.environ.get("KIT_WARM_DEBUG") or os.environ.get("KIT_WARM_LOG"):
             why = ("not a kit script or flag" if not request else "no server" if server_env is None else
