@@ -143,3 +143,20 @@ def test_the_test_runs_own_subprocesses_start_warm():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "choices.py"), "precisions"], capture_output=True,
                           text=True, env={**os.environ, "KIT_WARM_DEBUG": "1"}, timeout=120)
     assert proc.returncode == 0 and "cold start" not in proc.stderr, proc.stderr
+
+
+def test_a_server_loaded_with_more_threads_than_cores_keeps_torchs_capped_count(monkeypatch):
+    """pytest run with OMP_NUM_THREADS above the cores: torch capped the server's count as it loaded,
+    and a fork with the same variable keeps that count, as a cold start has it."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 1))
+    folder = tempfile.mkdtemp(prefix="kw")
+    path, variables, server = warm_python.start(os.environ.get(warm_python.REAL_VAR, sys.executable), folder)
+    try:
+        proc = run((path, {**os.environ, **variables}), "-c", "import torch; print(torch.get_num_threads())",
+                   env={"KIT_WARM_DEBUG": "1"})
+        assert "cold start" not in proc.stderr and proc.stdout == f"{cores}\n", (proc.stdout, proc.stderr)
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)

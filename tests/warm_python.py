@@ -37,7 +37,7 @@ REAL_VAR = "KIT_REAL_PYTHON"
 # read when a library loads (OpenMP, MKL, Triton's interpreter, CUDA, Python itself), so a fork would keep the server's
 LOAD_TIME_VARS = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TRITON_", "CUDA_", "PYTHON", "TORCH", "LD_", "MALLOC_",
                   "MPLBACKEND", "NUMEXPR_")
-IGNORED_VAR = "KIT_WARM_IGNORED"  # the server's list of prefixes that nothing it loaded reads (see serve)
+UNREAD_VAR = "KIT_WARM_UNREAD"  # the server's list of prefixes that nothing it loaded reads (see serve)
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGQUIT,
            signal.SIGCONT)
 COLD_SCRIPTS = (os.path.join(ROOT, "tests", "slow_start.py"),)
@@ -52,10 +52,16 @@ NOT_READ = ("TORCHINDUCTOR_CACHE_DIR", "PYTHON")
 SET_IN_FORK = "OMP_NUM_THREADS"
 
 
-def _load_time_env(env, ignored=()):
+def _fork_threads(env):
+    """The thread count a fork sets from ``env``'s OMP_NUM_THREADS (1 to the usable cores), else None."""
+    n = env.get(SET_IN_FORK, "")
+    return int(n) if n.isdigit() and 0 < int(n) <= len(os.sched_getaffinity(0)) else None
+
+
+def _load_time_env(env, unread=()):
     out = {k: v for k, v in env.items() if k.startswith(LOAD_TIME_VARS) and k not in NOT_READ
-           and not k.startswith(tuple(ignored))}
-    if out.get(SET_IN_FORK, "").isdigit() and 0 < int(out[SET_IN_FORK]) <= len(os.sched_getaffinity(0)):
+           and not k.startswith(tuple(unread))}
+    if _fork_threads(out) is not None:
         out[SET_IN_FORK] = "a count"
     return out
 
@@ -136,17 +142,16 @@ def client(argv):
     request = _warm_request(argv)
     server_env = None
     if request and path:
-        waited = 0.0
-        while not os.path.exists(path) and waited < WAIT_FOR_LOAD and _loading(os.environ.get(LOADING_VAR, "")):
+        deadline = time.monotonic() + WAIT_FOR_LOAD
+        while not os.path.exists(path) and time.monotonic() < deadline and _loading(os.environ.get(LOADING_VAR, "")):
             time.sleep(0.05)  # the server appears (renamed into place) only once it listens
-            waited += 0.05
         try:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(path)
             server_env = _recv(conn)
         except OSError:
             server_env = None
-    unread = [p for p in (server_env or {}).get(IGNORED_VAR, "").split(",") if p]
+    unread = [p for p in (server_env or {}).get(UNREAD_VAR, "").split(",") if p]
     mine, theirs = _load_time_env(os.environ, unread), _load_time_env(server_env or {}, unread)
     if server_env is None or theirs != mine:
         if os.environ.get("KIT_WARM_DEBUG") or os.environ.get("KIT_WARM_LOG"):
@@ -213,16 +218,16 @@ def serve(path):
     # Variables for libraries this process never loaded cannot change it: CUDA's with a CPU build of torch
     # (run_cnf.sh gives a CPU cell CUDA_VISIBLE_DEVICES=), Intel OpenMP's (KMP_*, which scikit-learn and
     # joblib set as they are imported, e.g. by a test module) where torch uses GNU OpenMP.
-    ignored = []
+    unread = []
     if torch.version.cuda is None and torch.version.hip is None:
-        ignored.append("CUDA_")
+        unread.append("CUDA_")
     try:
         with open("/proc/self/maps") as f:
             if "libiomp" not in f.read():
-                ignored.append("KMP_")
+                unread.append("KMP_")
     except OSError:
         pass
-    hello[IGNORED_VAR] = ",".join(ignored)
+    hello[UNREAD_VAR] = ",".join(unread)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".new")
     listener.listen(64)
@@ -329,10 +334,10 @@ def _child(req, fds):
         sys.executable = req["executable"]  # what the script starts (bench.py's workers) starts warm too
         os.environ.clear()
         os.environ.update(req["env"])
-        if SET_IN_FORK in os.environ:  # a count from 1 to the cores (else the client started cold)
+        if _fork_threads(os.environ) is not None:  # (a count above the cores is the server's own: torch capped it)
             import torch
 
-            torch.set_num_threads(int(os.environ[SET_IN_FORK]))
+            torch.set_num_threads(_fork_threads(os.environ))
         unbuffered = req["unbuffered"] or bool(os.environ.get("PYTHONUNBUFFERED"))
         sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.open(0, "rb", closefd=False), encoding="utf-8")
         sys.stdout = sys.__stdout__ = _stream(1, unbuffered, "strict")
