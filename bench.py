@@ -70,7 +70,9 @@ def _path(solver, precision):
 
 
 STANDARD = dict(batch=1024, width=128, hidden=32, num_timesteps=128)
-QUICK = dict(batch=64, width=16, hidden=8, num_timesteps=8)
+# --quick: a smoke test. Small enough for Triton's interpreter (its time grows with programs x steps), and
+# 20 samples leave every block size a partial block.
+QUICK = dict(batch=20, width=16, hidden=8, num_timesteps=5)
 PATHS = ("original", "seed", "torchdiffeq", *(_path("torchmpnode", p) for p in cpu_precisions()))
 # the study's other cells (torchdiffeq under autocast); by default on CUDA only, on a CPU with --paths
 CUDA_PATHS = (*(_path("torchmpnode", p) for p in PRECISIONS if p not in cpu_precisions()),

@@ -34,6 +34,20 @@ def pytest_xdist_auto_num_workers(config):
     return runtime.usable_cores()  # the affinity and a cgroup quota, not the host's core count
 
 
+# The files that take longest are handed out first (pytest.ini: --no-loadscope-reorder; xdist's own order
+# is by number of tests), so that no worker is left with a long file while the others have finished.
+# Longest first, as measured on an idle 2-core machine (docs/testing.md); a stale order costs only balance.
+SLOW_FILES = ("tests/test_cnf_kernels.py", "tests/test_sweeps.py", "tests/test_cnf.py", "tests/test_busy_machine.py",
+              "tests/test_host_syncs.py", "tests/test_summarize.py", "tests/test_bench.py", "tests/test_reliability.py",
+              "tests/test_schedule.py", "tests/test_gpu_check.py", "tests/test_warm_python.py", "tests/test_scaling.py",
+              "tests/test_kernel_nonfinite.py", "tests/test_tensorboard.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {f: i for i, f in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.partition("::")[0], len(rank)))  # stable: the rest keep their order
+
+
 # --- subprocesses start warm (tests/warm_python.py) -----------------------------------------------------------
 # Where tests run (each xdist worker, or the one process without xdist), a server loads torch and the kit once,
 # and sys.executable becomes a client that forks the subprocess from it (one started while the server loads
@@ -70,16 +84,17 @@ def pytest_unconfigure(config):
 # --- figures at a small size, where the interpreter makes them the cost of a run -----------------------------
 @pytest.fixture
 def small_figure_grids(monkeypatch):
-    """In this process, a run's density.npz and its flow frames' density on 12 points per side instead
-    of 96 and 100. In Triton's interpreter those two solves (9 216 and 10 000 points) were most of a
-    tiny fused run's time; the code paths are the same at 12. Without CUDA only."""
+    """In this process, a run's density.npz on 12 points per side instead of 96 and with 50 samples
+    instead of 2 000, and its flow frames' density on 12 points per side instead of 100. In Triton's
+    interpreter those solves (9 216, 2 000 and 10 000 points) were most of a tiny fused run's time; the
+    code paths are the same at these sizes (50 leaves a partial block). Without CUDA only."""
     import functools
 
     import density
     import model
 
     if not torch.cuda.is_available():
-        monkeypatch.setattr(density, "density_arrays", functools.partial(density.density_arrays, grid=12))
+        monkeypatch.setattr(density, "density_arrays", functools.partial(density.density_arrays, grid=12, num_samples=50))
         monkeypatch.setattr(model, "flow_snapshots", functools.partial(model.flow_snapshots, grid_size=12))
 
 

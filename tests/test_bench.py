@@ -82,7 +82,8 @@ def test_bench_tools_for_a_gpu_slot(tmp_path):
     assert len(rows) == 8 and all(float(r[6]) > 0 and float(r[7]) < 1e-5 for r in rows), sweep.stdout
     assert rows[0][:4] == ["float32", "forward", "16", "4"] and rows[1][:4] == ["float16", "backward", "16", "4"]
     assert [r[4] for r in rows[2:6]] == ["no", "yes", "no", "yes"], sweep.stdout  # padded rows off and on
-    assert [r[5] for r in rows[6:]] == ["0.002: 7", "64: 1"], sweep.stdout  # one step per launch, and one launch
+    # the 4 steps of bench.QUICK: 2 steps per launch in a 0.002 MB budget, and all in one launch in 64 MB
+    assert [r[5] for r in rows[6:]] == ["0.002: 2", "64: 1"], sweep.stdout
     bad = subprocess.run([sys.executable, "-m", "tools.kernel_sweep", "sideways"], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "forward-float32" in bad.stderr

@@ -285,11 +285,12 @@ class LowTargetScaler(DynamicScaler):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_dynamic_scaler_adds_no_rounding(device, backend):
     """The scale multiplies and divides exactly (powers of 2): scales 8-16 times smaller give
-    the same float16 gradient bit for bit, and a loss 2^-60 times smaller (a final adjoint
-    ~1e-34, far below float16's range) gives it 2^-60 times smaller, bit for bit. So the
-    float16 error is float16's arithmetic at the autocast rounding points, not the scaling."""
+    the same float16 gradient bit for bit, and a loss 2^-60 times smaller (adjoints from ~1e-21
+    down to ~1e-29, far below float16's range) gives it 2^-60 times smaller, bit for bit. So the
+    float16 error is float16's arithmetic at the autocast rounding points, not the scaling.
+    16 steps (the adjoint shrinks by ~4e-9 over them): the property does not depend on the count."""
     z0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(0)).to(device)
-    t = torch.linspace(0.0, 1.0, 33, device=device)
+    t = torch.linspace(0.0, 1.0, 17, device=device)
     grad = lambda k, sc: _solve_grad(contracting_cnf(device=device), z0, t, backend, torch.float16,  # noqa: E731
                                      2.0**-k, sc)[0]
     base, low, tiny = DynamicScaler(), LowTargetScaler(), DynamicScaler()

@@ -25,10 +25,9 @@ import os
 import sys
 import time
 
+from bench import QUICK, STANDARD  # bench.py's problem sizes
 from choices import PRECISIONS
 
-STANDARD = dict(batch=1024, width=128, hidden=32, num_timesteps=128)
-QUICK = dict(batch=64, width=16, hidden=8, num_timesteps=8)
 # One sweep precision per autocast dtype (float32: none), in the order of the table.
 SWEEP_PRECISIONS = tuple(dict.fromkeys(spec.autocast or "float32" for spec in PRECISIONS.values()))
 PARTS = tuple(f"{k}-{p}" for k in ("forward", "backward") for p in SWEEP_PRECISIONS) + ("options",)
