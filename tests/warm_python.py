@@ -14,7 +14,8 @@ test worker; each subprocess a test starts is then forked from it, and runs the 
 
 A fork is not a cold start, so the client runs the real interpreter (exec) instead whenever that
 could differ: flags other than ``-u``, ``-c``, ``-m`` (``-X importtime`` among them), a script
-outside the kit, ``tests/slow_start.py`` (it tests start-up itself), or an environment variable read
+outside the kit, ``tests/slow_start.py imports`` (it slows down cnf.py's ``import torch``, which a fork
+has done already; its later phases run warm), or an environment variable read
 when a library loads (OpenMP's, Triton's, CUDA's, Python's own) set differently from the server's.
 OMP_NUM_THREADS is the exception: a fork given another count, up to the cores, sets torch's to it. A
 signal the client inherited as ignored (SIGINT in a shell's background job) starts ignored in the
@@ -40,7 +41,8 @@ LOAD_TIME_VARS = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TRITON_", "CUDA
 UNREAD_VAR = "KIT_WARM_UNREAD"  # the server's list of prefixes that nothing it loaded reads (see serve)
 RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGQUIT,
            signal.SIGCONT)
-COLD_SCRIPTS = (os.path.join(ROOT, "tests", "slow_start.py"),)
+# scripts that need a process which has not imported torch yet, when their first argument is one of these
+COLD_SCRIPTS = {os.path.join(ROOT, "tests", "slow_start.py"): ("imports",)}
 
 
 # torch sets the first to its default when torch._inductor loads; Python reads PYTHONPATH, PYTHONHOME, ...,
@@ -132,7 +134,8 @@ def _warm_request(argv):
             return None
         return argv[i][1], argv[i + 1], argv[i + 2:], unbuffered
     script = os.path.abspath(argv[i])
-    if not script.startswith(ROOT + os.sep) or script in COLD_SCRIPTS or not script.endswith(".py"):
+    if not script.startswith(ROOT + os.sep) or not script.endswith(".py") or \
+            argv[i + 1:i + 2] and argv[i + 1] in COLD_SCRIPTS.get(script, ()):
         return None
     return "s", script, argv[i + 1:], unbuffered
 
