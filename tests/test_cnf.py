@@ -258,6 +258,35 @@ def test_replot_from_the_folder_alone(tmp_path):
         assert os.path.getsize(run.file(f)) > 10000
 
 
+def test_no_figures_leaves_them_to_plots_py(tmp_path):
+    """--no-figures: a completed run draws none of its figures, lists none as missing and says how
+    to draw them; plots.py then draws them all from the folder (the flow frames from the checkpoint).
+    A run that stops early (diverged) draws none either, and a resume given --figures draws them."""
+    import json
+
+    figures = ("optimization_stats.png", "mmd_plot.png", "cnf-viz-000.jpg", "cnf-viz-002.jpg", "cnf-viz.gif")
+    code, folder = run_inprocess(tmp_path / "a", "--no-figures")
+    assert code == 0
+    run = ex.RunDir(folder)
+    assert not [f for f in figures if os.path.exists(run.file(f))]
+    status = json.load(open(run.status))
+    assert (status["status"], status["exit_reason"], status["missing_figures"]) == ("completed", "trained 4 iterations",
+                                                                                      [])
+    assert open(run.log).read().splitlines()[-1] == ("completed: trained 4 iterations; no figures (--no-figures): draw "
+                                                     f"them with: python plots.py {folder}")
+    assert ex.read_args(run.file("args.csv"))["figures"] == "False"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plots.py"), folder], capture_output=True, text=True,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert all(os.path.getsize(run.file(f)) > 1000 for f in figures)
+    code, folder = run_inprocess(tmp_path / "b", "--no-figures", "--lr", "1e30", "--test_freq", "1", "--niters", "40",
+                                 "--data", "checkerboard")
+    assert code == ex.EXIT_DIVERGED and not glob.glob(os.path.join(folder, "*.png"))
+    code, folder = run_inprocess(tmp_path / "c", "--no-figures", "--no-viz", "--niters", "2")
+    assert cnf.main(["--resume", folder, "--niters", "4", "--figures"]) == 0
+    assert os.path.isfile(ex.RunDir(folder).file("optimization_stats.png"))
+
+
 def test_the_run_folder_keeps_the_code_that_ran(tmp_path):
     """The run folder's top holds cnf.py, byte for byte the kit's (as the run folder's
     specification says), and code/ byte copies of the other kit modules the run loaded, the
