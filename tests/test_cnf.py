@@ -107,7 +107,7 @@ def test_two_runs_in_the_same_second_do_not_collide(tmp_path):
 def test_learning_lowers_validation_nll(tmp_path):
     code, folder = run_inprocess(tmp_path, "--niters", "80", "--test_freq", "10", "--num_samples", "256",
                                  "--num_samples_val", "256", "--width", "32", "--hidden_dim", "16",
-                                 "--num_timesteps", "8", "--no-viz")
+                                 "--num_timesteps", "8", "--no-figures")
     assert code == 0
     df = pd.read_csv(ex.RunDir(folder).csv)
     first, last = df["val_loss"].iloc[0], df["val_loss"].iloc[-1]
@@ -128,11 +128,11 @@ def _rows(folder):
 @pytest.mark.parametrize("extra", [["--precision", "float16"],
                                    ["--precision", "float16", "--odeint", "torchdiffeq", "--trace", "hutchinson"]])
 def test_resume_continues_bitwise(tmp_path, extra):
-    common = ["--niters", "6", "--ckpt_freq", "2", "--no-viz", *extra]
+    common = ["--niters", "6", "--ckpt_freq", "2", "--no-figures", *extra]
     code, full = run_inprocess(tmp_path / "a", *common)
     assert code == 0
     code, part = run_inprocess(tmp_path / "b", *common[:-len(extra) - 3], "--niters", "4", "--ckpt_freq", "2",
-                               "--no-viz", *extra)
+                               "--no-figures", *extra)
     assert code == 0
     assert ex.read_args(os.path.join(part, "args.csv"))["niters"] == "4"
     code = cnf.main(["--resume", part, "--niters", "6"])
@@ -148,7 +148,7 @@ def test_resume_continues_bitwise(tmp_path, extra):
 def test_resume_says_when_its_thread_count_changed(tmp_path):
     """A resume keeps its checkpoint's thread count; --threads changes it, and the log then
     says once that this segment will not continue bit for bit."""
-    code, folder = run_inprocess(tmp_path, "--no-viz", "--niters", "2", "--threads", "1")
+    code, folder = run_inprocess(tmp_path, "--no-figures", "--niters", "2", "--threads", "1")
     assert code == 0
     proc = run_subprocess("--resume", folder, "--niters", "3", env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr
@@ -163,7 +163,7 @@ def test_resume_says_when_its_thread_count_changed(tmp_path):
 
 
 def test_resume_refuses_a_mismatched_command_line(tmp_path):
-    code, folder = run_inprocess(tmp_path, "--no-viz")
+    code, folder = run_inprocess(tmp_path, "--no-figures")
     proc = run_subprocess("--resume", folder, "--width", "16", "--niters", "8")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--width 8 in the checkpoint vs 16" in proc.stderr
@@ -213,7 +213,7 @@ def test_threads_are_set_logged_and_recorded(tmp_path, env, flags, threads, how)
     import runtime
 
     environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    proc = run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path), *flags,
+    proc = run_subprocess(*TINY, "--no-figures", "--results_dir", str(tmp_path), *flags,
                           env={**environ, **({"OMP_NUM_THREADS": env} if env else {})})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (folder,) = run_dirs(tmp_path)
@@ -291,7 +291,7 @@ def test_the_run_folder_keeps_the_code_that_ran(tmp_path):
     """The run folder's top holds cnf.py, byte for byte the kit's (as the run folder's
     specification says), and code/ byte copies of the other kit modules the run loaded, the
     solver package included, and none of the tests or tools; no temporary file is left."""
-    proc = run_subprocess(*TINY, "--no-viz", "--niters", "5", "--results_dir", str(tmp_path))
+    proc = run_subprocess(*TINY, "--no-figures", "--niters", "5", "--results_dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (folder,) = run_dirs(tmp_path)
     assert open(os.path.join(folder, "cnf.py"), "rb").read() == open(os.path.join(ROOT, "cnf.py"), "rb").read()
@@ -311,9 +311,9 @@ def test_the_run_folder_keeps_the_code_that_ran(tmp_path):
 def test_compare_runs_figure_and_its_bad_input(tmp_path):
     """plots.py --compare draws several runs' validation curves from their folders; runs of
     different datasets, a wrong number of labels and a folder that is no run exit 2."""
-    a = run_inprocess(tmp_path / "a", "--no-viz", "--data", "checkerboard")[1]
-    b = run_inprocess(tmp_path / "b", "--no-viz", "--data", "checkerboard", "--kinetic", "0.1")[1]
-    c = run_inprocess(tmp_path / "c", "--no-viz", "--data", "moons")[1]
+    a = run_inprocess(tmp_path / "a", "--no-figures", "--data", "checkerboard")[1]
+    b = run_inprocess(tmp_path / "b", "--no-figures", "--data", "checkerboard", "--kinetic", "0.1")[1]
+    c = run_inprocess(tmp_path / "c", "--no-figures", "--data", "moons")[1]
     plots = os.path.join(ROOT, "plots.py")
 
     def run(*argv):
@@ -355,7 +355,7 @@ def test_scaler_events_are_logged(tmp_path, odeint, event):
     the step, DynamicScaler retries solver steps; both say so in the log and the CSV."""
     code, folder = run_inprocess(tmp_path, "--odeint", odeint, "--precision", "float16", "--lr", "1",
                                  "--niters", "12", "--test_freq", "4", "--num_samples", "64", "--width", "16",
-                                 "--num_timesteps", "8", "--no-viz")
+                                 "--num_timesteps", "8", "--no-figures")
     assert code == 0
     run = ex.RunDir(folder)
     assert event in open(run.log).read()
@@ -374,8 +374,8 @@ def test_test_set_is_its_own_stream_and_shared_by_a_seed(tmp_path):
     test = toy_data.inf_train_gen("8gaussians", 256, streams["test"])
     train = toy_data.inf_train_gen("8gaussians", 256, streams["train"])
     assert not np.isin(test, val).any() and not np.isin(test, train).any()
-    code, a = run_inprocess(tmp_path / "a", "--no-viz", "--num_samples_test", "300")
-    code2, b = run_inprocess(tmp_path / "b", "--no-viz", "--num_samples_test", "600")
+    code, a = run_inprocess(tmp_path / "a", "--no-figures", "--num_samples_test", "300")
+    code2, b = run_inprocess(tmp_path / "b", "--no-figures", "--num_samples_test", "600")
     assert code == code2 == 0
     pd.testing.assert_frame_equal(_rows(a).drop(columns=list(ex.FINAL_COLUMNS)),
                                   _rows(b).drop(columns=list(ex.FINAL_COLUMNS)))
@@ -393,7 +393,7 @@ def test_test_set_is_its_own_stream_and_shared_by_a_seed(tmp_path):
 def test_default_test_set_size_gives_a_small_standard_error(tmp_path):
     """The default --num_samples_test (20000) is what makes the final NLL quotable."""
     assert cnf.build_parser().parse_args([]).num_samples_test == 20000
-    code, folder = run_inprocess(tmp_path, "--no-viz", "--num_samples_test", "20000")
+    code, folder = run_inprocess(tmp_path, "--no-figures", "--num_samples_test", "20000")
     assert code == 0
     import json
 
@@ -405,7 +405,7 @@ def test_default_test_set_size_gives_a_small_standard_error(tmp_path):
 def test_a_renamed_run_folder_keeps_its_history(tmp_path):
     """Files named after the folder (the CSV, the log) are found after the folder is renamed:
     a resume continues them instead of starting new ones without the history."""
-    code, folder = run_inprocess(tmp_path, "--niters", "4", "--no-viz")
+    code, folder = run_inprocess(tmp_path, "--niters", "4", "--no-figures")
     assert code == 0
     moved = str(tmp_path / "renamed_by_hand")
     os.rename(folder, moved)
@@ -423,7 +423,7 @@ def test_a_renamed_run_folder_keeps_its_history(tmp_path):
 def test_a_resume_keeps_the_code_its_run_started_with(tmp_path):
     """code/ and cnf.py record the code a run started with: a resume leaves them as they are
     (here marked by hand), and writes only what is missing."""
-    code, folder = run_inprocess(tmp_path, "--no-viz", "--niters", "2")
+    code, folder = run_inprocess(tmp_path, "--no-figures", "--niters", "2")
     assert code == 0
     model = os.path.join(folder, "code", "model.py")
     with open(model, "a") as f:

@@ -42,7 +42,7 @@ def run(tmp_path_factory):
             return done[0]
         results = tempfile.mkdtemp(prefix="flow_run", dir=base)
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "cnf.py"), *TINY, "--precision", "bfloat16",
-                               "--no-viz", "--device", "cpu", "--threads", "1", "--results_dir", results],
+                               "--no-figures", "--device", "cpu", "--threads", "1", "--results_dir", results],
                               capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         (folder,) = run_dirs(results)

@@ -219,7 +219,7 @@ def test_run_report_on_a_real_run(tmp_path):
     from tools import run_report
     from test_cnf import TINY
 
-    assert cnf.main([*TINY, "--no-viz", "--device", "cpu", "--results_dir", str(tmp_path)]) == 0
+    assert cnf.main([*TINY, "--no-figures", "--device", "cpu", "--results_dir", str(tmp_path)]) == 0
     run = run_report.find_run(str(tmp_path))
     status = json.load(open(os.path.join(run, "status.json")))
     assert status["backend"] == "torch" and status["backend_note"] == ""

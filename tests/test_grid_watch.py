@@ -22,7 +22,7 @@ from test_cnf import TINY, run_inprocess, run_subprocess
 # about -0.4 nats, so the flag rises in between with a margin on either side of 0.2.
 GAME = ["--data", "checkerboard", "--method", "rk4", "--num_timesteps", "3", "--lr", "0.05", "--niters", "60",
         "--num_samples", "128", "--num_samples_val", "256", "--num_samples_test", "512", "--width", "16",
-        "--hidden_dim", "16", "--test_freq", "10", "--ckpt_freq", "10", "--grid_gap_max", "0.2", "--no-viz"]
+        "--hidden_dim", "16", "--test_freq", "10", "--ckpt_freq", "10", "--grid_gap_max", "0.2", "--no-figures"]
 
 
 def _model(ckpt):
@@ -61,7 +61,7 @@ def test_fine_grid_nests_the_trained_grid_and_grid_gap_is_its_definition():
 
 
 def test_grid_watch_every_kth_validation(tmp_path):
-    code, folder = run_inprocess(tmp_path, "--niters", "10", "--test_freq", "2", "--grid_watch", "2", "--no-viz")
+    code, folder = run_inprocess(tmp_path, "--niters", "10", "--test_freq", "2", "--grid_watch", "2", "--no-figures")
     assert code == 0
     df = pd.read_csv(ex.RunDir(folder).csv)
     watched = df["grid_gap"].notna().tolist()

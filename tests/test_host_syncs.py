@@ -148,7 +148,7 @@ def _run(tmp_path, monkeypatch, checked, *flags):
                 self.checked = True
 
             m.setattr(cnf.Trainer, "__init__", init)
-        code = cnf.main([*TINY, "--num_samples_val", "32", "--num_samples_test", "64", "--no-viz",
+        code = cnf.main([*TINY, "--num_samples_val", "32", "--num_samples_test", "64", "--no-figures",
                          "--results_dir", str(tmp_path), *flags])
     (folder,) = [os.path.join(tmp_path, d) for d in os.listdir(tmp_path)]
     run = ex.RunDir(folder)

@@ -153,7 +153,7 @@ def test_the_objective_weights_each_penalty_by_its_own_flag():
 
 
 def test_cnf_logs_the_penalties_and_they_lower_them(tmp_path):
-    base = ["--niters", "30", "--test_freq", "10", "--no-viz", "--lr", "0.02"]
+    base = ["--niters", "30", "--test_freq", "10", "--no-figures", "--lr", "0.02"]
     code, plain = run_inprocess(tmp_path / "a", *base)
     code2, reg = run_inprocess(tmp_path / "b", *base, "--kinetic", "1", "--jacobian", "1")
     assert code == code2 == 0

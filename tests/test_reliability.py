@@ -15,7 +15,7 @@ import experiment as ex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num_samples", "32", "--num_samples_val", "32", "--num_samples_test", "256", "--num_timesteps", "4",
-        "--width", "8", "--hidden_dim", "8", "--test_freq", "5", "--ckpt_freq", "1000", "--no-viz"]
+        "--width", "8", "--hidden_dim", "8", "--test_freq", "5", "--ckpt_freq", "1000", "--no-figures"]
 # Seconds any one subprocess may take. A tiny run takes a few seconds on an idle
 # machine; on a busy shared one it can take minutes, and a slow machine is not a bug.
 TIMEOUT = 300  # a tiny run: seconds on a fast 2-core machine, about a minute on a slow one
@@ -223,7 +223,7 @@ def test_a_results_folder_on_another_filesystem_works(tmp_path):
 
     with tmpfs(tmp_path / "fs", "64m") as fs:
         assert os.stat(fs).st_dev not in (os.stat("/tmp").st_dev, os.stat(ROOT).st_dev)
-        proc = cnf(*TINY, "--niters", "10", "--viz", "--viz_samples", "200", "--viz_timesteps", "3",
+        proc = cnf(*TINY, "--niters", "10", "--figures", "--viz", "--viz_samples", "200", "--viz_timesteps", "3",
                    "--results_dir", str(fs))
         _, err = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 0, err[-2000:]

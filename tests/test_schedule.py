@@ -63,7 +63,7 @@ def test_csv_lr_follows_the_schedule_and_resume_is_bitwise(tmp_path, name):
     """Every CSV row's lr is the schedule's value after that many updates, in a run and in
     the same run interrupted and resumed; the resumed run ends bitwise where the whole one does.
     (A scheduler stepped twice per iteration, or not restored on resume, fails this.)"""
-    flags = [*SCHEDULES[name], "--lr", str(LR), "--niters", "8", "--test_freq", "1", "--ckpt_freq", "3", "--no-viz"]
+    flags = [*SCHEDULES[name], "--lr", str(LR), "--niters", "8", "--test_freq", "1", "--ckpt_freq", "3", "--no-figures"]
     code, full = run_inprocess(tmp_path / "a", *flags)
     assert code == 0
     kind, warmup = SCHEDULES[name][1], 3 if "warmup" in name else 0
@@ -106,18 +106,18 @@ def _interrupted_at(results, flags, at):
 
 
 def test_cosine_resume_with_another_niters_is_refused(tmp_path):
-    code, folder = run_inprocess(tmp_path, "--lr_schedule", "cosine", "--niters", "4", "--no-viz")
+    code, folder = run_inprocess(tmp_path, "--lr_schedule", "cosine", "--niters", "4", "--no-figures")
     assert code == 0
     proc = run_subprocess("--resume", folder, "--niters", "8")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "cosine schedule is planned over --niters" in proc.stderr
     # step and constant schedules continue: their rate does not depend on --niters
-    code, folder = run_inprocess(tmp_path / "s", "--niters", "4", "--no-viz")
+    code, folder = run_inprocess(tmp_path / "s", "--niters", "4", "--no-figures")
     assert cnf.main(["--resume", folder, "--niters", "6"]) == 0
 
 
 def test_schedule_is_recorded_in_args_csv(tmp_path):
-    code, folder = run_inprocess(tmp_path, "--lr_schedule", "cosine", "--lr_min", "1e-4", "--warmup", "2", "--no-viz")
+    code, folder = run_inprocess(tmp_path, "--lr_schedule", "cosine", "--lr_min", "1e-4", "--warmup", "2", "--no-figures")
     assert code == 0
     saved = ex.read_args(ex.RunDir(folder).file("args.csv"))
     assert (saved["lr_schedule"], saved["lr_min"], saved["warmup"], saved["lr_step"], saved["lr_gamma"]) == (

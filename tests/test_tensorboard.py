@@ -39,7 +39,7 @@ def _assert_events_are_the_csv(run):
 
 def test_events_equal_the_csv_through_an_interrupt_and_a_resume(tmp_path):
     run = str(tmp_path / "run")
-    args = [*TINY, "--niters", "5000", "--test_freq", "2", "--ckpt_freq", "2", "--no-viz", "--tensorboard",
+    args = [*TINY, "--niters", "5000", "--test_freq", "2", "--ckpt_freq", "2", "--no-figures", "--tensorboard",
             "--run_dir", run, "--threads", "1"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "cnf.py"), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -62,7 +62,7 @@ def test_events_equal_the_csv_through_an_interrupt_and_a_resume(tmp_path):
 
 
 def test_no_flag_no_events(tmp_path):
-    assert cnf.main([*TINY, "--no-viz", "--results_dir", str(tmp_path)]) == 0
+    assert cnf.main([*TINY, "--no-figures", "--results_dir", str(tmp_path)]) == 0
     (run,) = os.listdir(tmp_path)
     assert not os.path.exists(os.path.join(tmp_path, run, "tensorboard"))
 
@@ -76,5 +76,5 @@ def test_without_the_package_the_flag_is_one_line_and_the_run_still_works(tmp_pa
     assert bad.returncode == 2 and not os.path.exists(tmp_path / "r")
     assert bad.stderr.strip() == (
         "cnf.py: error: --tensorboard needs the tensorboard package, which does not import here: pip install tensorboard")
-    ok = run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path / "r"), env=env)
+    ok = run_subprocess(*TINY, "--no-figures", "--results_dir", str(tmp_path / "r"), env=env)
     assert ok.returncode == 0, ok.stderr
