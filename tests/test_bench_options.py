@@ -106,7 +106,7 @@ def test_cuda_fused_adam_resume_is_bitwise(tmp_path):
     _need_cuda_kernels()
     from test_cnf import TINY
 
-    common = [*TINY, "--device", "cuda", "--fused_adam", "--no-viz", "--ckpt_freq", "2"]
+    common = [*TINY, "--device", "cuda", "--fused_adam", "--no-figures", "--ckpt_freq", "2"]
     assert cnf.main([*common, "--niters", "6", "--results_dir", str(tmp_path / "a")]) == 0
     assert cnf.main([*common, "--niters", "4", "--results_dir", str(tmp_path / "b")]) == 0
     (part,) = [os.path.join(tmp_path / "b", d) for d in os.listdir(tmp_path / "b")]

@@ -71,7 +71,7 @@ def test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit(t
     with OMP_NUM_THREADS=2 in the resume's environment; a resume given --threads 2 does not (so
     the count matters here and the first comparison can fail)."""
     common = ["--num_timesteps", "8", "--test_freq", "5", "--num_samples_val", "256", "--num_samples_test", "256",
-              "--no-viz"]
+              "--no-figures"]
     env1 = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     # (--threads wins over OMP_NUM_THREADS, so the runs given it keep the tests' 1: they start warm)
     full = run_subprocess(*common, "--niters", "20", "--threads", "1", "--results_dir", str(tmp_path / "full"),
@@ -162,7 +162,7 @@ def test_a_full_disk_during_training_is_one_line_and_resumable(tmp_path):
     tests/test_sweep_status.py). Enlarged, --resume completes with the rows of an
     uninterrupted run."""
     with tmpfs(tmp_path / "fs", "260k") as fs:
-        proc = run_subprocess(*SMALL, "--no-viz", "--results_dir", str(fs), timeout=TIMEOUT)
+        proc = run_subprocess(*SMALL, "--no-figures", "--results_dir", str(fs), timeout=TIMEOUT)
         assert proc.returncode == ex.EXIT_DISK_FULL, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         (line,) = error_lines(proc.stderr)
@@ -178,7 +178,7 @@ def test_a_full_disk_during_training_is_one_line_and_resumable(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.load(open(ex.RunDir(folder).status))["status"] == "completed" and not leftovers(folder)
         resumed = rows_without_timing(folder)
-    full = run_subprocess(*SMALL, "--no-viz", "--results_dir", str(tmp_path / "full"), timeout=TIMEOUT)
+    full = run_subprocess(*SMALL, "--no-figures", "--results_dir", str(tmp_path / "full"), timeout=TIMEOUT)
     assert full.returncode == 0
     pd.testing.assert_frame_equal(resumed, rows_without_timing(run_dirs(tmp_path / "full")[0]))
 
@@ -186,7 +186,7 @@ def test_a_full_disk_during_training_is_one_line_and_resumable(tmp_path):
 def test_a_full_disk_before_the_first_checkpoint_leaves_nothing(tmp_path):
     """Nothing trained yet: exit 6, one line that says so, and no run folder left behind."""
     with tmpfs(tmp_path / "fs", "8k") as fs:
-        proc = run_subprocess(*SMALL, "--no-viz", "--results_dir", str(fs), timeout=TIMEOUT)
+        proc = run_subprocess(*SMALL, "--no-figures", "--results_dir", str(fs), timeout=TIMEOUT)
         assert proc.returncode == ex.EXIT_DISK_FULL, proc.stderr[-2000:]
         (line,) = error_lines(proc.stderr)
         assert "nothing was trained" in line and "run the command again" in line and "Traceback" not in proc.stderr
@@ -242,7 +242,7 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
 def test_summaries_on_a_full_disk_say_what_was_written(tmp_path):
     """summarize.py writes its numbers before its figures; out of space it says which files are
     whole and which were not written, exit 6, and leaves no temporary file."""
-    run = run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path / "runs"), timeout=TIMEOUT)
+    run = run_subprocess(*TINY, "--no-figures", "--results_dir", str(tmp_path / "runs"), timeout=TIMEOUT)
     assert run.returncode == 0
     with tmpfs(tmp_path / "fs", "48k") as fs:
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "summarize.py"), str(tmp_path / "runs"), "--out",
@@ -370,7 +370,7 @@ def test_compare_refuses_a_run_folder_as_its_output(tmp_path):
     """`plots.py --compare RUN_A RUN_B` (the output file forgotten): exit 2, one line with the
     usage, nothing left behind; the same for an existing folder; a good call prints its path."""
     for name in ("a", "b"):
-        assert run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path / name)).returncode == 0
+        assert run_subprocess(*TINY, "--no-figures", "--results_dir", str(tmp_path / name)).returncode == 0
     a, b = run_dirs(tmp_path / "a")[0], run_dirs(tmp_path / "b")[0]
     before = {d: sorted(os.listdir(d)) for d in (a, b, tmp_path)}
 

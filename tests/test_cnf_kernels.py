@@ -598,7 +598,7 @@ def test_cnf_backend_bad_input_and_auto(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "bad").exists()
     if not torch.cuda.is_available():  # auto on the CPU is the torch backend, recorded as such
-        proc = run_subprocess(*TINY, "--no-viz", "--results_dir", str(tmp_path / "auto"), timeout=600, env=env)
+        proc = run_subprocess(*TINY, "--no-figures", "--results_dir", str(tmp_path / "auto"), timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         (folder,) = run_dirs(tmp_path / "auto")
         import experiment as ex
@@ -617,7 +617,7 @@ def test_resume_self_tests_the_kernels_once_with_the_runs_config(tmp_path, monke
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     device = ["--device", "cuda"] if torch.cuda.is_available() else ["--device", "cpu"]
-    assert cnf.main([*TINY, "--no-viz", "--backend", "triton", *device, "--results_dir", str(tmp_path)]) == 0
+    assert cnf.main([*TINY, "--no-figures", "--backend", "triton", *device, "--results_dir", str(tmp_path)]) == 0
     (folder,) = run_dirs(tmp_path)
     widths = []
     real = model.fused_self_test

@@ -134,7 +134,7 @@ def test_block_mmd_is_the_mean_and_standard_error_over_disjoint_blocks():
 
 def test_metrics_command_reproduces_a_runs_exact_likelihood(tmp_path):
     tiny = ["--num_samples", "32", "--num_samples_val", "64", "--num_samples_test", "128", "--num_timesteps", "4",
-            "--width", "8", "--hidden_dim", "8", "--niters", "4", "--test_freq", "2", "--no-viz", "--data", "moons"]
+            "--width", "8", "--hidden_dim", "8", "--niters", "4", "--test_freq", "2", "--no-figures", "--data", "moons"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "cnf.py"), *tiny, "--run_dir", str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -26,7 +26,7 @@ import sweep_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--niters", "20", "--num_timesteps", "4", "--num_samples", "64", "--num_samples_val", "64",
-        "--num_samples_test", "256", "--width", "8", "--hidden_dim", "8", "--no-viz"]
+        "--num_samples_test", "256", "--width", "8", "--hidden_dim", "8", "--no-figures"]
 TIMEOUT = 600  # a small local sweep: under a minute on a fast 2-core machine, a few on a slow one
 DIVERGED = (2, 3)  # 8gaussians bfloat16, both seeds: rerun with --lr 1e30
 INTERRUPTED = 5  # checkerboard float32 seed 1: rerun long, listed while running, then SIGTERM

@@ -150,7 +150,7 @@ def test_bad_options(bad):
 def test_local_sweep_and_summary_statistics(tmp_path):
     """Three seeds, two precisions: mean ± sd over seeds, and a paired t interval against float32."""
     proc = sweep("--local", "-j", "2", "--datasets", "8gaussians", "--solvers", "torchmpnode",
-                 "--precisions", "float32,bfloat16", "--results-dir", str(tmp_path), "--", *TINY, "--no-viz")
+                 "--precisions", "float32,bfloat16", "--results-dir", str(tmp_path), "--", *TINY, "--no-figures")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d = sweep_dir(tmp_path)
     assert statuses(d) == {f"8gaussians_{p}_torchmpnode_none_s{r}": "completed"
@@ -230,7 +230,7 @@ def _break(d, names):
 
 def test_local_sweep_resume_reruns_exactly_the_unfinished_cells(tmp_path):
     proc = sweep("--local", "-j", "2", "--datasets", "moons", "--solvers", "torchmpnode", "--precisions",
-                 "float32,float16", "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY, "--no-viz")
+                 "float32,float16", "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY, "--no-figures")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     d = sweep_dir(tmp_path)
     names = sorted(statuses(d))
@@ -315,7 +315,7 @@ def test_local_cells_are_spread_over_gpus_at_most_k_each(tmp_path):
     fake.chmod(0o755)
     proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "-j", "8", "--per-gpu", "2",
                            "--datasets", "8gaussians", "--solvers", "torchmpnode", "--precisions", "float32,bfloat16",
-                           "--results-dir", str(tmp_path), "--", *TINY, "--no-viz"], capture_output=True, text=True,
+                           "--results-dir", str(tmp_path), "--", *TINY, "--no-figures"], capture_output=True, text=True,
                           cwd=ROOT, timeout=TIMEOUT, env={**env, "CNF_PYTHON": str(fake)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "-j 8 capped at 4" in proc.stdout
@@ -414,7 +414,7 @@ def test_real_slurm_requeued_task_keeps_both_attempts_in_its_log(tmp_path):
     task resumes, and its log (open-mode=append) still holds the first attempt."""
     _require_slurm()
     proc = sweep(*SLURM_OPTS[1:], "--datasets", "moons", "--solvers", "torchmpnode", "--precisions", "float32",
-                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY[:-4], "--no-viz", "--niters", "600",
+                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY[:-4], "--no-figures", "--niters", "600",
                  "--test_freq", "5", "--ckpt_freq", "1000")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     task = re.search(r"submitted array job (\d+)", proc.stdout).group(1) + "_0"
@@ -468,7 +468,7 @@ def test_job_script_forwards_warning_signal_requeues_and_resumes(tmp_path):
 
     sw = tmp_path / "sweep"
     (sw / "runs").mkdir(parents=True)
-    args = " ".join(TINY[:-4] + ["--no-viz", "--niters", "400", "--test_freq", "5", "--ckpt_freq", "1000"])
+    args = " ".join(TINY[:-4] + ["--no-figures", "--niters", "400", "--test_freq", "5", "--ckpt_freq", "1000"])
     (sw / "cells.tsv").write_text(f"0\tmoons_cell\t--data moons {args}\n")
     (sw / "env_setup.sh").write_text("")
     bindir = tmp_path / "bin"
@@ -512,7 +512,7 @@ def test_sweep_runs_with_a_bare_interpreter_path(tmp_path):
            "CNF_PYTHON": os.path.relpath(sys.executable, tmp_path)}
     proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "--datasets", "moons", "--solvers",
                            "torchmpnode", "--precisions", "float32", "--seeds", "0", "--results-dir", str(tmp_path),
-                           "--", *TINY, "--no-viz"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           "--", *TINY, "--no-figures"], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=TIMEOUT)
     d = sweep_dir(tmp_path)
     log = "".join(open(f).read() for f in glob.glob(os.path.join(d, "slurm", "*.out")))
@@ -572,7 +572,7 @@ def test_a_python_without_torch_is_refused_and_a_resume_keeps_the_env_setup(tmp_
     sw = tmp_path / "sweep"
     (sw / "runs").mkdir(parents=True)
     (sw / "slurm").mkdir()
-    (sw / "cells.tsv").write_text("0\tmoons_cell\t--data moons " + " ".join(TINY) + " --no-viz\n")
+    (sw / "cells.tsv").write_text("0\tmoons_cell\t--data moons " + " ".join(TINY) + " --no-figures\n")
     setup = f'export PATH="{good}:$PATH"'
     (sw / "env_setup.sh").write_text(setup + "\n")
     proc = subprocess.run(["bash", os.path.join(ROOT, "run_cnf.sh"), "--local", "--resume", str(sw)],
