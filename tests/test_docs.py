@@ -233,3 +233,11 @@ def test_entry_points_document_their_public_functions(path):
     bare = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
             and not n.name.startswith("_") and not ast.get_docstring(n)]
     assert not bare, f"{path}: public functions without a docstring: {bare}"
+
+
+def test_the_longest_first_order_names_test_files_that_exist():
+    """tests/conftest.py hands these files to the workers first; a renamed one would drop out silently."""
+    from conftest import SLOW_FILES
+
+    assert not [f for f in SLOW_FILES if not os.path.isfile(os.path.join(ROOT, f))]
+    assert len(set(SLOW_FILES)) == len(SLOW_FILES)
