@@ -58,7 +58,8 @@ TESTS = {
                    "tests/test_sweeps.py::test_a_python_without_torch_is_refused_and_a_resume_keeps_the_env_setup"],
     "flow.py": ["tests/test_flow.py"],
     "cnf.py": ["tests/test_tensorboard.py", "tests/test_busy_machine.py::test_a_stop_signal_in_any_phase_is_answered",
-               "tests/test_busy_machine.py::test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit"],
+               "tests/test_busy_machine.py::test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit",
+               "tests/test_cnf.py::test_no_figures_leaves_them_to_plots_py"],
     "bench.py": ["tests/test_bench_options.py::test_the_speed_probe_is_one_honest_line",
                  "tests/test_bench.py::test_bench_rejects_bad_input", "tests/test_bench.py::test_bench_times_a_study_cell"],
 }
@@ -88,6 +89,9 @@ MUTATIONS = [
      "float16 emulation's backward: a float32 product instead of torch's"),
     ("cnf.py", "        _write_rows(tr, run, self.rows)\n        if stop.received:", "        ex.write_csv(run.csv, self.rows)\n        if stop.received:",
      "the end's test columns in the CSV but not in the TensorBoard events"),
+    ("cnf.py", "        if a.viz and a.figures:", "        if a.viz:", "--no-figures still draws the flow frames"),
+    ("cnf.py", "plots.csv_figures(self.run.path)) if self.rows and self.tr.args.figures else []",
+     "plots.csv_figures(self.run.path)) if self.rows else []", "--no-figures: a run that stops early draws its figures"),
     ("plots.py", "    return (own / base).to_numpy(dtype=float)", "    return (base / own).to_numpy(dtype=float)",
      "answer.png: float32 over the cell instead of the cell over float32"),
     # torchmpnode/
