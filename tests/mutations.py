@@ -3,7 +3,8 @@ against that module's tests.
 
     python tests/mutations.py                  # every mutation (over 90 minutes on a loaded 2-core machine)
     python tests/mutations.py metrics toy_data # those whose file path or description contains a word
-    python tests/mutations.py --list           # what would run
+    python tests/mutations.py --list           # what would run, numbered
+    python tests/mutations.py --from 70        # from the 70th chosen on (a long run that was stopped)
 
 Each mutation is applied to a scratch copy of the working tree (the files git tracks or
 would track, in a temporary folder), never to the tree itself. The module's test files run
@@ -344,12 +345,21 @@ def run_one(work, path, old, new):
 
 
 def main(argv):
+    start = 1
+    if "--from" in argv:
+        i = argv.index("--from")
+        if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+            print("mutations.py: --from takes a number from 1 (--list numbers the mutations)", file=sys.stderr)
+            return 2
+        start = int(argv.pop(i + 1))
+        argv = argv[:i] + argv[i + 1:]
     words = [a for a in argv if not a.startswith("-")]
     chosen = [m for m in MUTATIONS if not words or any(w in m[0] or w in m[3] for w in words)]  # path or description
     if "--list" in argv:
-        for path, _, _, what in chosen:
-            print(f"{path:24s} {what}  [{' '.join(tests_for(path))}]")
+        for k, (path, _, _, what) in enumerate(chosen, 1):
+            print(f"{k:3d} {path:24s} {what}  [{' '.join(tests_for(path))}]")
         return 0
+    chosen = chosen[start - 1:]
     work = scratch_copy()
     counts = {"CAUGHT": 0, "MISSED": 0, "STALE": 0}
     try:
