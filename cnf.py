@@ -35,8 +35,7 @@ from torchmpnode import METHODS  # noqa: E402  (plain data: the package loads to
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
 RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "figures", "viz", "viz_samples", "viz_timesteps", "tensorboard",
-                    "device",
-                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test",
+                    "device", "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test",
                     "grid_watch", "grid_gap_max", "on_grid_exploit")
 
 # |grid_gap| in nats that raises grid_exploited: see docs/metrics.md for the measurements.

@@ -134,8 +134,8 @@ def _warm_request(argv):
             return None
         return argv[i][1], argv[i + 1], argv[i + 2:], unbuffered
     script = os.path.abspath(argv[i])
-    if not script.startswith(ROOT + os.sep) or not script.endswith(".py") or \
-            argv[i + 1:i + 2] and argv[i + 1] in COLD_SCRIPTS.get(script, ()):
+    first = argv[i + 1] if i + 1 < len(argv) else None
+    if not script.startswith(ROOT + os.sep) or not script.endswith(".py") or first in COLD_SCRIPTS.get(script, ()):
         return None
     return "s", script, argv[i + 1:], unbuffered
 
