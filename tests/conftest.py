@@ -20,6 +20,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import fast_interpreter
+
+    fast_interpreter.install()  # the interpreter's language set-up once per launch, not per helper call
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -198,6 +198,42 @@ def test_euler_bfloat16_is_bitwise_equal_interpreted(interpreter):
         assert torch.equal(a, b), (name, rel(a, b))
 
 
+def test_the_tests_faster_interpreter_computes_the_same_bits(interpreter, monkeypatch):
+    """tests/fast_interpreter.py, which the tests run the kernels under for speed, sets triton's language up
+    once per launch instead of once per helper call, and changes no bit: a float16 fused solve with its
+    DynamicScaler (forward and backward, a partial block, a masked width) gives the same states, densities,
+    gradients and scale under triton's own interpreter."""
+    import fast_interpreter
+    from triton.runtime import interpreter as interp
+
+    if fast_interpreter.UNDO is None:
+        why = ("KIT_TEST_PLAIN_INTERPRETER=1" if os.environ.get("KIT_TEST_PLAIN_INTERPRETER") == "1"
+               else "this triton's interpreter is laid out otherwise")
+        (pytest.fail if os.environ.get("REQUIRE_TRITON") == "1" and "PLAIN" not in why else pytest.skip)(
+            f"tests/fast_interpreter.py is not installed: {why}")
+    setups = []
+    real_builtin = interp._patch_builtin
+    monkeypatch.setattr(interp, "_patch_builtin", lambda *a: setups.append(1) or real_builtin(*a))
+
+    def run():
+        setups.clear()
+        cnf, x, points = make(interpreter, shape="odd")
+        scaler = DynamicScaler()
+        out = solve(cnf, x, points, "rk4", "triton", torch.float16, scaler)
+        return out, scaler.scale, len(setups)
+
+    fast, fast_scale, fast_setups = run()
+    fast_interpreter.UNDO()
+    try:
+        plain, plain_scale, plain_setups = run()
+    finally:
+        fast_interpreter.install()
+    assert fast_scale == plain_scale
+    for i, (a, b) in enumerate(zip(fast, plain)):
+        assert torch.equal(a, b), (i, rel(a, b))
+    assert plain_setups > 20 * fast_setups > 0, (plain_setups, fast_setups)
+
+
 # --- DynamicScaler in the fused backward ---------------------------------------------------------------
 def contracting_cnf(k=30.0, eps=0.125, c=(1.0, 1.5), dtype=torch.float32, device="cpu"):
     """A CNF whose field is f_j(z) = -(k/eps) tanh(eps (z_j - c_j)) ~ -k (z_j - c_j): the state

@@ -216,6 +216,13 @@ def serve(path):
         importlib.import_module("cnf_kernels")  # triton is optional
     except ImportError:
         pass
+    if os.environ.get("TRITON_INTERPRET") == "1":  # as in the tests' own process (conftest.py); from its file,
+        import importlib.util                       # so that tests/ stays off a fork's sys.path
+
+        spec = importlib.util.spec_from_file_location("fast_interpreter", os.path.join(ROOT, "tests", "fast_interpreter.py"))
+        fast = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fast)
+        fast.install()
     import torch
 
     # Variables for libraries this process never loaded cannot change it: CUDA's with a CPU build of torch

@@ -1,0 +1,65 @@
+"""Triton's interpreter without its repeated set-up: for the tests, which run the fused kernels in it.
+
+Each call of a ``@triton.jit`` helper inside an interpreted kernel (``_round``, ``tl.sum``,
+``tl.sigmoid``, ... thousands per launch) calls the interpreter's ``_patch_lang``, which scans
+``triton.language`` with ``inspect.getmembers`` to swap its builtins for interpreted ones. Within one
+launch that is done again and again for the same modules: the first call has already swapped them, and
+nothing swaps them back before the launch ends. In the kit's kernel tests it was over half of the
+interpreter's time.
+
+``install()`` keeps the first such set-up of each set of language modules in a launch and skips the
+repeats; every launch still starts from triton's own set-up and ends with its own restore, so what runs
+is the same interpreted arithmetic. If this triton's interpreter is not laid out as expected (another
+version), nothing is changed and the tests only run slower. KIT_TEST_PLAIN_INTERPRETER=1 switches it off.
+"""
+import inspect
+import os
+
+_NOTHING_TO_RESTORE = type("NothingToRestore", (), {"restore": lambda self: None})()
+UNDO = None  # install()'s undo, while it is installed
+
+
+def install():
+    """Returns a function that puts the interpreter back as it was, or None where nothing was changed."""
+    if os.environ.get("KIT_TEST_PLAIN_INTERPRETER") == "1":
+        return None
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    real_patch, executor = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "GridExecutor", None)
+    if real_patch is None or executor is None or getattr(real_patch, "_kit_once", False):
+        return None
+    params = list(inspect.signature(real_patch).parameters)
+    if params != ["fn"] or "_patch_lang(self.fn)" not in inspect.getsource(executor.__call__):
+        return None
+    launch = {"done": None}  # the language modules set up in the launch that is running
+
+    def patch_once(fn):
+        done = launch["done"]
+        if done is None:
+            return real_patch(fn)
+        key = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        if key in done:
+            return _NOTHING_TO_RESTORE
+        done.add(key)
+        return real_patch(fn)
+
+    real_call = executor.__call__
+
+    def call(self, *args, **kwargs):
+        outer, launch["done"] = launch["done"], set()
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            launch["done"] = outer
+
+    def undo():
+        global UNDO
+        interpreter._patch_lang, executor.__call__, UNDO = real_patch, real_call, None
+
+    global UNDO
+    patch_once._kit_once = True
+    interpreter._patch_lang, executor.__call__, UNDO = patch_once, call, undo
+    return undo
