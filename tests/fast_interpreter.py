@@ -35,12 +35,15 @@ def install():
     if params != ["fn"] or "_patch_lang(self.fn)" not in inspect.getsource(executor.__call__):
         return None
     launch = {"done": None}  # the language modules set up in the launch that is running
+    langs = {}  # function -> the language modules its globals hold (what _patch_lang sets up for it)
 
     def patch_once(fn):
         done = launch["done"]
         if done is None:
             return real_patch(fn)
-        key = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        key = langs.get(fn)
+        if key is None:
+            key = langs[fn] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
         if key in done:
             return _NOTHING_TO_RESTORE
         done.add(key)
