@@ -230,3 +230,29 @@ def test_a_results_folder_on_another_filesystem_works(tmp_path):
         run = only_run(fs)
         assert json.load(open(run.status))["status"] == "completed"
         assert os.path.isfile(run.file("cnf-viz.gif")) and os.path.isfile(run.test_logp) and not leftovers(fs)
+
+
+# --- a Python without the requirements ------------------------------------------------------------------
+@pytest.mark.parametrize("script,args", [("cnf.py", ["--niters", "2"]), ("bench.py", ["--quick"]),
+                                         ("summarize.py", ["run"]), ("plots.py", ["run"])])
+def test_a_python_without_the_requirements_is_one_line(tmp_path, script, args):
+    """``python -S`` has no site-packages, so torch and numpy do not import: each entry point names
+    the module and this Python in one line, exits with 2 (bad input) and writes nothing."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.csv").write_text("data\n")  # what plots.py's flag check looks for
+    proc = subprocess.run([sys.executable, "-S", os.path.join(ROOT, script), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == ex.EXIT_BAD_INPUT and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{script}: this Python (") and "cannot import " in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(tmp_path / "run") == ["args.csv"]
+
+
+def test_only_packages_from_outside_the_kit_count_as_missing_requirements():
+    """A module of the kit that fails to import is a bug, and keeps its traceback."""
+    assert ex.missing_requirement(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert ex.missing_requirement(ModuleNotFoundError("No module named 'scipy.stats'", name="scipy.stats"))
+    assert not ex.missing_requirement(ModuleNotFoundError("No module named 'toy_data'", name="toy_data"))
+    assert not ex.missing_requirement(ModuleNotFoundError("No module named 'torchmpnode.x'", name="torchmpnode.x"))
+    assert not ex.missing_requirement(ImportError("cannot import name 'x' from 'torch'", name="torch"))
+    assert not ex.missing_requirement(ValueError("torch"))
