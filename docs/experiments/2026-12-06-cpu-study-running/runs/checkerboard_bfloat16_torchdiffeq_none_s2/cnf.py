@@ -34,8 +34,8 @@ import toy_data  # noqa: E402
 from torchmpnode import METHODS  # noqa: E402  (plain data: the package loads torch on first use)
 
 # Flags that may change when resuming; every other explicit flag must match the checkpoint.
-RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "viz", "viz_samples", "viz_timesteps", "tensorboard", "device",
-                    "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test",
+RESUME_OVERRIDES = ("niters", "test_freq", "ckpt_freq", "figures", "viz", "viz_samples", "viz_timesteps", "tensorboard",
+                    "device", "gpu", "threads", "backend", "results_dir", "resume", "run_dir", "num_samples_test",
                     "grid_watch", "grid_gap_max", "on_grid_exploit")
 
 # |grid_gap| in nats that raises grid_exploited: see docs/metrics.md for the measurements.
@@ -100,6 +100,9 @@ def build_parser():
     a("--threads", type=int, default=None,
       help="CPU threads for torch (default: OMP_NUM_THREADS if set, else one per core idle at the start; "
            "a resume keeps its checkpoint's count)")
+    a("--figures", action=argparse.BooleanOptionalAction, default=True,
+      help="draw the figures at the end (the CSV figures, and with --viz the flow frames and GIF); --no-figures "
+           "leaves them to: python plots.py RUN (many cells, where matplotlib's seconds per run count)")
     a("--viz", action=argparse.BooleanOptionalAction, default=True, help="flow frames and GIF at the end")
     a("--viz_samples", type=int, default=30000, help="samples in the flow frames")
     a("--viz_timesteps", type=int, default=41, help="frames (time points) in the flow animation")
@@ -556,8 +559,8 @@ class Ending:
         models = _final_report(self.tr, self.rows, self.run, self.log) if status == "grid_exploited" else None
         _write_rows(self.tr, self.run, self.rows)
         self._status(status, reason, models)
-        missing = self._figures(plots.csv_figures(self.run.path)) if self.rows else []
-        return self._close(status, reason + _missing_note(missing, self.run), code)
+        missing = self._figures(plots.csv_figures(self.run.path)) if self.rows and self.tr.args.figures else []
+        return self._close(status, reason + self._note(missing), code)
 
     def interrupted(self, signal_name):
         _checkpoint(self.tr, self.run, [0])
@@ -575,9 +578,9 @@ class Ending:
         _write_rows(tr, run, self.rows)
         if stop.received:
             return self.interrupted(stop.received)
-        figures = plots.csv_figures(run.path) if self.rows else {}
+        figures = plots.csv_figures(run.path) if self.rows and a.figures else {}
         undrawn = []  # flow frames that could not even be drawn in memory
-        if a.viz:
+        if a.viz and a.figures:
             frames = self._flow_frames()
             if frames is None:
                 undrawn = [plots.frame_name(k) for k in range(a.viz_timesteps)] + [plots.GIF]
@@ -592,14 +595,22 @@ class Ending:
             pass  # status.json keeps listing them all: never more drawn than it says
         if stop.received:  # the run is completed; the figures it did not draw are listed, and a resume draws them
             return self._close("completed", f"{reason}; {stop.received} while drawing the figures"
-                               + _missing_note(missing, run), ex.EXIT_INTERRUPTED)
+                               + self._note(missing), ex.EXIT_INTERRUPTED)
         if missing and self.disk_full:
-            self._close("completed", reason + _missing_note(missing, run), ex.EXIT_OK)
+            self._close("completed", reason + self._note(missing), ex.EXIT_OK)
             sys.stderr.write(f"cnf.py: disk full while drawing the figures: {self.disk_full.line()}; the run is "
                              f"completed (status.json) without {_names(missing)}; free some space and draw "
                              f"them with: python plots.py {run.path}\n")
             return ex.EXIT_DISK_FULL
-        return self._close("completed", reason + _missing_note(missing, run), ex.EXIT_OK)
+        return self._close("completed", reason + self._note(missing), ex.EXIT_OK)
+
+    def _note(self, missing):
+        """The end of the last log line: the figures missing, or none asked for (--no-figures)."""
+        if not self.tr.args.figures and self.rows:
+            return f"; no figures (--no-figures): draw them with: python plots.py {self.run.path}"
+        if not missing:
+            return ""
+        return f"; figures missing: {_names(missing)} (draw them with: python plots.py {self.run.path})"
 
     def _figures(self, figures, stop=None):
         """Draw each figure ({name: draw}); returns the names not drawn. After a full disk the
@@ -644,12 +655,6 @@ def _names(missing):
     return ", ".join(rest)
 
 
-def _missing_note(missing, run):
-    if not missing:
-        return ""
-    return f"; figures missing: {_names(missing)} (draw them with: python plots.py {run.path})"
-
-
 def _final_report(tr, rows, run, log):
     """The end-of-run metrics of the trained model into the last row (and test_logp.npy);
     for a flagged run also those of ckpt_valid.pth. Returns status.json's ``models``
@@ -689,10 +694,11 @@ SOURCES_BYTES, PNG_BYTES, FRAME_BYTES = 250_000, 250_000, 140_000
 def space_to_finish(run, args, ckpt_bytes):
     """Bytes of free space the run needs to finish, about: a checkpoint is written beside the
     old one before it replaces it; then the CSV, the end-of-run arrays and the figures."""
-    need = ckpt_bytes + 4 * args.num_samples_test + 64_000 + 300 * (args.niters // args.test_freq + 2) + PNG_BYTES
+    need = ckpt_bytes + 4 * args.num_samples_test + 64_000 + 300 * (args.niters // args.test_freq + 2)
+    need += PNG_BYTES if args.figures else 0
     if not os.path.isdir(run.file("code")):
         need += SOURCES_BYTES
-    if args.viz:
+    if args.viz and args.figures:
         need += FRAME_BYTES * args.viz_timesteps
     return need
 

@@ -493,7 +493,7 @@ def replot(run_dir, device="cpu"):
 
 
 # args.csv entries that say where or how a run was executed, not what it trained
-_NOT_A_DIFFERENCE = ("results_dir", "run_dir", "resume", "threads", "device", "gpu", "viz", "viz_samples",
+_NOT_A_DIFFERENCE = ("results_dir", "run_dir", "resume", "threads", "device", "gpu", "figures", "viz", "viz_samples",
                      "viz_timesteps", "torch_version", "device_name", "resumed_at_iter")
 
 
