@@ -66,28 +66,26 @@ def rows_without_timing(folder):
 
 # --- threads ---------------------------------------------------------------------------------------
 def test_a_resume_keeps_the_checkpoints_thread_count_and_continues_bit_for_bit(tmp_path):
-    """10 iterations with --threads 1, resumed to 20 without --threads, give the CSV rows of the
-    uninterrupted 20-iteration run (timing columns aside), at the default batch and width, even
+    """2 iterations with --threads 1, resumed to 4 without --threads, give the CSV rows of the
+    uninterrupted 4-iteration run (timing columns aside), at the default batch and width, even
     with OMP_NUM_THREADS=2 in the resume's environment; a resume given --threads 2 does not (so
     the count matters here and the first comparison can fail)."""
-    common = ["--num_timesteps", "8", "--test_freq", "5", "--num_samples_val", "256", "--num_samples_test", "256",
+    common = ["--num_timesteps", "8", "--test_freq", "2", "--num_samples_val", "256", "--num_samples_test", "256",
               "--no-figures"]
     env1 = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     # (--threads wins over OMP_NUM_THREADS, so the runs given it keep the tests' 1: they start warm)
-    full = run_subprocess(*common, "--niters", "20", "--threads", "1", "--results_dir", str(tmp_path / "full"),
+    full = run_subprocess(*common, "--niters", "4", "--threads", "1", "--results_dir", str(tmp_path / "full"),
                           timeout=TIMEOUT)
     assert full.returncode == 0, full.stderr[-2000:]
-    # within its first 10 iterations a run says how long its training will take, once
-    assert full.stdout.count("projected: training takes about") == 1, full.stdout[-2000:]
-    part = run_subprocess(*common, "--niters", "10", "--threads", "1", "--results_dir", str(tmp_path / "part"),
+    part = run_subprocess(*common, "--niters", "2", "--threads", "1", "--results_dir", str(tmp_path / "part"),
                           timeout=TIMEOUT)
     assert part.returncode == 0, part.stderr[-2000:]
     (first,) = run_dirs(tmp_path / "part")
     for name, resume_flags, env in (("kept", [], {**env1, "OMP_NUM_THREADS": "2"}), ("kept_no_env", [], env1),
                                     ("changed", ["--threads", "2"], os.environ)):
-        folder = str(tmp_path / name / os.path.basename(first))  # the same 10 iterations, resumed three ways
+        folder = str(tmp_path / name / os.path.basename(first))  # the same 2 iterations, resumed three ways
         shutil.copytree(first, folder)
-        proc = run_subprocess("--resume", folder, "--niters", "20", *resume_flags, env=env, timeout=TIMEOUT)
+        proc = run_subprocess("--resume", folder, "--niters", "4", *resume_flags, env=env, timeout=TIMEOUT)
         assert proc.returncode == 0, proc.stderr[-2000:]
         same = rows_without_timing(folder).equals(rows_without_timing(run_dirs(tmp_path / "full")[0]))
         log = open(ex.RunDir(folder).log).read()

@@ -40,13 +40,23 @@ def status_data(run):
     return ex.read_args(run.file("args.csv"))["data"]
 
 
-def check_complete(folder, frames=3, rows=(2, 4)):
+FIGURES = ("optimization_stats.png", "mmd_plot.png", "cnf-viz.gif")
+
+
+def check_complete(folder, frames=3, rows=(2, 4), figures=True):
+    """A completed run's folder; ``figures=False``: one run with --no-figures, which has every
+    file but the figures (they only read the CSV and the checkpoint, and are checked in the runs
+    that draw them)."""
     run = ex.RunDir(folder)
     for f in (run.log, run.csv, run.ckpt, run.status, run.file("args.csv"), run.file("cnf.py"), run.file("code/model.py"),
-              run.file("optimization_stats.png"), run.file("mmd_plot.png"), run.file("cnf-viz.gif")):
+              run.file("density.npz"), *(run.file(f) for f in FIGURES if figures)):
         assert os.path.isfile(f) and os.path.getsize(f) > 0, f
-    assert len(glob.glob(run.file("cnf-viz-*.jpg"))) == frames
-    assert len(imageio.mimread(run.file("cnf-viz.gif"))) == frames
+    if figures:
+        assert len(glob.glob(run.file("cnf-viz-*.jpg"))) == frames
+        assert len(imageio.mimread(run.file("cnf-viz.gif"))) == frames
+    else:
+        assert not glob.glob(run.file("*.png")) + glob.glob(run.file("cnf-viz*"))
+        assert "no figures (--no-figures)" in open(run.log).read()
     df = pd.read_csv(run.csv)
     assert tuple(df.columns) == ex.CSV_COLUMNS
     assert tuple(df["iter"]) == rows
@@ -74,13 +84,17 @@ def check_complete(folder, frames=3, rows=(2, 4)):
     return df
 
 
+# Figures are drawn where their solve is most likely to break (float16 overflow in the flow frames) and in
+# one trace estimator; the other smoke runs are --no-figures: drawing the same CSV figures again tests nothing new.
 @pytest.mark.parametrize("odeint", ["torchdiffeq", "torchmpnode"])
 @pytest.mark.parametrize("precision", ["float32", "tfloat32", "bfloat16", "float16"])
 def test_smoke_every_solver_and_precision(tmp_path, odeint, precision):
-    code, folder = run_inprocess(tmp_path, "--odeint", odeint, "--precision", precision)
+    figures = precision == "float16"
+    code, folder = run_inprocess(tmp_path, "--odeint", odeint, "--precision", precision,
+                                 *([] if figures else ["--no-figures"]))
     assert code == 0
     assert os.path.basename(folder).startswith(f"8gaussians_{precision}_{odeint}_rk4_nt_4_0_")
-    df = check_complete(folder)
+    df = check_complete(folder, figures=figures)
     low = precision in ("bfloat16", "float16")
     # the low-precision runs really ran in that precision on the CPU
     assert (df["val_loss_lowp"] != df["val_loss"]).any() == low
@@ -93,9 +107,10 @@ def test_smoke_every_solver_and_precision(tmp_path, odeint, precision):
                                    ["--adjoint", "--odeint", "torchdiffeq"],
                                    ["--precision", "float16", "--no_dynamic_scaler", "--grad_scaler"]])
 def test_smoke_methods_traces_and_scalers(tmp_path, extra):
-    code, folder = run_inprocess(tmp_path, *extra, "--data", "moons")
+    figures = "hutchinson" in extra
+    code, folder = run_inprocess(tmp_path, *extra, "--data", "moons", *([] if figures else ["--no-figures"]))
     assert code == 0
-    check_complete(folder)
+    check_complete(folder, figures=figures)
 
 
 def test_two_runs_in_the_same_second_do_not_collide(tmp_path):
@@ -143,6 +158,25 @@ def test_resume_continues_bitwise(tmp_path, extra):
     pa, pb = _params(full), _params(part)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     pd.testing.assert_frame_equal(_rows(full), _rows(part))
+
+
+def test_a_run_projects_its_training_time_once_within_its_first_iterations(tmp_path):
+    """A run longer than 10 iterations prints one projected training time, after its 10th
+    iteration (as the README promises); a resume projects what is left of it; a run of
+    10 iterations or fewer prints none."""
+    code, folder = run_inprocess(tmp_path / "long", "--niters", "12", "--test_freq", "4", "--no-figures")
+    assert code == 0
+    log = open(ex.RunDir(folder).log).read().splitlines()
+    (k,) = [i for i, ln in enumerate(log) if ln.startswith("projected: training takes about")]
+    assert "over iterations 2-10" in log[k] and "for each of its 3 validation rows" in log[k]
+    after = [int(ln.split()[1]) for ln in log[k:] if ln.startswith("iter ")]
+    assert after == [12]  # the rows of iterations 4 and 8 came before it
+    code = cnf.main(["--resume", folder, "--niters", "24"])
+    assert code == 0
+    log = open(ex.RunDir(folder).log).read()
+    assert log.count("projected: training takes about") == 2 and "over iterations 14-22" in log
+    code, folder = run_inprocess(tmp_path / "short", "--niters", "10", "--no-figures")
+    assert code == 0 and "projected" not in open(ex.RunDir(folder).log).read()
 
 
 def test_resume_says_when_its_thread_count_changed(tmp_path):
