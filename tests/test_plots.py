@@ -21,9 +21,9 @@ def drawn(monkeypatch):
     figs = []
     render = plots._render
 
-    def keep(fig, dpi, fmt="png"):
+    def keep(fig, fmt="png"):
         figs.append(fig)
-        return render(fig, dpi, fmt)
+        return render(fig, fmt)
 
     monkeypatch.setattr(plots, "_render", keep)
     return figs
