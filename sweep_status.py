@@ -9,7 +9,8 @@ Where each state comes from:
   job_cnf.sbatch writes: a line ``[time] cell <task> <name> on <host> (job <id>, ...)`` when an
   attempt starts and ``[time] cnf.py exit code: <rc>`` when it ends. An attempt started and not
   ended is *running*; one that ended without the run writing its status is *failed to start*
-  (or failed), with the error line of its log as the reason;
+  (or failed), with the error line of its log as the reason. A log that is still empty is a job
+  starting (its shell opened the log; the first line comes next): *running*;
 - the run's ``status.json`` (completed, diverged, interrupted, disk_full, or any status a newer kit
   writes); a job that exited with cnf.py's disk-full code (6) without a status is *disk_full* too:
   free space and ``run_cnf.sh --resume`` continues it;
@@ -70,6 +71,9 @@ def read_log(path):
     with open(path, errors="replace") as f:
         lines = f.read().splitlines()
     starts = [k for k, ln in enumerate(lines) if START.match(ln)]
+    if not starts and not any(ln.strip() for ln in lines):  # just opened: job_cnf.sbatch's first line comes next
+        return {"job": None, "start": os.path.getmtime(path), "end": None, "rc": None, "reason": "starting",
+                "attempts": 0, "starting": True}
     if not starts:  # the job failed before job_cnf.sbatch's first line (e.g. no such cell)
         return {"job": None, "start": os.path.getmtime(path), "end": os.path.getmtime(path), "rc": None,
                 "reason": _reason(lines), "attempts": 0}
@@ -131,7 +135,7 @@ def cell_status(sweep, task, name, now=None):
            "val_nll": math.nan, "ms_iter": math.nan, "eta_s": math.nan, "job": _job_label(logs[-1], log) if log else "",
            "updated_s": math.nan}
     status_time = os.path.getmtime(run.status) if status else -math.inf
-    if log is not None and log["rc"] is None and log["attempts"] > 0:
+    if log is not None and log["rc"] is None and (log["attempts"] > 0 or log.get("starting")):
         row["state"] = "running"
     elif status is not None and not (log is not None and log["rc"] not in (None, 0) and log["start"] > status_time):
         row["state"] = str(status.get("status", "?"))

@@ -227,8 +227,10 @@ MUTATIONS = [
      'row["grid_exploited"] = int(g["grid_exploited"].notna().sum())', "the grid mark counts seeds left out of the statistics"),
     ("summarize.py", "indicative=bool(math.isfinite(lo) and len(pairs) < MIN_SEEDS))",
      "indicative=bool(math.isfinite(lo) and len(pairs) <= MIN_SEEDS))", "three seed pairs marked indicative"),
-    ("sweep_status.py", 'if log is not None and log["rc"] is None and log["attempts"] > 0:',
+    ("sweep_status.py", 'if log is not None and log["rc"] is None and (log["attempts"] > 0 or log.get("starting")):',
      'if log is not None and log["rc"] is None:', "a job that died before its first line listed as running"),
+    ("sweep_status.py", 'if log is not None and log["rc"] is None and (log["attempts"] > 0 or log.get("starting")):',
+     'if log is not None and log["rc"] is None and log["attempts"] > 0:', "a job whose log is still empty listed as failed to start"),
     ("sweep_status.py", 'elif log is not None and log["rc"] == EXIT_DISK_FULL:', 'elif log is None:',
      "a disk-full cell listed as failed"),
     # the busy-machine work

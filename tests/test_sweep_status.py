@@ -37,6 +37,19 @@ def test_a_job_that_dies_before_its_first_line_failed_to_start(tmp_path):
     assert "1 failed to start" in text and "running" not in text
 
 
+def test_a_job_whose_log_is_still_empty_is_running(tmp_path):
+    """The moment between a job's shell opening its log and job_cnf.sbatch's first line: the
+    cell is *running* (starting), not *failed to start*; once the log has an error line and no
+    start line, it is *failed to start*."""
+    sweep = _sweep(tmp_path)
+    (sweep / "slurm" / "local_1.out").write_text("")
+    rows = sweep_status.sweep_status(str(sweep))
+    assert [r["state"] for r in rows] == ["pending", "running"], rows
+    assert "failed" not in sweep_status.format_status(rows, str(sweep))
+    (sweep / "slurm" / "local_1.out").write_text("job_cnf.sbatch: no cell 1 in cells.tsv\n")
+    assert [r["state"] for r in sweep_status.sweep_status(str(sweep))] == ["pending", "failed to start"]
+
+
 def test_a_disk_full_cell_is_resumable(tmp_path):
     """cnf.py's disk-full exit (6): with its status.json, or without one (the disk was too full
     to write it), the cell is disk_full, and run_cnf.sh --resume resubmits it."""
