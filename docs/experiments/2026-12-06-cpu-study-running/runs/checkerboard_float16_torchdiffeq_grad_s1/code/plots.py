@@ -80,19 +80,24 @@ import pandas as pd  # noqa: E402
 import toy_data  # noqa: E402
 
 MMD_LINEAR = 1e-3  # MMD^2 axes: linear within +-this (the noise level of a 1024-point estimate), log beyond
+# Every figure is made at the dpi it is saved at (``_render`` takes the figure's own): matplotlib
+# caches text layouts and parsed mathtext per dpi, so the layout pass (tight or constrained) then
+# serves the render; at another dpi every label is laid out twice, a third of a run's figure time.
+RUN_DPI, FRAME_DPI, SWEEP_DPI = 110, 70, 90  # a run's figures, its flow frames, a sweep's summary and answer
 
 
-def _render(fig, dpi, fmt="png"):
+def _render(fig, fmt="png"):
+    """``fig`` as a file in memory, at the dpi it was made with."""
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=dpi)
+    fig.savefig(buf, format=fmt, dpi="figure")
     return buf.getvalue()
 
 
-def _save(fig, path, dpi):
+def _save(fig, path):
     """Render ``fig`` in the format of ``path``'s extension (PNG by default), close it, and
     write the file atomically."""
     fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "png")
-    data = _render(fig, dpi, fmt)
+    data = _render(fig, fmt)
     plt.close(fig)
     ex.atomic_write(path, data)
 
@@ -101,7 +106,7 @@ def _save(fig, path, dpi):
 def plot_optimization(csv_path, out_png, entropy=None, title=""):
     """Loss (with the true entropy as the floor), MMD, learning rate and timing."""
     df = pd.read_csv(csv_path)
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5), dpi=RUN_DPI)
     a = ax[0, 0]
     a.plot(df["iter"], df["running_loss"], label="running loss (train)")
     a.plot(df["iter"], df["val_loss"], "o-", ms=3, label="val NLL (float32)")
@@ -126,7 +131,7 @@ def plot_optimization(csv_path, out_png, entropy=None, title=""):
     a.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, out_png, dpi=110)
+    _save(fig, out_png)
 
 
 def _plot_mmd_axes(a, df):
@@ -150,10 +155,10 @@ def _plot_mmd_axes(a, df):
 def plot_mmd(csv_path, out_png):
     """The MMD panel of ``plot_optimization`` on its own."""
     df = pd.read_csv(csv_path)
-    fig, a = plt.subplots(figsize=(6.5, 4.2))
+    fig, a = plt.subplots(figsize=(6.5, 4.2), dpi=RUN_DPI)
     _plot_mmd_axes(a, df)
     fig.tight_layout()
-    _save(fig, out_png, dpi=110)
+    _save(fig, out_png)
 
 
 def flow_frames(target, snapshots, limit=4.5, gif_duration=0.1, bins=200):
@@ -179,7 +184,7 @@ def flow_frames(target, snapshots, limit=4.5, gif_duration=0.1, bins=200):
     edges = np.linspace(-limit, limit, bins + 1)
     viridis = plt.get_cmap("viridis")
     cmap = viridis.with_extremes(bad=viridis(0))  # the pulled-back grid need not cover the corners
-    fig, ax = plt.subplots(1, 3, figsize=(12, 4.4))
+    fig, ax = plt.subplots(1, 3, figsize=(12, 4.4), dpi=FRAME_DPI)
     ims = [a.imshow(np.zeros((bins, bins)), origin="lower", extent=(-limit, limit, -limit, limit), cmap=cmap,
                     interpolation="nearest") for a in ax[:2]]
     ax[2].set_facecolor(cmap(0))
@@ -205,7 +210,7 @@ def flow_frames(target, snapshots, limit=4.5, gif_duration=0.1, bins=200):
         mesh = ax[2].pcolormesh(X, Y, C, cmap=cmap, shading="flat")
         _show(mesh, C)
         ax[2].set_title(f"model density, t = {t:.2f}")
-        files[frame_name(k)] = _render(fig, 70, "jpg")
+        files[frame_name(k)] = _render(fig, "jpg")
         images.append(imageio.imread(files[frame_name(k)]))
     plt.close(fig)
     buf = io.BytesIO()
@@ -271,7 +276,7 @@ def plot_overview(datasets, columns, panels, out_png, out_pdf=None, caption="", 
     head, foot = 0.32, (0.2 + 0.11 * (caption.count("\n") + 1)) if caption else 0.1
     row_h = panel_in + 0.4  # the panel and two lines of title
     H = head + nr * row_h + foot
-    fig = plt.figure(figsize=(W, H))
+    fig = plt.figure(figsize=(W, H), dpi=dpi)
     cmap = plt.get_cmap("viridis").with_extremes(bad=plt.get_cmap("viridis")(0))
     for i, data in enumerate(datasets):
         for j, col in enumerate(columns):
@@ -298,7 +303,7 @@ def plot_overview(datasets, columns, panels, out_png, out_pdf=None, caption="", 
                          fontweight="bold", linespacing=1.1)
     if caption:
         fig.text(0.5 * left / W, 0.08 / H, caption, ha="left", va="bottom", fontsize=6.5, linespacing=1.2)
-    data = {path: _render(fig, dpi, fmt) for path, fmt in ((out_png, "png"), (out_pdf, "pdf")) if path is not None}
+    data = {path: _render(fig, fmt) for path, fmt in ((out_png, "png"), (out_pdf, "pdf")) if path is not None}
     plt.close(fig)
     for path, blob in data.items():
         ex.atomic_write(path, blob)
@@ -341,7 +346,7 @@ def plot_summary(cells, runs, curves, out_png):
     height = max(3.6, 0.9 + 0.28 * cells.groupby("data").size().max())
     # constrained layout gives each panel's row labels their own room: none runs into a neighbour
     fig, axes = plt.subplots(len(datasets) + 1, 3, figsize=(19, height * (len(datasets) + 1)), squeeze=False,
-                             layout="constrained")
+                             layout="constrained", dpi=SWEEP_DPI)
     for row, data in zip(axes, datasets):
         g = cells[cells["data"] == data].reset_index(drop=True)
         _summary_curves(row[0], data, g, runs, curves)
@@ -366,7 +371,7 @@ def plot_summary(cells, runs, curves, out_png):
     a.set(title="peak memory (mean ± sd)", xlabel="MB")
     a.set_yticks(y, labels, fontsize=7)
     fig.delaxes(axes[-1][2])  # the last row has two panels
-    _save(fig, out_png, dpi=90)
+    _save(fig, out_png)
 
 
 def ratio_to_float32(g, cols):
@@ -387,7 +392,7 @@ def plot_answer(cells, out_png):
     datasets = sorted(cells["data"].unique())
     height = max(2.6, 0.7 + 0.3 * cells.groupby("data").size().max())
     fig, axes = plt.subplots(len(datasets), 3, figsize=(16, height * len(datasets)), squeeze=False,
-                             layout="constrained", gridspec_kw=dict(width_ratios=[2, 1, 1]))
+                             layout="constrained", gridspec_kw=dict(width_ratios=[2, 1, 1]), dpi=SWEEP_DPI)
     for row, data in zip(axes, datasets):
         g = cells[cells["data"] == data].reset_index(drop=True)
         _summary_paired(row[0], data, g)
@@ -408,7 +413,7 @@ def plot_answer(cells, out_png):
             a.set(xlabel="× its solver's float32", ylim=(-0.6, len(g) - 0.2))
             a.set_title(f"{data}: {title}", fontsize=10)
             a.set_xlim(0, max(1.2, float(np.nanmax(np.r_[ratio, 1.0])) * 1.25))
-    _save(fig, out_png, dpi=90)
+    _save(fig, out_png)
 
 
 def _summary_curves(a, data, g, runs, curves):
@@ -531,7 +536,7 @@ def plot_runs(run_dirs, out_png, labels=None, title=""):
     if len(data) != 1:
         raise ValueError(f"the runs are of different datasets ({', '.join(sorted(data))}); compare one at a time")
     entropy = toy_data.ENTROPY[data.pop()]
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
     frames = [pd.read_csv(r.csv) for r in runs]
     gaps = pd.concat([df["val_loss"] - entropy for df in frames])
     # a gamed run dives by nats and a young one starts a nat above: keep the last hundredths readable
@@ -563,7 +568,7 @@ def plot_runs(run_dirs, out_png, labels=None, title=""):
     caption = "dashed: where a run's grid_exploited flag rose" if flagged else ""
     fig.suptitle("\n".join(t for t in (title, caption) if t), fontsize=10)
     fig.tight_layout()
-    _save(fig, out_png, dpi=100)
+    _save(fig, out_png)
 
 
 def _compare_one(ax, df, cfg, label, c, entropy, lo, hi):

@@ -511,7 +511,7 @@ def quiet_exits(prog, interrupted="interrupted; nothing half written was left", 
             line, code = f"{prog}: {interrupted}", EXIT_CTRL_C
         elif missing_requirement(value):
             line = (f"{prog}: this Python ({sys.executable}) cannot import {value.name}: install the requirements "
-                    "(pip install torch, then pip install -r requirements.txt; README, Set up)")
+                    "(torch first, then pip install -r requirements.txt: README, Quick start)")
             code = EXIT_BAD_INPUT
         elif is_disk_full(value):
             what = value.line() if isinstance(value, DiskFull) else f"{value.filename or 'a file'}: {value.strerror}"

@@ -492,10 +492,11 @@ def peak_memory_mb(device):
 
 
 def quiet_exits(prog, interrupted="interrupted; nothing half written was left", signals=True):
-    """How an entry point ends on Ctrl-C or a full disk: one line on stderr and a documented
-    exit code, never a traceback. Ctrl-C (KeyboardInterrupt reaching the top): ``interrupted``
-    and exit code 130; ENOSPC/EDQUOT: what could not be written and exit code 6. Every other
-    error keeps Python's traceback (it is a bug to report). Call it first thing under
+    """How an entry point ends on Ctrl-C, a full disk or a missing requirement: one line on stderr
+    and a documented exit code, never a traceback. Ctrl-C (KeyboardInterrupt reaching the top):
+    ``interrupted`` and exit code 130; ENOSPC/EDQUOT: what could not be written and exit code 6;
+    a package the kit needs that this Python lacks (torch, say): which one and exit code 2. Every
+    other error keeps Python's traceback (it is a bug to report). Call it first thing under
     ``if __name__ == "__main__":``, before the heavy imports, so it covers them too.
 
     ``signals``: SIGINT and SIGTERM raise KeyboardInterrupt whatever the process inherited
@@ -508,6 +509,10 @@ def quiet_exits(prog, interrupted="interrupted; nothing half written was left", 
     def hook(kind, value, tb):
         if issubclass(kind, KeyboardInterrupt):
             line, code = f"{prog}: {interrupted}", EXIT_CTRL_C
+        elif missing_requirement(value):
+            line = (f"{prog}: this Python ({sys.executable}) cannot import {value.name}: install the requirements "
+                    "(torch first, then pip install -r requirements.txt: README, Quick start)")
+            code = EXIT_BAD_INPUT
         elif is_disk_full(value):
             what = value.line() if isinstance(value, DiskFull) else f"{value.filename or 'a file'}: {value.strerror}"
             line, code = f"{prog}: disk full: {what}; free some space and run it again", EXIT_DISK_FULL
@@ -523,6 +528,16 @@ def quiet_exits(prog, interrupted="interrupted; nothing half written was left", 
     if signals:
         for name in ("SIGINT", "SIGTERM"):
             signal.signal(getattr(signal, name), _raise_interrupt)
+
+
+def missing_requirement(error):
+    """Whether ``error`` is an import of a package from outside the kit that this Python lacks: an
+    environment to set up, not a bug (a module of the kit itself that fails to import is one)."""
+    if not isinstance(error, ModuleNotFoundError) or not error.name:
+        return False
+    top = error.name.split(".")[0]
+    here = os.path.dirname(os.path.abspath(__file__))
+    return not (os.path.exists(os.path.join(here, top + ".py")) or os.path.isdir(os.path.join(here, top)))
 
 
 def _raise_interrupt(signum, frame):
