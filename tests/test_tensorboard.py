@@ -11,7 +11,7 @@ import pytest
 
 import cnf
 import experiment as ex
-from test_cnf import ROOT, TINY, run_subprocess
+from test_cnf import ROOT, TINY
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -206,8 +206,9 @@ PRELOAD = ("torch", "torch._dynamo", "numpy", "pandas", "matplotlib", "scipy.int
 
 def _warm_matplotlib():
     """Draw one small figure, so that a fork finds matplotlib's lazy set-up done (the font files
-    opened, the mathtext parser built: about 0.6 s of a tiny run's first figure). Only caches
-    change: the figure is not pyplot's, and no setting is touched."""
+    opened, the mathtext parser built). A process's first tiny run with figures took about 0.6 s
+    more than its second; through forks under load the gain measured about 0.3 s, within the noise.
+    Only caches change: the figure is not pyplot's, and no setting is touched."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
