@@ -160,3 +160,48 @@ def test_a_server_loaded_with_more_threads_than_cores_keeps_torchs_capped_count(
         server.kill()
         server.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_server_whose_worker_is_killed_outright_ends_and_takes_its_forks_along(client, tmp_path):
+    """A test worker killed with SIGKILL never stops its server (pytest_unconfigure does not run): the
+    server must notice that its parent is gone, kill the forks still running and exit, rather than
+    hold a loaded interpreter for ever. The server here loads nothing (an empty PRELOAD), to be quick."""
+    sock = str(tmp_path / "s")
+    serve = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); import warm_python; "
+             f"warm_python.PRELOAD = (); warm_python._warm_matplotlib = lambda: None; warm_python.serve({sock!r})")
+    real = os.environ.get(warm_python.REAL_VAR, sys.executable)
+    parent = subprocess.Popen([real, "-c", f"import subprocess, sys, time; p = subprocess.Popen([{real!r}, '-c', "
+                               f"{serve!r}]); print(p.pid, flush=True); time.sleep(300)"],
+                              stdout=subprocess.PIPE, text=True)
+    server = int(parent.stdout.readline())
+    try:
+        _end_with_parent(client, parent, server, sock, tmp_path)
+    finally:  # whatever failed, leave nothing running
+        parent.kill()
+        for pid in (server, (tmp_path / "pid").read_text() if (tmp_path / "pid").exists() else ""):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+
+def _end_with_parent(client, parent, server, sock, tmp_path):
+    """Fork one process from ``server``, kill the server's parent, and wait for both to end."""
+    t0 = time.time()
+    while not os.path.exists(sock):
+        assert _alive(server) and time.time() - t0 < 120, "the server did not start"
+        time.sleep(0.1)
+    pidfile = tmp_path / "pid"
+    fork = subprocess.Popen([client[0], "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
+                             "print('up', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True,
+                            env={**client[1], warm_python.SOCKET_VAR: sock, "KIT_WARM_DEBUG": "1"})
+    assert fork.stdout.readline() == "up\n"
+    forked = int(pidfile.read_text())
+    assert _alive(server) and _alive(forked)
+    parent.kill()
+    parent.wait()
+    t0 = time.time()
+    while _alive(server) or _alive(forked):
+        assert time.time() - t0 < 30, "the server or its fork outlived the server's parent"
+        time.sleep(0.1)
+    fork.wait(timeout=60)

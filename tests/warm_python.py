@@ -270,7 +270,8 @@ def serve(path):
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     children = {}  # pid -> connection
-    while True:
+    parent = os.getppid()
+    while os.getppid() == parent:  # a worker killed outright never stops its server: end with it
         for key, _ in sel.select(timeout=0.02):
             try:  # one client's trouble (it died, it sent garbage) never ends the server
                 if key.fileobj is listener:
@@ -293,6 +294,11 @@ def serve(path):
                 except OSError:
                     pass
         _reap(sel, children)
+    for pid in children:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _fork(conn, listener, sel, children):
