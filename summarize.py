@@ -42,6 +42,9 @@ import sys
 import experiment as ex
 
 
+FIGURES = ("summary.png", "answer.png", "overview.png", "overview.pdf")  # what --no-figures leaves undrawn
+
+
 def build_parser():
     """summarize.py's flags (bad ones: one line, exit code 2)."""
     p = ex.OneLineParser(prog="summarize.py",
@@ -52,6 +55,9 @@ def build_parser():
                    help="list every cell of the sweep (cells.tsv) with its state and progress, and exit")
     p.add_argument("--backfill", action="store_true",
                    help="first write density.npz, from their checkpoints, for completed runs that lack it")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="write the tables only (summary.md, .csv, _runs.csv, .tex); run it again without this "
+                        "flag for the figures")
     return p
 
 
@@ -445,10 +451,11 @@ def main(argv=None):
                ("summary_runs.csv", lambda path: ex.atomic_write(path, runs.to_csv(index=False))),
                ("summary.md", lambda path: ex.atomic_write(path, md + "\n")),
                ("summary.tex", lambda path: ex.atomic_write(path, tex)),
-               ("summary_standalone.tex", lambda path: ex.atomic_write(path, tables.latex_standalone(tex))),
-               ("summary.png", lambda path: plots.plot_summary(cells, runs, curves, path)),
-               ("answer.png", lambda path: plots.plot_answer(cells, path)),
-               ("overview.png and .pdf", lambda path: write_overview(cells, runs, out))]
+               ("summary_standalone.tex", lambda path: ex.atomic_write(path, tables.latex_standalone(tex)))]
+    if a.figures:
+        outputs += [("summary.png", lambda path: plots.plot_summary(cells, runs, curves, path)),
+                    ("answer.png", lambda path: plots.plot_answer(cells, path)),
+                    ("overview.png and .pdf", lambda path: write_overview(cells, runs, out))]
     for k, (name, write) in enumerate(outputs):
         try:
             write(os.path.join(out, name))
@@ -459,8 +466,13 @@ def main(argv=None):
                   f"free some space and run it again", file=sys.stderr)
             return ex.EXIT_DISK_FULL
     print(md)
+    wrote = ".png, summary_runs.csv, answer.png, overview.png, .pdf" if a.figures else "summary_runs.csv (no figures)"
     print(f"{len(runs)} runs in {len(cells)} cells" + (f" ({len(skipped)} run folders skipped)" if skipped else "")
-          + f"; wrote summary.md, .csv, .tex, _standalone.tex, .png, summary_runs.csv, answer.png, overview.png, .pdf to {out}")
+          + f"; wrote summary.md, .csv, .tex, _standalone.tex, {wrote} to {out}")
+    stale = [f for f in FIGURES if not a.figures and os.path.exists(os.path.join(out, f))]
+    if stale:  # figures drawn from an earlier state of the runs, beside tables of the present one
+        print(f"summarize.py: warning: figures of an earlier summary left in {out}: {', '.join(stale)}; "
+              "run it without --no-figures to redraw them", file=sys.stderr)
     return 0
 
 

@@ -481,11 +481,12 @@ def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, capsys, monkeypatch):
 def test_unreadable_runs_are_listed_and_skipped(sweep, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     d = shutil.copytree(sweep["dir"], tmp_path / "sweep", ignore=shutil.ignore_patterns("ckpt.pth", "summary*",
-                                                                                        "overview*"))
+                                                                                        "overview*", "answer*"))
     bad = os.path.join(d, "runs", sweep["names"][1])
     _truncate(bad)
-    proc = _summarize(capsys, d)
+    proc = _summarize(capsys, d, "--no-figures")  # the tables alone (the figures' own tests draw them)
     assert proc.returncode == 0, proc.stderr
+    assert not [f for f in summarize.FIGURES if os.path.exists(os.path.join(d, f))] and "(no figures)" in proc.stdout
     assert f"skipping {os.path.relpath(bad, ROOT)}: " in proc.stderr and "truncated CSV" in proc.stderr
     md = open(os.path.join(d, "summary.md")).read()
     assert "could not be read (skipped)" in md and sweep["names"][1] in md
@@ -493,6 +494,12 @@ def test_unreadable_runs_are_listed_and_skipped(sweep, tmp_path, capsys, monkeyp
     assert len(runs) == 7 and not runs["run"].str.contains(sweep["names"][1]).any()
     with open(os.path.join(d, "summary.csv")) as f:
         assert len(list(csv.DictReader(f))) == 4
+    # figures left from an earlier summary are named, since they may no longer match the tables
+    open(os.path.join(d, "answer.png"), "wb").close()
+    proc = _summarize(capsys, d, "--no-figures")
+    assert proc.returncode == 0 and proc.stderr.splitlines()[-1] == (
+        f"summarize.py: warning: figures of an earlier summary left in {d}: answer.png; run it without "
+        "--no-figures to redraw them"), proc.stderr
 
 
 
