@@ -19,7 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def client():
-    """A server of this module's own (the worker's may still be loading), and the client for it."""
+    """The client of this worker's server (tests/conftest.py: every test's sys.executable) and its
+    environment; with warm subprocesses off (KIT_TEST_COLD=1), a server of this module's own. A client
+    waits for a server that is still loading."""
+    if os.environ.get("KIT_TEST_COLD") != "1" and warm_python.SOCKET_VAR in os.environ:
+        yield sys.executable, dict(os.environ)
+        return
     folder = tempfile.mkdtemp(prefix="kw")  # a short path: AF_UNIX socket paths are limited
     path, variables, server = warm_python.start(os.environ.get(warm_python.REAL_VAR, sys.executable), folder)
     t0 = time.time()
