@@ -41,10 +41,11 @@ def pytest_xdist_auto_num_workers(config):
 # The files that take longest are handed out first (pytest.ini: --no-loadscope-reorder; xdist's own order
 # is by number of tests), so that no worker is left with a long file while the others have finished.
 # Longest first, as measured on an idle 2-core machine (docs/testing.md); a stale order costs only balance.
-SLOW_FILES = ("tests/test_cnf.py", "tests/test_cnf_kernels.py", "tests/test_sweeps.py", "tests/test_busy_machine.py",
+SLOW_FILES = ("tests/test_cnf_kernels.py", "tests/test_sweeps.py", "tests/test_busy_machine.py", "tests/test_cnf.py",
               "tests/test_summarize.py", "tests/test_gpu_check.py", "tests/test_warm_python.py", "tests/test_host_syncs.py",
-              "tests/test_bench.py", "tests/test_reliability.py", "tests/test_plots.py", "tests/test_kernel_nonfinite.py",
-              "tests/test_scaling.py", "tests/test_toy_data.py", "tests/test_tensorboard.py", "tests/test_schedule.py")
+              "tests/test_bench.py", "tests/test_reliability.py", "tests/test_kernel_nonfinite.py", "tests/test_plots.py",
+              "tests/test_scaling.py", "tests/test_toy_data.py", "tests/test_schedule.py", "tests/test_grid_watch.py",
+              "tests/test_packaging.py")
 
 
 def pytest_collection_modifyitems(config, items):
