@@ -365,28 +365,6 @@ def test_bad_flags_and_help_are_answered_before_torch_loads(script, argv):
         assert proc.returncode == 2 and len(errors) == 1 and "error" in errors[0], proc.stderr[-1000:]
 
 
-def test_compare_refuses_a_run_folder_as_its_output(tmp_path):
-    """`plots.py --compare RUN_A RUN_B` (the output file forgotten): exit 2, one line with the
-    usage, nothing left behind; the same for an existing folder; a good call prints its path."""
-    for name in ("a", "b"):
-        assert run_subprocess(*TINY, "--no-figures", "--results_dir", str(tmp_path / name)).returncode == 0
-    a, b = run_dirs(tmp_path / "a")[0], run_dirs(tmp_path / "b")[0]
-    before = {d: sorted(os.listdir(d)) for d in (a, b, tmp_path)}
-
-    def compare(*argv):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "plots.py"), "--compare", *argv],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT)
-
-    for argv in ((a, b), (str(tmp_path), a, b)):
-        proc = compare(*argv)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-        assert "is a folder, not the output file" in proc.stderr and "--compare OUT.png RUN_DIR" in proc.stderr
-        assert {d: sorted(os.listdir(d)) for d in (a, b, tmp_path)} == before
-    out = tmp_path / "cmp.png"
-    proc = compare(str(out), a, b)
-    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {out}" and out.stat().st_size > 10000
-
-
 # --- sweeps on a CPU ---------------------------------------------------------------------------------
 def test_a_local_cpu_sweep_skips_tfloat32(tmp_path):
     """Without a GPU the tfloat32 cells would repeat float32: skipped, with a one-line note, and

@@ -343,8 +343,10 @@ def test_the_run_folder_keeps_the_code_that_ran(tmp_path):
 
 
 def test_compare_runs_figure_and_its_bad_input(tmp_path):
-    """plots.py --compare draws several runs' validation curves from their folders; runs of
-    different datasets, a wrong number of labels and a folder that is no run exit 2."""
+    """plots.py --compare draws several runs' validation curves from their folders and prints the
+    figure's path; runs of different datasets, a wrong number of labels, a folder that is no run and
+    an output that is a folder (`--compare RUN_A RUN_B`, the output file forgotten) exit 2 with one
+    line, leaving nothing behind."""
     a = run_inprocess(tmp_path / "a", "--no-figures", "--data", "checkerboard")[1]
     b = run_inprocess(tmp_path / "b", "--no-figures", "--data", "checkerboard", "--kinetic", "0.1")[1]
     c = run_inprocess(tmp_path / "c", "--no-figures", "--data", "moons")[1]
@@ -353,9 +355,15 @@ def test_compare_runs_figure_and_its_bad_input(tmp_path):
     def run(*argv):
         return subprocess.run([sys.executable, plots, *argv], capture_output=True, text=True, cwd=str(tmp_path))
 
+    before = {d: sorted(os.listdir(d)) for d in (a, b, tmp_path)}
+    for argv in (("--compare", a, b), ("--compare", str(tmp_path), a, b)):
+        proc = run(*argv)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "is a folder, not the output file" in proc.stderr and "--compare OUT.png RUN_DIR" in proc.stderr
+        assert {d: sorted(os.listdir(d)) for d in (a, b, tmp_path)} == before
     out = str(tmp_path / "cmp.png")
     proc = run(a, b, "--compare", out, "--labels", "plain,kinetic")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {out}", proc.stderr
     assert os.path.getsize(out) > 20000 and sorted(os.listdir(tmp_path)) == ["a", "b", "c", "cmp.png"]
     for argv, msg in (((a, c, "--compare", out), "different datasets"),
                       ((a, b, "--compare", out, "--labels", "one"), "1 labels for 2 runs"),
