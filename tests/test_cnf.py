@@ -279,22 +279,9 @@ def test_results_dir_that_is_a_file_or_unwritable(tmp_path):
     assert proc.returncode == 2 and "not writable" in proc.stderr
 
 
-def test_replot_from_the_folder_alone(tmp_path):
-    code, folder = run_inprocess(tmp_path, "--no-viz")
-    assert code == 0
-    run = ex.RunDir(folder)
-    for f in ("optimization_stats.png", "mmd_plot.png"):
-        os.remove(run.file(f))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plots.py"), folder], capture_output=True, text=True,
-                          cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    for f in ("optimization_stats.png", "mmd_plot.png"):
-        assert os.path.getsize(run.file(f)) > 10000
-
-
 def test_no_figures_leaves_them_to_plots_py(tmp_path):
     """--no-figures: a completed run draws none of its figures, lists none as missing and says how
-    to draw them; plots.py then draws them all from the folder (the flow frames from the checkpoint).
+    to draw them; plots.py then draws them all from the folder alone (the flow frames from the checkpoint).
     A run that stops early (diverged) draws none either, and a resume given --figures draws them."""
     import json
 
