@@ -240,17 +240,23 @@ def test_bad_input_one_line_exit_2_no_folder(tmp_path, bad):
 @pytest.mark.parametrize("env,flags,threads,how", [("1", [], 1, "OMP_NUM_THREADS"), ("2", ["--threads", "1"], 1, "--threads"),
                                                    (None, [], None, "one per idle core at the start")],
                          ids=["OMP_NUM_THREADS", "--threads", "default"])
-def test_threads_are_set_logged_and_recorded(tmp_path, env, flags, threads, how):
+def test_threads_are_set_logged_and_recorded(tmp_path, monkeypatch, env, flags, threads, how):
     """Without --threads a run honours OMP_NUM_THREADS; --threads wins over it; with neither it
     takes one thread per core idle at its start (at least one, at most the cores). The log says
-    which and args.csv records the count."""
+    which and args.csv records the count. (In this process: a run reads the variable when it
+    chooses, and torch's count is put back afterwards.)"""
     import runtime
 
-    environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    proc = run_subprocess(*TINY, "--no-figures", "--results_dir", str(tmp_path), *flags,
-                          env={**environ, **({"OMP_NUM_THREADS": env} if env else {})})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (folder,) = run_dirs(tmp_path)
+    if env:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    else:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        code, folder = run_inprocess(tmp_path, "--no-figures", *flags)
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
     run = ex.RunDir(folder)
     used = int(ex.read_args(run.file("args.csv"))["threads"])
     assert used == threads if threads else 1 <= used <= runtime.usable_cores()
