@@ -598,13 +598,18 @@ def test_kernels_compile_for_hopper():
 
 # --- cnf.py with the fused backend -------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["float32", "float16"])
-def test_cnf_runs_with_triton_backend(tmp_path, precision, small_figure_grids):
+def test_cnf_runs_with_triton_backend(tmp_path, monkeypatch, precision, small_figure_grids):
     """A whole tiny run on the fused kernels (training, validation, sampling, density.npz, frames
-    and GIF); without a GPU, in the interpreter (in this process, with small figure grids)."""
+    and GIF); without a GPU, in the interpreter (in this process, with small figure grids). The
+    float32 run is then resumed: the self-test (a compile on a GPU) runs once, with the checkpoint's
+    width, not also with the command line's defaults."""
     need_triton(interpreted=True)
+    import cnf
+    import model
     from test_cnf import check_complete, run_inprocess
 
-    code, folder = run_inprocess(tmp_path, "--backend", "triton", "--precision", precision)
+    device = ["--device", "cuda"] if torch.cuda.is_available() else ["--device", "cpu"]
+    code, folder = run_inprocess(tmp_path, "--backend", "triton", "--precision", precision, *device)
     assert code == 0
     check_complete(folder)
     import experiment as ex
@@ -615,6 +620,12 @@ def test_cnf_runs_with_triton_backend(tmp_path, precision, small_figure_grids):
     assert "backend triton" in log
     if precision == "float16":
         assert "scalers: dynamic" in log
+        return
+    widths = []
+    real = model.fused_self_test
+    monkeypatch.setattr(model, "fused_self_test", lambda dev, **kw: widths.append(kw["width"]) or real(dev, **kw))
+    assert cnf.main(["--resume", folder, "--niters", "6", "--backend", "triton", "--no-figures", *device]) == 0
+    assert widths == [8]  # TINY's width, from the checkpoint; once
 
 
 def test_cnf_backend_bad_input_and_auto(tmp_path, monkeypatch, capsys):
@@ -642,26 +653,6 @@ def test_cnf_backend_bad_input_and_auto(tmp_path, monkeypatch, capsys):
         import experiment as ex
 
         assert ex.read_args(os.path.join(folder, "args.csv"))["backend"] == "torch"
-
-
-def test_resume_self_tests_the_kernels_once_with_the_runs_config(tmp_path, monkeypatch, small_figure_grids):
-    """On --resume the self-test (a compile on a GPU) runs once, with the checkpoint's width,
-    not also with the command line's defaults."""
-    need_triton(interpreted=True)
-    import cnf
-    import model
-    from test_cnf import TINY, run_dirs
-
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    device = ["--device", "cuda"] if torch.cuda.is_available() else ["--device", "cpu"]
-    assert cnf.main([*TINY, "--no-figures", "--backend", "triton", *device, "--results_dir", str(tmp_path)]) == 0
-    (folder,) = run_dirs(tmp_path)
-    widths = []
-    real = model.fused_self_test
-    monkeypatch.setattr(model, "fused_self_test", lambda dev, **kw: widths.append(kw["width"]) or real(dev, **kw))
-    assert cnf.main(["--resume", folder, "--niters", "6", "--backend", "triton", *device]) == 0
-    assert widths == [8]  # TINY's width, from the checkpoint; once
 
 
 def test_a_method_the_kernels_do_not_fuse_is_said_not_crashed():
