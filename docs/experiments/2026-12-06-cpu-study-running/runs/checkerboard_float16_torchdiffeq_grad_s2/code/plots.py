@@ -82,7 +82,8 @@ import toy_data  # noqa: E402
 MMD_LINEAR = 1e-3  # MMD^2 axes: linear within +-this (the noise level of a 1024-point estimate), log beyond
 # Every figure is made at the dpi it is saved at (``_render`` takes the figure's own): matplotlib
 # caches text layouts and parsed mathtext per dpi, so the layout pass (tight or constrained) then
-# serves the render; at another dpi every label is laid out twice, a third of a run's figure time.
+# serves the render; at another dpi every label is laid out twice (a run's two CSV figures: 2.0-2.5 s
+# -> 1.8-1.9 s under load, docs/testing.md).
 RUN_DPI, FRAME_DPI, SWEEP_DPI = 110, 70, 90  # a run's figures, its flow frames, a sweep's summary and answer
 
 
