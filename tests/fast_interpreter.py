@@ -9,9 +9,19 @@ interpreter's time.
 
 ``install()`` keeps the first such set-up of each set of language modules in a launch and skips the
 repeats; every launch still starts from triton's own set-up and ends with its own restore, so what runs
-is the same interpreted arithmetic. If this triton's interpreter is not laid out as expected (another
-version), nothing is changed and the tests only run slower. KIT_TEST_PLAIN_INTERPRETER=1 switches it off.
+is the same interpreted arithmetic.
+
+It also skips the integer-overflow checks that the interpreter computes and then throws away: with
+``sanitize_overflow`` on (the interpreter's default), every integer ``+``, ``-`` and ``*`` (the kernels'
+offsets) is redone in int64 and compared with the int32 range, and the result goes to ``device_assert``,
+which does nothing unless the interpreter's ``debug`` option is on; it is off, and nothing in triton turns it
+on. That was about a quarter of an interpreted solve. (Compiled, the kernels have no such check either:
+triton turns ``sanitize_overflow`` off unless ``debug`` is on.)
+
+If this triton's interpreter is not laid out as expected (another version), nothing is changed and the
+tests only run slower. KIT_TEST_PLAIN_INTERPRETER=1 switches it off.
 """
+import dataclasses
 import inspect
 import os
 
@@ -34,6 +44,13 @@ def install():
     params = list(inspect.signature(real_patch).parameters)
     if params != ["fn"] or "_patch_lang(self.fn)" not in inspect.getsource(executor.__call__):
         return None
+    builder, real_options = getattr(interpreter, "interpreter_builder", None), None
+    semantic = getattr(getattr(interpreter, "interpreter_semantic", None), "device_assert", None)
+    options = getattr(builder, "options", None)
+    if (dataclasses.is_dataclass(options) and getattr(options, "debug", True) is False
+            and getattr(options, "sanitize_overflow", False) is True and semantic is not None
+            and "if not self.builder.options.debug:\n            return" in inspect.getsource(semantic)):
+        real_options = options  # the checks' only consumer, device_assert, returns at once without debug
     launch = {"done": None}  # the language modules set up in the launch that is running
     langs = {}  # function -> the language modules its globals hold (what _patch_lang sets up for it)
 
@@ -61,8 +78,12 @@ def install():
     def undo():
         global UNDO
         interpreter._patch_lang, executor.__call__, UNDO = real_patch, real_call, None
+        if real_options is not None:
+            builder.options = real_options
 
     global UNDO
     patch_once._kit_once = True
     interpreter._patch_lang, executor.__call__, UNDO = patch_once, call, undo
+    if real_options is not None:
+        builder.options = dataclasses.replace(real_options, sanitize_overflow=False)
     return undo

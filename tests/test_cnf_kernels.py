@@ -200,9 +200,10 @@ def test_euler_bfloat16_is_bitwise_equal_interpreted(interpreter):
 
 def test_the_tests_faster_interpreter_computes_the_same_bits(interpreter, monkeypatch):
     """tests/fast_interpreter.py, which the tests run the kernels under for speed, sets triton's language up
-    once per launch instead of once per helper call, and changes no bit: a float16 fused solve with its
-    DynamicScaler (forward and backward, a partial block, a masked width) gives the same states, densities,
-    gradients and scale under triton's own interpreter."""
+    once per launch instead of once per helper call and skips the integer-overflow checks whose results
+    nothing reads, and changes no bit: a float16 fused solve with its DynamicScaler (forward and backward, a
+    partial block, a masked width) gives the same states, densities, gradients and scale under triton's own
+    interpreter."""
     import fast_interpreter
     from triton.runtime import interpreter as interp
 
@@ -210,27 +211,29 @@ def test_the_tests_faster_interpreter_computes_the_same_bits(interpreter, monkey
         why = ("KIT_TEST_PLAIN_INTERPRETER=1" if os.environ.get("KIT_TEST_PLAIN_INTERPRETER") == "1"
                else "this triton's interpreter is laid out otherwise")
         pytest.skip(f"tests/fast_interpreter.py is not installed: {why}")
-    setups = []
-    real_builtin = interp._patch_builtin
+    setups, asserts = [], []
+    real_builtin, real_assert = interp._patch_builtin, interp.interpreter_semantic.device_assert
     monkeypatch.setattr(interp, "_patch_builtin", lambda *a: setups.append(1) or real_builtin(*a))
+    monkeypatch.setattr(interp.interpreter_semantic, "device_assert", lambda *a: asserts.append(1) or real_assert(*a))
 
     def run():
-        setups.clear()
+        setups.clear(), asserts.clear()
         cnf, x, points = make(interpreter, shape="odd")
         scaler = DynamicScaler()
         out = solve(cnf, x, points, "rk4", "triton", torch.float16, scaler)
-        return out, scaler.scale, len(setups)
+        return out, scaler.scale, len(setups), len(asserts)
 
-    fast, fast_scale, fast_setups = run()
+    fast, fast_scale, fast_setups, fast_checks = run()
     fast_interpreter.UNDO()
     try:
-        plain, plain_scale, plain_setups = run()
+        plain, plain_scale, plain_setups, plain_checks = run()
     finally:
         fast_interpreter.install()
     assert fast_scale == plain_scale
     for i, (a, b) in enumerate(zip(fast, plain)):
         assert torch.equal(a, b), (i, rel(a, b))
     assert plain_setups > 20 * fast_setups > 0, (plain_setups, fast_setups)
+    assert plain_checks > 0 and fast_checks == 0, (plain_checks, fast_checks)  # the overflow checks were skipped
 
 
 # --- DynamicScaler in the fused backward ---------------------------------------------------------------
