@@ -15,7 +15,8 @@ It also skips the integer-overflow checks that the interpreter computes and then
 ``sanitize_overflow`` on (the interpreter's default), every integer ``+``, ``-`` and ``*`` (the kernels'
 offsets) is redone in int64 and compared with the int32 range, and the result goes to ``device_assert``,
 which does nothing unless the interpreter's ``debug`` option is on; it is off, and nothing in triton turns it
-on. That was about a quarter of an interpreted solve. (Compiled, the kernels have no such check either:
+on. That was about a quarter of an interpreted solve. And ``_get_np_dtype``, which builds a table of
+twenty numpy dtypes on each of its calls (one per interpreted operation or more), keeps its answers. (Compiled, the kernels have no such check either:
 triton turns ``sanitize_overflow`` off unless ``debug`` is on.)
 
 If this triton's interpreter is not laid out as expected (another version), nothing is changed and the
@@ -51,6 +52,17 @@ def install():
             and getattr(options, "sanitize_overflow", False) is True and semantic is not None
             and "if not self.builder.options.debug:\n            return" in inspect.getsource(semantic)):
         real_options = options  # the checks' only consumer, device_assert, returns at once without debug
+    real_np_dtype = getattr(interpreter, "_get_np_dtype", None)
+    np_dtypes = {}  # (a pointer?, the scalar type's name) -> numpy dtype: what _get_np_dtype's answer depends on
+
+    def np_dtype(tt_dtype):
+        scalar = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        key = (isinstance(scalar, tl.pointer_type), scalar.name)
+        found = np_dtypes.get(key)
+        if found is None:
+            found = np_dtypes[key] = real_np_dtype(scalar)
+        return found
+
     launch = {"done": None}  # the language modules set up in the launch that is running
     langs = {}  # function -> the language modules its globals hold (what _patch_lang sets up for it)
 
@@ -80,10 +92,14 @@ def install():
         interpreter._patch_lang, executor.__call__, UNDO = real_patch, real_call, None
         if real_options is not None:
             builder.options = real_options
+        if real_np_dtype is not None:
+            interpreter._get_np_dtype = real_np_dtype
 
     global UNDO
     patch_once._kit_once = True
     interpreter._patch_lang, executor.__call__, UNDO = patch_once, call, undo
     if real_options is not None:
         builder.options = dataclasses.replace(real_options, sanitize_overflow=False)
+    if real_np_dtype is not None:
+        interpreter._get_np_dtype = np_dtype
     return undo
