@@ -152,11 +152,13 @@ def test_the_test_runs_own_subprocesses_start_warm():
 
 def test_a_server_loaded_with_more_threads_than_cores_keeps_torchs_capped_count(monkeypatch):
     """pytest run with OMP_NUM_THREADS above the cores: torch capped the server's count as it loaded,
-    and a fork with the same variable keeps that count, as a cold start has it."""
+    and a fork with the same variable keeps that count, as a cold start has it. (The server loads torch
+    alone: the count is torch's.)"""
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 1))
     folder = tempfile.mkdtemp(prefix="kw")
-    path, variables, server = warm_python.start(os.environ.get(warm_python.REAL_VAR, sys.executable), folder)
+    path, variables, server = warm_python.start(os.environ.get(warm_python.REAL_VAR, sys.executable), folder,
+                                                preload=("torch",))
     try:
         proc = run((path, {**os.environ, **variables}), "-c", "import torch; print(torch.get_num_threads())",
                    env={"KIT_WARM_DEBUG": "1"})
@@ -173,7 +175,7 @@ def test_a_server_whose_worker_is_killed_outright_ends_and_takes_its_forks_along
     hold a loaded interpreter for ever. The server here loads nothing (an empty PRELOAD), to be quick."""
     sock = str(tmp_path / "s")
     serve = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); import warm_python; "
-             f"warm_python.PRELOAD = (); warm_python._warm_matplotlib = lambda: None; warm_python.serve({sock!r})")
+             f"warm_python.serve({sock!r}, preload=())")
     real = os.environ.get(warm_python.REAL_VAR, sys.executable)
     parent = subprocess.Popen([real, "-c", f"import subprocess, sys, time; p = subprocess.Popen([{real!r}, '-c', "
                                f"{serve!r}]); print(p.pid, flush=True); time.sleep(300)"],

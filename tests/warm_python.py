@@ -94,9 +94,10 @@ def _recv_exactly(conn, n):
     return buf
 
 
-def start(real, folder):
+def start(real, folder, preload=None):
     """Start a server in ``folder`` (short: a socket path must be) with the interpreter ``real``, and write
-    its client there: (the client's path, the environment variables the client reads, the server)."""
+    its client there: (the client's path, the environment variables the client reads, the server).
+    ``preload``: the modules it loads, if not PRELOAD."""
     sock, client_path = os.path.join(folder, "s"), os.path.join(folder, "python")
     with open(client_path, "w") as f:
         f.write(f"#!{real} -SE\nimport sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
@@ -105,7 +106,8 @@ def start(real, folder):
     import subprocess
 
     with open(os.path.join(folder, "server.log"), "w") as log:
-        server = subprocess.Popen([real, os.path.abspath(__file__), "serve", sock], stdin=subprocess.DEVNULL,
+        server = subprocess.Popen([real, os.path.abspath(__file__), "serve", sock, *(preload or ())],
+                                  stdin=subprocess.DEVNULL,
                                   stdout=log, stderr=subprocess.STDOUT)
     return client_path, {REAL_VAR: real, SOCKET_VAR: sock, LOADING_VAR: str(server.pid)}, server
 
@@ -201,7 +203,8 @@ def client(argv):
 
 # --- the server -------------------------------------------------------------------------------------------
 PRELOAD = ("torch", "torch._dynamo", "numpy", "pandas", "matplotlib", "scipy.integrate", "torchdiffeq", "cnf",
-           "summarize", "metrics", "plots", "density", "flow", "trainer", "sweep_status", "tables")
+           "summarize", "metrics", "plots", "density", "flow", "trainer", "sweep_status", "tables", "cnf_kernels")
+OPTIONAL = ("cnf_kernels",)  # triton is optional
 
 
 def _warm_matplotlib():
@@ -227,26 +230,29 @@ def _warm_matplotlib():
         fig.savefig(io.BytesIO(), format=fmt)
 
 
-def serve(path):
+def serve(path, preload=PRELOAD):
+    """Load ``preload`` (the tests' servers: PRELOAD; a test of the server itself may load less) and
+    serve forks on the socket ``path``."""
     hello = dict(os.environ)  # before the imports, some of which set variables (TORCHINDUCTOR_CACHE_DIR)
     sys.path[0] = ROOT  # as for a script of the kit (not tests/, this file's folder)
     os.chdir(ROOT)
     import importlib
 
-    for name in PRELOAD:
-        importlib.import_module(name)
-    try:
-        importlib.import_module("cnf_kernels")  # triton is optional
-    except ImportError:
-        pass
-    if os.environ.get("TRITON_INTERPRET") == "1":  # as in the tests' own process (conftest.py); from its file,
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if name not in OPTIONAL:
+                raise
+    if "matplotlib" in preload:
+        _warm_matplotlib()
+    if "cnf_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":  # as in the tests' own process (conftest.py); from its file,
         import importlib.util                       # so that tests/ stays off a fork's sys.path
 
         spec = importlib.util.spec_from_file_location("fast_interpreter", os.path.join(ROOT, "tests", "fast_interpreter.py"))
         fast = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(fast)
         fast.install()
-    _warm_matplotlib()
     import torch
 
     # Variables for libraries this process never loaded cannot change it: CUDA's with a CPU build of torch
@@ -443,7 +449,7 @@ def _stream(fd, unbuffered, errors):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"]:
-        serve(sys.argv[2])
+    if sys.argv[1:2] == ["serve"]:  # serve SOCKET [MODULE ...]
+        serve(sys.argv[2], tuple(sys.argv[3:]) or PRELOAD)
     else:
         client(sys.argv[1:])
