@@ -1,8 +1,9 @@
 """Test-session setup for tests/.
 
 - Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors;
-  that mode is fixed when ``cnf_kernels`` is imported, so it is set here, before
-  any test module loads. Subprocesses (cnf.py smoke runs) inherit it.
+  that mode is fixed when ``cnf_kernels`` is imported, so it is set where tests run
+  (pytest_configure), before any test module loads. Subprocesses (cnf.py smoke runs)
+  inherit it. xdist's controller, which runs no test, loads neither torch nor triton.
 - One CPU thread per run, unless OMP_NUM_THREADS says otherwise. A run's default
   thread count follows the machine's load at its start (one per idle core), so
   two runs that a test starts side by side and compares bit for bit could choose
@@ -16,15 +17,19 @@ import sys
 import tempfile
 
 import pytest
-import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    import fast_interpreter
-
-    fast_interpreter.install()  # the interpreter's language set-up once per launch, not per helper call
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _kernels_interpreted_without_cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import fast_interpreter
+
+        fast_interpreter.install()  # the interpreter's language set-up once per launch, not per helper call
 
 
 # --- two or more tests at a time (pytest-xdist; pytest.ini passes -n auto --dist loadfile) --------------------
@@ -66,8 +71,11 @@ def pytest_configure(config):
         workers = config.getoption("numprocesses")
     except ValueError:  # -p no:xdist
         workers = None
-    if os.environ.get("KIT_TEST_COLD") == "1" or (workers and not hasattr(config, "workerinput")):
-        return  # switched off, or xdist's controller, which runs no test
+    if workers and not hasattr(config, "workerinput"):
+        return  # xdist's controller, which runs no test
+    _kernels_interpreted_without_cuda()
+    if os.environ.get("KIT_TEST_COLD") == "1":
+        return
     import warm_python
 
     real, folder = sys.executable, tempfile.mkdtemp(prefix="kitwarm")
@@ -94,6 +102,8 @@ def small_figure_grids(monkeypatch):
     interpreter those solves (9 216, 2 000 and 10 000 points) were most of a tiny fused run's time; the
     code paths are the same at these sizes (50 leaves a partial block). Without CUDA only."""
     import functools
+
+    import torch
 
     import density
     import model

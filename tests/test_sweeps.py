@@ -368,9 +368,11 @@ SLURM_OPTS = ["--wait", "--gpus", "0", "--cpus", "1", "--mem", "1G", "--time", "
 @pytest.mark.slurm
 def test_real_slurm_sweep_summary_and_resume(tmp_path):
     _require_slurm()
-    # one dataset: the four configurations of float32 and float16 (a sweep over datasets: the local tests)
+    # one dataset: the four configurations of float32 and float16 (a sweep over datasets: the local tests);
+    # figures drawn in a SLURM task: the requeue test's
     proc = sweep(*SLURM_OPTS, "--datasets", "moons", "--solvers", "torchmpnode",
-                 "--precisions", "float32,float16", "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY)
+                 "--precisions", "float32,float16", "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY,
+                 "--no-figures")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"submitted array job \d+ \(4 tasks\)", proc.stdout)
     d = sweep_dir(tmp_path)
@@ -379,8 +381,7 @@ def test_real_slurm_sweep_summary_and_resume(tmp_path):
     assert len(logs) == 4 and all("cnf.py exit code: 0" in open(f).read() for f in logs)
     for run in glob.glob(os.path.join(d, "runs", "*")):
         name = os.path.basename(run)
-        for f in (f"{name}.csv", f"{name}.txt", "args.csv", "ckpt.pth", "cnf.py", "code/model.py", "cnf-viz.gif",
-                  "optimization_stats.png", "mmd_plot.png"):
+        for f in (f"{name}.csv", f"{name}.txt", "args.csv", "ckpt.pth", "cnf.py", "code/model.py", "density.npz"):
             assert os.path.isfile(os.path.join(run, f)), (run, f)
     table, _ = summarize(d)
     assert len(table) == 4 and set(table["scaler"]) == {"none", "grad", "dynamic"}
@@ -397,7 +398,8 @@ def test_real_slurm_sweep_summary_and_resume(tmp_path):
 def test_real_slurm_failing_task_fails_the_array(tmp_path):
     _require_slurm()
     proc = sweep(*SLURM_OPTS, "--datasets", "moons", "--solvers", "torchmpnode", "--precisions", "float32",
-                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY, "--lr", "1e30", "--test_freq", "1")
+                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY, "--lr", "1e30", "--test_freq", "1",
+                 "--no-figures")
     assert proc.returncode == 3, proc.stdout + proc.stderr  # the diverged task's exit code reaches sbatch --wait
     d = sweep_dir(tmp_path)
     assert statuses(d) == {"moons_float32_torchmpnode_none_s0": "diverged"}
@@ -413,12 +415,13 @@ def _wait_for(what, check, timeout):
 @pytest.mark.slurm
 def test_real_slurm_requeued_task_keeps_both_attempts_in_its_log(tmp_path):
     """The warning signal makes the task checkpoint and requeue itself; the requeued
-    task resumes, and its log (open-mode=append) still holds the first attempt."""
+    task resumes, and its log (open-mode=append) still holds the first attempt. The run
+    then draws its figures inside the SLURM task."""
     _require_slurm()
     # 200 iterations leave room for the signal: sent once iteration 10 is logged, it arrived by iteration 20
     # with two training runs on the same 2 cores (measured), of 200
     proc = sweep(*SLURM_OPTS[1:], "--datasets", "moons", "--solvers", "torchmpnode", "--precisions", "float32",
-                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY[:-4], "--no-figures", "--niters", "200",
+                 "--seeds", "0", "--results-dir", str(tmp_path), "--", *TINY, "--niters", "200",
                  "--test_freq", "5", "--ckpt_freq", "1000")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     task = re.search(r"submitted array job (\d+)", proc.stdout).group(1) + "_0"
@@ -461,6 +464,8 @@ def test_real_slurm_requeued_task_keeps_both_attempts_in_its_log(tmp_path):
     at = [text.find(m) for m in marks]
     assert -1 not in at and at == sorted(at), (at, text[-3000:])
     assert json.load(open(os.path.join(run, "status.json")))["status"] == "completed"
+    for f in ("cnf-viz.gif", "optimization_stats.png", "mmd_plot.png"):
+        assert os.path.getsize(os.path.join(run, f)) > 1000, f
 
 
 def test_job_script_forwards_warning_signal_requeues_and_resumes(tmp_path):
