@@ -11,7 +11,6 @@ import time
 
 import pandas as pd
 import pytest
-import scipy.stats
 
 import experiment as ex
 
@@ -172,6 +171,8 @@ def test_local_sweep_and_summary_statistics(tmp_path):
     assert f32["pairs"] == 0 and pd.isna(f32["diff_ci_low"])  # the reference itself
     diffs = (runs[runs["precision"] == "bfloat16"].set_index("seed")["test_nll"]
              - runs[runs["precision"] == "float32"].set_index("seed")["test_nll"])
+    import scipy.stats  # the reference quantile, from scipy's distribution (summarize.py calls stdtrit)
+
     half = scipy.stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / math.sqrt(3)
     assert bf["pairs"] == 3 and bf["diff_mean"] == pytest.approx(diffs.mean(), abs=1e-12)
     assert (bf["diff_ci_low"], bf["diff_ci_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
