@@ -427,15 +427,16 @@ SCRIPT = "cnf.py"  # the training script: at the top of every run folder, the ot
 
 def kit_sources():
     """{path relative to the kit: bytes} of the kit's source files this process has loaded
-    (cnf.py, trainer.py, model.py, ...; tests and tools aside), and every file of a kit package
-    it has loaded (torchmpnode/ loads its solver on first use, so all of it is kept)."""
+    (cnf.py, trainer.py, model.py, ...; tests, tools and the packages of a virtual environment kept
+    in the kit's folder aside), and every file of a kit package it has loaded (torchmpnode/ loads
+    its solver on first use, so all of it is kept)."""
     def kit_file(path):  # strings only, no file system: most of the thousands of loaded modules are torch's & co.
         norm = os.path.normpath(path)
         if not norm.startswith(KIT_DIR + os.sep):
             return False
-        rel = norm[len(KIT_DIR) + 1:]
-        return not (rel.split(os.sep)[0] in ("tests", "tools", ".venv")
-                    or os.path.basename(rel).startswith(("test_", "conftest")))
+        parts = norm[len(KIT_DIR) + 1:].split(os.sep)
+        return not (parts[0] in ("tests", "tools", ".venv") or parts[-1].startswith(("test_", "conftest"))
+                    or "site-packages" in parts or "dist-packages" in parts)  # a virtual environment of any name
 
     paths = set()
     for mod in list(sys.modules.values()):

@@ -335,6 +335,27 @@ def test_the_run_folder_keeps_the_code_that_ran(tmp_path):
     assert not [f for _, _, fs in os.walk(folder) for f in fs if ".tmp" in f]
 
 
+def test_the_code_snapshot_leaves_out_a_virtual_environment_in_the_kit_folder(tmp_path, monkeypatch):
+    """A virtual environment inside the kit's folder, whatever its name (`python -m venv venv` in the
+    clone), holds none of the kit: the packages it loaded stay out of code/. The kit's own modules and
+    every file of a kit package it loaded are kept; tests are not."""
+    import types
+
+    kit = tmp_path / "kit"
+    files = ["mymod.py", "pkg/__init__.py", "pkg/part.py", "venv/lib/python3.11/site-packages/lib3/__init__.py",
+             "venv/lib/python3.11/site-packages/lib3/core.py", "env/lib/python3/dist-packages/lib4.py",
+             "tests/helper.py", "test_top.py"]
+    for rel in files:
+        (kit / rel).parent.mkdir(parents=True, exist_ok=True)
+        (kit / rel).write_text(f"# {rel}\n")
+    monkeypatch.setattr(ex, "KIT_DIR", str(kit))
+    for i, rel in enumerate(["mymod.py", "pkg/__init__.py", files[3], files[5], "tests/helper.py", "test_top.py"]):
+        monkeypatch.setitem(sys.modules, f"_kit_snapshot_{i}", types.SimpleNamespace(__file__=str(kit / rel)))
+    kept = ex.kit_sources()
+    assert sorted(kept) == sorted(os.path.join(*r.split("/")) for r in files[:3]), sorted(kept)
+    assert kept[os.path.join("pkg", "part.py")] == b"# pkg/part.py\n"
+
+
 def test_compare_runs_figure_and_its_bad_input(tmp_path):
     """plots.py --compare draws several runs' validation curves from their folders and prints the
     figure's path; runs of different datasets, a wrong number of labels, a folder that is no run and
