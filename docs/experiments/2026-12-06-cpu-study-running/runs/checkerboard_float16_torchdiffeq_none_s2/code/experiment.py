@@ -427,26 +427,31 @@ SCRIPT = "cnf.py"  # the training script: at the top of every run folder, the ot
 
 def kit_sources():
     """{path relative to the kit: bytes} of the kit's source files this process has loaded
-    (cnf.py, trainer.py, model.py, ...; tests and tools aside), and every file of a kit package
-    it has loaded (torchmpnode/ loads its solver on first use, so all of it is kept)."""
+    (cnf.py, trainer.py, model.py, ...; tests, tools and the packages of a virtual environment kept
+    in the kit's folder aside), and every file of a kit package it has loaded (torchmpnode/ loads
+    its solver on first use, so all of it is kept)."""
+    def kit_file(path):  # strings only, no file system: most of the thousands of loaded modules are torch's & co.
+        norm = os.path.normpath(path)
+        if not norm.startswith(KIT_DIR + os.sep):
+            return False
+        parts = norm[len(KIT_DIR) + 1:].split(os.sep)
+        return not (parts[0] in ("tests", "tools", ".venv") or parts[-1].startswith(("test_", "conftest"))
+                    or "site-packages" in parts or "dist-packages" in parts)  # a virtual environment of any name
+
     paths = set()
     for mod in list(sys.modules.values()):
         path = getattr(mod, "__file__", None)
-        if not path or not os.path.isabs(path) or not path.endswith(".py") or not os.path.isfile(path):
-            continue  # builtins, extension modules, and a few with a bare relative __file__
+        if (not path or not os.path.isabs(path) or not path.endswith(".py") or not kit_file(path)
+                or not os.path.isfile(path)):
+            continue  # not the kit's; builtins, extension modules, and a few with a bare relative __file__
         paths.add(path)
         if os.path.basename(path) == "__init__.py":
             folder = os.path.dirname(path)
             paths.update(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py"))
     sources = {}
-    for path in sorted(paths):
-        rel = os.path.relpath(path, KIT_DIR)
-        name = os.path.basename(rel)
-        if (rel.startswith("..") or rel.split(os.sep)[0] in ("tests", "tools", ".venv")
-                or name.startswith(("test_", "conftest"))):
-            continue
+    for path in sorted(p for p in paths if kit_file(p)):
         with open(path, "rb") as f:
-            sources[rel] = f.read()
+            sources[os.path.relpath(path, KIT_DIR)] = f.read()
     return sources
 
 

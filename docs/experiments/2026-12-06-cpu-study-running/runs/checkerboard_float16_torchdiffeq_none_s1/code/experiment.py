@@ -429,24 +429,28 @@ def kit_sources():
     """{path relative to the kit: bytes} of the kit's source files this process has loaded
     (cnf.py, trainer.py, model.py, ...; tests and tools aside), and every file of a kit package
     it has loaded (torchmpnode/ loads its solver on first use, so all of it is kept)."""
+    def kit_file(path):  # strings only, no file system: most of the thousands of loaded modules are torch's & co.
+        norm = os.path.normpath(path)
+        if not norm.startswith(KIT_DIR + os.sep):
+            return False
+        rel = norm[len(KIT_DIR) + 1:]
+        return not (rel.split(os.sep)[0] in ("tests", "tools", ".venv")
+                    or os.path.basename(rel).startswith(("test_", "conftest")))
+
     paths = set()
     for mod in list(sys.modules.values()):
         path = getattr(mod, "__file__", None)
-        if not path or not os.path.isabs(path) or not path.endswith(".py") or not os.path.isfile(path):
-            continue  # builtins, extension modules, and a few with a bare relative __file__
+        if (not path or not os.path.isabs(path) or not path.endswith(".py") or not kit_file(path)
+                or not os.path.isfile(path)):
+            continue  # not the kit's; builtins, extension modules, and a few with a bare relative __file__
         paths.add(path)
         if os.path.basename(path) == "__init__.py":
             folder = os.path.dirname(path)
             paths.update(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py"))
     sources = {}
-    for path in sorted(paths):
-        rel = os.path.relpath(path, KIT_DIR)
-        name = os.path.basename(rel)
-        if (rel.startswith("..") or rel.split(os.sep)[0] in ("tests", "tools", ".venv")
-                or name.startswith(("test_", "conftest"))):
-            continue
+    for path in sorted(p for p in paths if kit_file(p)):
         with open(path, "rb") as f:
-            sources[rel] = f.read()
+            sources[os.path.relpath(path, KIT_DIR)] = f.read()
     return sources
 
 
