@@ -15,9 +15,9 @@ It also skips the integer-overflow checks that the interpreter computes and then
 ``sanitize_overflow`` on (the interpreter's default), every integer ``+``, ``-`` and ``*`` (the kernels'
 offsets) is redone in int64 and compared with the int32 range, and the result goes to ``device_assert``,
 which does nothing unless the interpreter's ``debug`` option is on; it is off, and nothing in triton turns it
-on. That was about a quarter of an interpreted solve. And ``_get_np_dtype``, which builds a table of
-twenty numpy dtypes on each of its calls (one per interpreted operation or more), keeps its answers. (Compiled, the kernels have no such check either:
-triton turns ``sanitize_overflow`` off unless ``debug`` is on.)
+on. That was about a quarter of an interpreted solve. (Compiled, the kernels have no such check either:
+triton turns ``sanitize_overflow`` off unless ``debug`` is on.) And ``_get_np_dtype``, which builds a table
+of twenty numpy dtypes on each of its calls (one per interpreted operation or more), keeps its answers.
 
 If this triton's interpreter is not laid out as expected (another version), nothing is changed and the
 tests only run slower. KIT_TEST_PLAIN_INTERPRETER=1 switches it off.

@@ -107,8 +107,7 @@ def start(real, folder, preload=None):
 
     with open(os.path.join(folder, "server.log"), "w") as log:
         server = subprocess.Popen([real, os.path.abspath(__file__), "serve", sock, *(preload or ())],
-                                  stdin=subprocess.DEVNULL,
-                                  stdout=log, stderr=subprocess.STDOUT)
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     return client_path, {REAL_VAR: real, SOCKET_VAR: sock, LOADING_VAR: str(server.pid)}, server
 
 
@@ -246,8 +245,10 @@ def serve(path, preload=PRELOAD):
                 raise
     if "matplotlib" in preload:
         _warm_matplotlib()
-    if "cnf_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":  # as in the tests' own process (conftest.py); from its file,
-        import importlib.util                       # so that tests/ stays off a fork's sys.path
+    # the kernels interpreted as in the tests' own process (conftest.py); fast_interpreter from its file,
+    # so that tests/ stays off a fork's sys.path
+    if "cnf_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+        import importlib.util
 
         spec = importlib.util.spec_from_file_location("fast_interpreter", os.path.join(ROOT, "tests", "fast_interpreter.py"))
         fast = importlib.util.module_from_spec(spec)
